@@ -1,0 +1,26 @@
+"""distml: data-parallel training of PyTorch models over MPI.
+
+The CLI (`distml train`) and this Python API share one implementation:
+
+    import distml
+    distml.init()
+    distml.broadcast_parameters(model)
+    optimizer = distml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    for batch in distml.shard_batches(len(dataset), 32, epoch=epoch):
+        ...
+"""
+__version__ = "0.1.0"
+
+from .api import (DistributedOptimizer, allreduce, broadcast_parameters, init, is_root, rank,
+                  size)
+from .config import Config, UsageError
+from .sharding import Batch, shard_batches
+
+__all__ = ["init", "rank", "size", "is_root", "allreduce", "broadcast_parameters",
+           "DistributedOptimizer", "shard_batches", "Batch", "Config", "UsageError", "train"]
+
+
+def train(config=None, **settings):
+    """Run the CLI trainer from Python: `distml.train(model="cnn", epochs=3)` -> Result."""
+    from .trainer import run
+    return run(config or Config(**settings))

@@ -1,0 +1,90 @@
+"""The Horovod-style Python API for users who keep their own training loop.
+
+    import distml
+    distml.init()                                            # distributed: start MPI
+    model = Net()
+    distml.broadcast_parameters(model)                       # distributed: same start everywhere
+    opt = distml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    for x, y in batches(distml.shard_batches(n, 32, epoch=e)):  # distributed: this rank's part
+        opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+
+The CLI trainer uses exactly these pieces.
+"""
+import torch
+
+from . import comm as _comm
+from .reducer import GradientReducer
+
+__all__ = ["init", "rank", "size", "is_root", "allreduce", "broadcast_parameters",
+           "DistributedOptimizer"]
+
+
+def init():
+    """Start MPI (idempotent) and return the world communicator."""
+    return _comm.world()
+
+
+def rank():
+    return _comm.world().rank
+
+
+def size():
+    return _comm.world().size
+
+
+def is_root():
+    return _comm.world().is_root
+
+
+def allreduce(value, op="average"):
+    """A float or tensor summed or averaged over ranks (a copy; for metrics and small values)."""
+    world = _comm.world()
+    tensor = torch.as_tensor(value, dtype=torch.float64).clone().contiguous()
+    world.allreduce_(tensor, op="sum" if op == "average" else op)
+    if op == "average":
+        tensor /= world.size
+    return tensor.item() if tensor.dim() == 0 else tensor
+
+
+def broadcast_parameters(model, root=0):
+    """Copy root's parameters and buffers into every rank's `model`, in place."""
+    world = _comm.world()
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            world.broadcast_(tensor, root=root)
+
+
+class DistributedOptimizer:
+    """Wraps any torch optimizer: step() first reduces the gradients over all ranks.
+
+    The gradients live in fused bucket buffers (see `reducer`), so zero_grad()
+    zeroes them in place instead of setting them to None. op="sum" is for
+    losses already divided by the global batch size (uneven last batches).
+    """
+
+    def __init__(self, optimizer, model, *, bucket_mb=25.0, op="average"):
+        self.optimizer = optimizer
+        self.reducer = GradientReducer(model.parameters(), _comm.world(),
+                                       bucket_mb=bucket_mb, op=op)
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none=None):
+        """Zero all gradients in place; `set_to_none` is accepted and ignored."""
+        self.reducer.zero_grad()
+
+    def synchronize(self):
+        """Reduce the gradients now (step() calls this)."""
+        self.reducer.allreduce_grads()
+
+    def step(self, closure=None):
+        self.synchronize()
+        return self.optimizer.step(closure)
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state)

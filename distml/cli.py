@@ -1,0 +1,130 @@
+"""The `distml` command: `distml train ...` and `distml info`.
+
+    mpirun -n 4 distml train --model cnn --epochs 5
+    distml train --config run.toml --lr 0.01        # flags win over the file
+
+Errors the user can fix print one line (once, from rank 0) and exit 2 on
+every rank. Any other exception on any rank prints one line naming the rank
+and aborts the whole MPI job, so no rank is left waiting in a collective.
+"""
+import argparse
+import dataclasses
+import os
+import platform
+import sys
+import traceback
+
+from . import __version__
+from . import comm as _comm
+from .config import MODES, OPTIMIZERS, Config, UsageError, load_toml
+
+HELP = {
+    "mode": f"training mode ({', '.join(MODES)})",
+    "model": "mlp, cnn, logreg, linear, or module:function / path/to/file.py:function",
+    "hidden": "hidden layer sizes for mlp (and cnn's dense layer), e.g. 128,64",
+    "dataset": "digits, diabetes, synthetic, or a .npz / .csv file",
+    "target": "target column of a .csv file (default: the last)",
+    "test_fraction": "share held out for testing when the data has no test split",
+    "samples": "synthetic: number of samples",
+    "features": "synthetic: number of features",
+    "classes": "synthetic: number of classes (0 = regression)",
+    "epochs": "passes over the training set",
+    "batch_size": "samples per rank per step (global batch = ranks x this)",
+    "lr": "learning rate",
+    "optimizer": f"optimizer ({', '.join(OPTIMIZERS)})",
+    "momentum": "SGD momentum",
+    "weight_decay": "L2 weight decay",
+    "seed": "seed for data split, shuffling and initial weights",
+    "threads": "torch threads per rank (0 = cores on the node / ranks on the node)",
+    "bucket_mb": "size of the fused gradient buckets reduced with one Allreduce each",
+    "save_model": "rank 0 writes the final state_dict here (torch.save, atomic)",
+    "metrics": "rank 0 writes JSON lines here: one object per epoch and a summary",
+    "quiet": "no progress bar or epoch lines",
+    "config": "TOML file with the same keys as these flags (flags win)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Raises UsageError instead of exiting, and prints help only on rank 0."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+    def _print_message(self, message, file=None):
+        if _comm.world().is_root:
+            super()._print_message(message, file)
+
+
+def build_parser():
+    parser = _Parser(prog="distml", description="Data-parallel training of PyTorch models over MPI.")
+    parser.add_argument("--version", action="version", version=f"distml {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,info}")
+    train = sub.add_parser("train", help="train a model on all ranks",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            train.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=HELP[f.name])
+        else:
+            kind = f.type if f.type in (int, float) else str
+            train.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=_metavar(f),
+                               help=HELP[f.name] + (f" (default: {f.default})" if f.default is not None else ""))
+    sub.add_parser("info", help="show the MPI library, world size, torch version and threads")
+    return parser
+
+
+def _metavar(f):
+    return {int: "N", float: "X"}.get(f.type, f.name.upper())
+
+
+def parse_config(argv):
+    """Config from defaults < --config file < flags; raises UsageError."""
+    args = vars(build_parser().parse_args(argv))
+    if args.pop("command") != "train":
+        return None
+    settings = load_toml(args["config"]) if args.get("config") else {}
+    settings.update(args)
+    return Config(**settings)
+
+
+def info(comm):
+    """Facts a user checks first when a multi-host run misbehaves."""
+    import torch
+    from .trainer import default_threads
+    on_node, threads = comm.node_size(), default_threads(comm)  # collectives: all ranks call them
+    if comm.is_root:
+        print(f"distml        {__version__}")
+        print(f"MPI library   {comm.library_version()} (MPI {comm.mpi_standard()})")
+        print(f"world size    {comm.size} ({on_node} rank(s) on this node)")
+        print(f"python        {platform.python_version()} on {platform.node()}")
+        print(f"torch         {torch.__version__}, {threads} thread(s) per rank by default")
+        print(f"CUDA-aware    {_comm.cuda_aware_mpi()}")
+    return 0
+
+
+def main(argv=None):
+    comm = _comm.world()
+    try:
+        from .trainer import agree, run
+        cfg = agree(comm, lambda: parse_config(argv))
+        if cfg is None:
+            return info(comm)
+        run(cfg, comm)
+        return 0
+    except UsageError as e:
+        if comm.is_root:
+            print(f"distml: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except SystemExit as e:  # --help / --version
+        return e.code or 0
+    except BaseException as e:  # noqa: BLE001  (anything else ends the whole job)
+        _abort(comm, e)
+
+
+def _abort(comm, error):
+    name = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+    if os.environ.get("DISTML_DEBUG"):
+        traceback.print_exc()
+    print(f"distml: rank {comm.rank} of {comm.size} failed: {name} (aborting all ranks; "
+          f"set DISTML_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
+    comm.abort(1)

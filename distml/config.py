@@ -1,0 +1,124 @@
+"""Configuration as data: one dataclass, one `validate()` that finds every usage error.
+
+The CLI flags, the keys of a `--config file.toml` and the fields here share
+their names (dashes in flags, underscores here). Everything the user can get
+wrong without running anything is checked in `validate()`, before MPI work.
+"""
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from typing import Optional
+
+__all__ = ["UsageError", "Config", "load_toml", "MODES", "OPTIMIZERS"]
+
+MODES = ("sync",)
+OPTIMIZERS = ("sgd", "adam")
+
+
+class UsageError(Exception):
+    """A mistake the user can fix: printed once, in one line, exit code 2."""
+
+
+@dataclass
+class Config:
+    mode: str = "sync"
+    model: str = "mlp"
+    hidden: str = "128,64"
+    dataset: str = "digits"
+    target: Optional[str] = None
+    test_fraction: float = 0.2
+    samples: int = 1000
+    features: int = 20
+    classes: int = 2
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    threads: int = 0
+    bucket_mb: float = 25.0
+    save_model: Optional[str] = None
+    metrics: Optional[str] = None
+    quiet: bool = False
+    config: Optional[str] = field(default=None, metadata={"toml": False})
+
+    def hidden_sizes(self):
+        return tuple(int(h) for h in self.hidden.split(",") if h.strip())
+
+    def validate(self):
+        """Raise UsageError naming the first setting that cannot work; return self."""
+        _check(self.mode in MODES, f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        _check(self.optimizer in OPTIMIZERS,
+               f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        for name in ("epochs", "batch_size", "samples", "features"):
+            _check(getattr(self, name) >= 1, f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        _check(self.samples >= 2, f"--samples must be >= 2, got {self.samples}")
+        _check(self.classes == 0 or self.classes >= 2,
+               f"--classes must be 0 (regression) or >= 2, got {self.classes}")
+        _check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        _check(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
+        _check(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        _check(0 < self.test_fraction < 1, f"--test-fraction must be in (0, 1), got {self.test_fraction}")
+        _check(self.threads >= 0, f"--threads must be >= 0 (0 = automatic), got {self.threads}")
+        _check(self.bucket_mb > 0, f"--bucket-mb must be > 0, got {self.bucket_mb}")
+        try:
+            sizes = self.hidden_sizes()
+        except ValueError:
+            raise UsageError(f"--hidden must be comma-separated integers such as 128,64, got {self.hidden!r}")
+        _check(all(h >= 1 for h in sizes), f"--hidden sizes must be >= 1, got {self.hidden!r}")
+        for name in ("save_model", "metrics"):
+            _check_output_path(getattr(self, name), _flag(name))
+        return self
+
+
+def load_toml(path):
+    """The settings in a TOML file, checked against the Config fields and their types."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"--config: no such file: {path}")
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"--config: cannot read {path}: {e}")
+    fields = {f.name: f for f in dataclasses.fields(Config) if f.metadata.get("toml", True)}
+    settings = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        _check(name in fields, f"--config {path}: unknown key {key!r}")
+        settings[name] = _coerce(value, fields[name], f"--config {path}: key {key!r}")
+    return settings
+
+
+def _coerce(value, fld, where):
+    kind = fld.type
+    if typing.get_origin(kind) is typing.Union:  # Optional[X]
+        kind = typing.get_args(kind)[0]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if fld.name == "hidden" and isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    _check(ok, f"{where} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _check_output_path(path, flag):
+    if path is None:
+        return
+    _check(not os.path.isdir(path), f"--{flag}: {path} is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    _check(os.path.isdir(parent), f"--{flag}: directory {parent} does not exist")
+    _check(os.access(parent, os.W_OK), f"--{flag}: directory {parent} is not writable")
+
+
+def _check(condition, message):
+    if not condition:
+        raise UsageError(message)
+
+
+def _flag(name):
+    return name.replace("_", "-")

@@ -1,0 +1,241 @@
+"""Data sets: the bundled ones, synthetic data, and the user's .npz or .csv files.
+
+Every loader returns a `Dataset` of numpy arrays with a train and a test split.
+Integer targets mean classification (labels mapped to 0..K-1), floating-point
+targets mean regression. Loading is deterministic given the config, so every
+rank loads the same arrays and no data is sent over MPI.
+"""
+import csv
+import os
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import UsageError
+from .sharding import rng
+
+__all__ = ["Dataset", "load_dataset", "BUILTIN"]
+
+BUILTIN = ("digits", "diabetes", "synthetic")
+
+
+@dataclass
+class Dataset:
+    name: str
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    task: str  # "classification" or "regression"
+    num_classes: int = 0
+
+    @property
+    def input_shape(self):
+        return tuple(self.X_train.shape[1:])
+
+    @property
+    def num_outputs(self):
+        return self.num_classes if self.task == "classification" else 1
+
+
+def load_dataset(cfg):
+    """The Dataset named by `cfg.dataset`: a built-in name or a path to .npz / .csv."""
+    name = cfg.dataset
+    if name == "digits":
+        return _digits(cfg)
+    if name == "diabetes":
+        return _diabetes(cfg)
+    if name == "synthetic":
+        return _synthetic(cfg)
+    if name.endswith((".npz", ".csv")):
+        if not os.path.isfile(name):
+            raise UsageError(f"--dataset: no such file: {name}")
+        X, y, X_test, y_test = _read_npz(name) if name.endswith(".npz") else _read_csv(name, cfg.target)
+        return _finish(name, X, y, X_test, y_test, cfg)
+    raise UsageError(f"--dataset must be one of {', '.join(BUILTIN)} or a .npz/.csv file, got {name!r}")
+
+
+def _digits(cfg):
+    from sklearn.datasets import load_digits
+    bunch = load_digits()
+    X = (bunch.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    return _finish("digits", X, bunch.target.astype(np.int64), None, None, cfg)
+
+
+def _diabetes(cfg):
+    from sklearn.datasets import load_diabetes
+    bunch = load_diabetes()
+    return _finish("diabetes", bunch.data, bunch.target.astype(np.float32), None, None, cfg,
+                   standardize=True)
+
+
+def _synthetic(cfg):
+    from sklearn.datasets import make_classification, make_regression
+    if cfg.classes == 0:
+        X, y = make_regression(n_samples=cfg.samples, n_features=cfg.features, noise=0.1,
+                               random_state=cfg.seed)
+        return _finish("synthetic", X, y.astype(np.float32), None, None, cfg, standardize=True)
+    informative = max(2, cfg.features // 2, int(np.ceil(np.log2(cfg.classes))))
+    if informative > cfg.features:
+        raise UsageError(f"--features {cfg.features} is too few for --classes {cfg.classes}; "
+                         f"use --features >= {informative}")
+    X, y = make_classification(n_samples=cfg.samples, n_features=cfg.features,
+                               n_informative=informative, n_redundant=0,
+                               n_classes=cfg.classes, n_clusters_per_class=1, random_state=cfg.seed)
+    return _finish("synthetic", X, y.astype(np.int64), None, None, cfg)
+
+
+def _finish(name, X, y, X_test, y_test, cfg, standardize=False):
+    """Check shapes, hold out a test split if needed, set dtypes and the task."""
+    _check_pair(X, y, "X", "y", name)
+    if X_test is None:
+        X, y, X_test, y_test = _hold_out(X, y, cfg.test_fraction, cfg.seed, name)
+    else:
+        _check_pair(X_test, y_test, "X_test", "y_test", name)
+        if X_test.shape[1:] != X.shape[1:]:
+            raise UsageError(f"{name}: X_test has sample shape {X_test.shape[1:]}, X has {X.shape[1:]}")
+    task = "classification" if np.issubdtype(y.dtype, np.integer) else "regression"
+    X, X_test = _as_float32(X), _as_float32(X_test)
+    if task == "regression":
+        y, y_test = y.astype(np.float32), y_test.astype(np.float32)
+        if standardize:
+            X, X_test = _standardize(X, X_test)
+            y, y_test = _standardize(y, y_test)
+        return Dataset(name, X, y, X_test, y_test, task)
+    y, y_test, num_classes = _labels(y, y_test, name)
+    return Dataset(name, X, y, X_test, y_test, task, num_classes)
+
+
+def _check_pair(X, y, xname, yname, name):
+    if X.ndim < 2:
+        raise UsageError(f"{name}: {xname} must have a sample axis and features, got shape {X.shape}")
+    if y.ndim != 1 or len(y) != len(X):
+        raise UsageError(f"{name}: {yname} must be 1-D with one target per row of {xname}; "
+                         f"got {xname} {X.shape} and {yname} {y.shape}")
+    if not (np.issubdtype(X.dtype, np.number) and np.issubdtype(y.dtype, np.number)):
+        raise UsageError(f"{name}: {xname} and {yname} must be numeric, got {X.dtype} and {y.dtype}")
+
+
+def _hold_out(X, y, fraction, seed, name):
+    n_test = int(round(len(X) * fraction))
+    if n_test < 1 or n_test >= len(X):
+        raise UsageError(f"{name}: {len(X)} samples cannot be split with --test-fraction {fraction}")
+    order = rng(seed, "test-split").permutation(len(X))
+    test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
+    return X[train], y[train], X[test], y[test]
+
+
+def _labels(y, y_test, name):
+    classes = np.unique(np.concatenate([y, y_test]))
+    if len(classes) < 2:
+        raise UsageError(f"{name}: classification needs at least 2 classes, found {len(classes)}")
+    if classes[0] == 0 and classes[-1] == len(classes) - 1:
+        return y.astype(np.int64), y_test.astype(np.int64), len(classes)
+    return np.searchsorted(classes, y), np.searchsorted(classes, y_test), len(classes)
+
+
+def _as_float32(X):
+    """float32 without copying when it already is (keeps memory maps mapped)."""
+    return X if X.dtype == np.float32 else X.astype(np.float32)
+
+
+def _standardize(train, test):
+    mean, std = train.mean(axis=0), train.std(axis=0)
+    std = np.where(std > 0, std, 1.0).astype(np.float32)
+    return (train - mean) / std, (test - mean) / std
+
+
+def _read_npz(path):
+    try:
+        members = _map_npz(path)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise UsageError(f"--dataset {path}: not a readable .npz file ({e})")
+    missing = [k for k in ("X", "y") if k not in members]
+    if missing:
+        raise UsageError(f"--dataset {path}: missing array(s) {', '.join(missing)}; "
+                         f"found {', '.join(sorted(members)) or 'none'}")
+    if ("X_test" in members) != ("y_test" in members):
+        raise UsageError(f"--dataset {path}: give both X_test and y_test, or neither")
+    return members["X"], members["y"], members.get("X_test"), members.get("y_test")
+
+
+def _map_npz(path):
+    """The arrays of an .npz; stored (uncompressed) members are memory-mapped, not read.
+
+    numpy ignores mmap_mode for .npz archives, so this finds each member's data
+    inside the zip and maps it with np.memmap; compressed members are loaded.
+    """
+    arrays = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            key = info.filename[:-4]
+            if info.compress_type != zipfile.ZIP_STORED:
+                with archive.open(info) as member:
+                    arrays[key] = np.lib.format.read_array(member, allow_pickle=False)
+                continue
+            raw.seek(info.header_offset)
+            local = raw.read(30)
+            name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+            raw.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(raw)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(raw)
+            if dtype.hasobject:
+                raise ValueError(f"array {key!r} holds Python objects")
+            arrays[key] = np.memmap(path, dtype=dtype, mode="r", offset=raw.tell(), shape=shape,
+                                    order="F" if fortran else "C")
+    return arrays
+
+
+def _read_csv(path, target):
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--dataset {path}: cannot read ({e})")
+    if len(rows) < 3:
+        raise UsageError(f"--dataset {path}: needs a header row and at least 2 data rows")
+    header, body = [h.strip() for h in rows[0]], [r for r in rows[1:] if r]
+    if target is None:
+        column = len(header) - 1
+    elif target in header:
+        column = header.index(target)
+    else:
+        raise UsageError(f"--target {target!r} is not a column of {path}; columns: {', '.join(header)}")
+    for line, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            raise UsageError(f"--dataset {path}: line {line} has {len(row)} fields, header has {len(header)}")
+    values = _parse_floats(body, path)
+    features = np.delete(values, column, axis=1)
+    if features.shape[1] == 0:
+        raise UsageError(f"--dataset {path}: no feature columns besides the target")
+    y_text = [row[column].strip() for row in body]
+    y = values[:, column]
+    if all(_is_int(v) for v in y_text):
+        y = y.astype(np.int64)
+    return features, y, None, None
+
+
+def _parse_floats(body, path):
+    try:
+        return np.array(body, dtype=np.float64)
+    except ValueError:
+        for line, row in enumerate(body, start=2):
+            for value in row:
+                try:
+                    float(value)
+                except ValueError:
+                    raise UsageError(f"--dataset {path}: line {line}: {value!r} is not a number")
+        raise
+
+
+def _is_int(text):
+    try:
+        int(text)
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,53 @@
+"""What the root rank tells the user: progress bar, epoch lines, JSON-lines metrics.
+
+Only the root writes; on other ranks every method is a no-op. The metrics file
+is rewritten atomically after each record, so it is always complete JSON lines
+and a crash never truncates it.
+"""
+import json
+import sys
+import time
+
+from tqdm import tqdm
+
+from .checkpoint import atomic_write
+
+__all__ = ["Reporter", "Timer"]
+
+
+class Timer:
+    """Wall-clock seconds since creation (perf_counter)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def elapsed(self):
+        return time.perf_counter() - self.start
+
+
+class Reporter:
+    def __init__(self, *, enabled, quiet=False, metrics_path=None):
+        self.enabled = enabled
+        self.quiet = quiet
+        self.metrics_path = metrics_path
+        self.records = []
+
+    def progress(self, iterable, *, total, desc):
+        """Wrap `iterable` in a tqdm bar on the root (when not quiet); plain elsewhere."""
+        if not self.enabled or self.quiet:
+            return iterable
+        return tqdm(iterable, total=total, desc=desc, leave=False, file=sys.stderr,
+                    dynamic_ncols=True, mininterval=0.2,
+                    disable=None)  # None: no bar when stderr is not a terminal
+
+    def say(self, line):
+        if self.enabled and not self.quiet:
+            print(line, flush=True)
+
+    def record(self, **fields):
+        """Append one JSON object to the metrics file (root only)."""
+        if not self.enabled or self.metrics_path is None:
+            return
+        self.records.append(fields)
+        text = "".join(json.dumps(r, sort_keys=False) + "\n" for r in self.records)
+        atomic_write(self.metrics_path, lambda f: f.write(text.encode()))
