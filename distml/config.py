@@ -32,9 +32,9 @@ class Config:
     samples: int = 1000
     features: int = 20
     classes: int = 2
-    epochs: int = 10
+    epochs: int = 20
     batch_size: int = 32
-    lr: float = 0.05
+    lr: float = 0.1
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0

@@ -1,0 +1,39 @@
+"""Run the real CLI as a user would: `mpirun -n N python -m distml ...`, with a timeout."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MPI_ENV = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",  # more ranks than cores
+    "OMPI_MCA_rmaps_base_oversubscribe": "1",                   # the same for Open MPI 4
+}
+
+
+def mpirun_path():
+    beside_python = Path(sys.executable).parent / "mpirun"
+    return str(beside_python) if beside_python.exists() else shutil.which("mpirun")
+
+
+def launch(n, *args, timeout=120, cwd=None):
+    """CompletedProcess of `distml args` on n ranks (n=0: plain python, no mpirun)."""
+    return launch_python(n, "-m", "distml", *args, timeout=timeout, cwd=cwd)
+
+
+def launch_python(n, *args, timeout=120, cwd=None):
+    """CompletedProcess of `python args` on n ranks (n=0: no mpirun)."""
+    command = [sys.executable, *map(str, args)]
+    if n:
+        command = [mpirun_path(), "-n", str(n), *command]
+    env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+def summary(metrics_path):
+    """The last (summary) object of a metrics JSON-lines file."""
+    lines = Path(metrics_path).read_text().splitlines()
+    return json.loads(lines[-1])

@@ -1,0 +1,87 @@
+"""Collectives and the gradient reducer on a real communicator.
+
+Run at several world sizes:  mpirun -n 2 python -m pytest --with-mpi tests/mpi
+                             mpirun -n 3 python -m pytest --with-mpi tests/mpi
+"""
+import pytest
+import torch
+from torch import nn
+
+import distml
+from distml import comm as _comm
+from distml.config import UsageError
+from distml.reducer import GradientReducer
+from distml.trainer import agree
+
+
+@pytest.fixture
+def world():
+    return _comm.world()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_allreduce_sums_in_place_and_counts_bytes(world):
+    tensor = torch.full((5,), float(world.rank + 1))
+    before = world.bytes_sent
+
+    world.allreduce_(tensor)
+
+    assert tensor.tolist() == [world.size * (world.size + 1) / 2] * 5
+    assert world.bytes_sent - before == 5 * 4
+
+
+@pytest.mark.mpi(min_size=2)
+def test_broadcast_copies_root_values_into_every_rank(world):
+    tensor = torch.arange(6, dtype=torch.float64).reshape(2, 3) * (world.rank + 1)
+    transposed = torch.zeros(3, 2).t()  # non-contiguous target
+
+    world.broadcast_(tensor)
+    world.broadcast_(transposed.fill_(world.rank))
+
+    assert tensor.tolist() == torch.arange(6, dtype=torch.float64).reshape(2, 3).tolist()
+    assert transposed.sum().item() == 0
+
+
+@pytest.mark.mpi(min_size=2)
+def test_broadcast_parameters_makes_replicas_identical(world):
+    torch.manual_seed(world.rank)  # deliberately different initial weights
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    model[1].running_mean.fill_(world.rank)
+
+    distml.broadcast_parameters(model)
+
+    checksum = sum(t.double().sum().item() for t in model.state_dict().values())
+    assert len(set(world.allgather_object(checksum))) == 1
+    assert model[1].running_mean.sum().item() == 0
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("bucket_mb", [1e-5, 25.0])  # one bucket per parameter, or one in all
+def test_reducer_averages_gradients_over_ranks(world, bucket_mb):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))
+    reducer = GradientReducer(model.parameters(), world, bucket_mb=bucket_mb)
+    for p in model.parameters():
+        p.grad.fill_(world.rank)
+
+    reducer.allreduce_grads()
+
+    mean_rank = (world.size - 1) / 2
+    assert all(torch.allclose(p.grad, torch.full_like(p, mean_rank)) for p in model.parameters())
+    assert len(reducer.buckets) == (4 if bucket_mb < 1 else 1)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_agree_raises_everywhere_when_one_rank_fails(world):
+    def setup():
+        if world.rank == world.size - 1:
+            raise UsageError("file missing here")
+        return "ok"
+
+    with pytest.raises(UsageError, match=f"rank {world.size - 1}: file missing here"):
+        agree(world, setup)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_allreduce_api_averages_floats(world):
+    assert distml.allreduce(float(world.rank)) == pytest.approx((world.size - 1) / 2)
+    assert distml.allreduce(1.0, op="sum") == world.size

@@ -1,0 +1,174 @@
+"""End-to-end: the `distml` CLI under mpirun, as a user runs it."""
+import time
+
+import pytest
+import torch
+
+from launch import ROOT, launch, launch_python, summary
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _max_diff(path_a, path_b):
+    a, b = (torch.load(p, weights_only=True) for p in (path_a, path_b))
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 0.05), ("adam", 0.002)])
+def test_sync_two_and_three_ranks_equal_one_rank_uneven_batch(tmp_path, optimizer, lr):
+    # digits has 1438 training samples: 60 does not divide it, so the last global batch is partial
+    common = ["train", "--quiet", "--epochs", 4, "--optimizer", optimizer, "--lr", lr,
+              "--momentum", 0.9, "--weight-decay", 1e-4]
+    runs = {1: 60, 2: 30, 3: 20}
+    for ranks, batch in runs.items():
+        done = launch(ranks, *common, "--batch-size", batch, "--save-model", tmp_path / f"{ranks}.pt")
+        assert done.returncode == 0, done.stderr
+
+    assert _max_diff(tmp_path / "1.pt", tmp_path / "2.pt") <= 1e-5
+    assert _max_diff(tmp_path / "1.pt", tmp_path / "3.pt") <= 1e-5
+
+
+def test_default_run_reaches_95_percent_and_writes_metrics(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+
+    done = launch(2, "train", "--metrics", metrics)
+
+    assert done.returncode == 0, done.stderr
+    s = summary(metrics)
+    assert s["test_accuracy"] >= 0.95
+    for key in ("mode", "world_size", "epochs", "train_loss", "test_loss", "test_accuracy",
+                "wall_time_s", "samples_per_s", "bytes_communicated"):
+        assert key in s
+    assert s["world_size"] == 2 and s["mode"] == "sync"
+    epochs = metrics.read_text().splitlines()[:-1]
+    assert len(epochs) == s["epochs"]
+    assert "done: sync, 2 rank(s)" in done.stdout
+    assert done.stdout.count("epoch  20/20") == 1  # printed by rank 0 only
+
+
+def test_bytes_communicated_counts_every_ranks_gradient_payload(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+
+    done = launch(2, "train", "--quiet", "--epochs", 1, "--batch-size", 719, "--model", "logreg",
+                  "--metrics", metrics)
+
+    assert done.returncode == 0, done.stderr
+    params = 64 * 10 + 10
+    steps = 1  # 1438 samples = one global batch of 2 x 719
+    gradient_bytes = 2 * steps * params * 4
+    # plus one broadcast of the initial weights and the small metric reductions
+    assert gradient_bytes < summary(metrics)["bytes_communicated"] < gradient_bytes + params * 4 + 1000
+
+
+def test_regression_on_diabetes_reports_mse_and_r2(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+
+    done = launch(2, "train", "--quiet", "--dataset", "diabetes", "--model", "linear",
+                  "--epochs", 30, "--lr", 0.01, "--metrics", metrics)
+
+    assert done.returncode == 0, done.stderr
+    s = summary(metrics)
+    assert "test_accuracy" not in s
+    assert s["test_r2"] > 0.3 and s["test_mse"] > 0
+
+
+def test_single_process_runs_without_mpirun(tmp_path):
+    done = launch(0, "train", "--quiet", "--epochs", 1, "--model", "cnn", "--save-model", tmp_path / "w.pt")
+
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "w.pt").exists()
+
+
+def test_info_reports_mpi_and_world_size():
+    done = launch(2, "info")
+
+    assert done.returncode == 0, done.stderr
+    assert "Open MPI" in done.stdout or "MPICH" in done.stdout
+    assert "world size    2" in done.stdout
+    assert done.stdout.count("distml ") == 1  # root only
+
+
+def test_exception_on_one_rank_ends_the_job_naming_the_rank(tmp_path):
+    model_file = tmp_path / "failing.py"
+    model_file.write_text(
+        "import torch\nimport distml\n"
+        "class Failing(torch.nn.Module):\n"
+        "    def __init__(self, n):\n"
+        "        super().__init__(); self.lin = torch.nn.Linear(64, n); self.calls = 0\n"
+        "    def forward(self, x):\n"
+        "        self.calls += 1\n"
+        "        if self.training and self.calls > 3 and distml.rank() == 1:\n"
+        "            raise RuntimeError('simulated failure')\n"
+        "        return self.lin(x.flatten(1))\n"
+        "def make(shape, n):\n    return Failing(n)\n")
+    start = time.monotonic()
+
+    done = launch(3, "train", "--quiet", "--model", f"{model_file}:make", timeout=60)
+
+    assert time.monotonic() - start < 30
+    assert done.returncode != 0
+    assert "rank 1 of 3 failed: RuntimeError: simulated failure" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+BAD_INPUTS = {
+    "unknown model": (["--model", "resnet9000"], "--model must be one of"),
+    "unknown data set": (["--dataset", "imagenet"], "--dataset must be one of"),
+    "missing data file": (["--dataset", "missing.csv"], "no such file"),
+    "malformed csv": (["--dataset", "{bad_csv}"], "is not a number"),
+    "npz without y": (["--dataset", "{bad_npz}"], "missing array(s) y"),
+    "batch size 0": (["--batch-size", "0"], "--batch-size must be >= 1"),
+    "unknown flag": (["--learning-rate", "0.1"], "unrecognized arguments"),
+    "bad flag value": (["--optimizer", "rmsprop"], "--optimizer must be one of"),
+    "not a number": (["--epochs", "ten"], "invalid int value"),
+    "model/data mismatch": (["--model", "cnn", "--dataset", "diabetes"], "needs image-shaped"),
+    "bad config file": (["--config", "{bad_toml}"], "unknown key"),
+    "save-model into missing dir": (["--save-model", "no/such/dir/w.pt"], "does not exist"),
+}
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    import numpy as np
+    (tmp_path / "bad.csv").write_text("a,b,target\n1,2,0\n3,oops,1\n4,5,0\n")
+    np.savez(tmp_path / "bad.npz", X=np.zeros((4, 2)))
+    (tmp_path / "bad.toml").write_text("epochs = 2\nlearning_rate = 0.1\n")
+    return {"bad_csv": tmp_path / "bad.csv", "bad_npz": tmp_path / "bad.npz",
+            "bad_toml": tmp_path / "bad.toml"}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_exits_2_with_one_line_before_training(tmp_path, bad_files, case):
+    flags, expected = BAD_INPUTS[case]
+    flags = [f.format(**bad_files) for f in flags]
+    keep = tmp_path / "keep.pt"
+    keep.write_bytes(b"previous weights")
+
+    done = launch(2, "train", *flags, "--metrics", tmp_path / "m.jsonl", cwd=tmp_path, timeout=60)
+
+    assert done.returncode == 2, done.stderr
+    ours = [line for line in done.stderr.splitlines() if line.startswith("distml:")]
+    assert len(ours) == 1 and expected in ours[0], done.stderr
+    assert "Traceback" not in done.stderr and "epoch" not in done.stdout
+    assert not (tmp_path / "m.jsonl").exists()
+    assert keep.read_bytes() == b"previous weights"
+
+
+def test_config_file_sets_values_and_flags_win(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('epochs = 1\nbatch-size = 64\nmodel = "logreg"\nlr = 0.5\n')
+    metrics = tmp_path / "m.jsonl"
+
+    done = launch(2, "train", "--quiet", "--config", config, "--epochs", 2, "--metrics", metrics)
+
+    assert done.returncode == 0, done.stderr
+    s = summary(metrics)
+    assert (s["epochs"], s["batch_size"], s["model"]) == (2, 64, "logreg")
+
+
+def test_api_example_trains_under_mpirun(tmp_path):
+    done = launch_python(2, ROOT / "scripts" / "example_api.py", "--epochs", 3, cwd=tmp_path)
+
+    assert done.returncode == 0, done.stderr
+    assert "test accuracy" in done.stdout
