@@ -80,8 +80,8 @@ class GradientReducer:
     def zero_grad(self):
         """Zero the buckets in place (set_to_none would detach the grads from them)."""
         for bucket in self.buckets:
+            bucket.attach_grads()  # before zeroing: it copies a replaced .grad into the buffer
             bucket.buffer.zero_()
-            bucket.attach_grads()
 
     def allreduce_grads(self):
         """Reduce every bucket in place; afterwards each `.grad` holds the result."""

@@ -1,0 +1,199 @@
+"""Unit tests for `distml.config` (Config.validate, load_toml) and `distml.cli.parse_config`."""
+import pytest
+
+from distml.cli import parse_config
+from distml.config import Config, UsageError, load_toml
+
+
+def _toml(tmp_path, text):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return str(path)
+
+
+# -- Config.validate ----------------------------------------------------------
+
+def test_defaults_are_valid():
+    # Prepare
+    cfg = Config()
+
+    # Execute / Assert
+    assert cfg.validate() is cfg
+
+
+@pytest.mark.parametrize("settings", [
+    dict(epochs=5, batch_size=1, lr=1e-4, momentum=0.0, test_fraction=0.99, bucket_mb=0.001),
+    dict(hidden="", classes=0, optimizer="adam", threads=3),
+    dict(hidden=" 32 , 16 ", weight_decay=0.1, samples=2),
+], ids=["edges", "regression-adam", "spaces-in-hidden"])
+def test_valid_settings_pass(settings):
+    # Prepare / Execute / Assert
+    Config(**settings).validate()
+
+
+BAD_SETTINGS = [
+    (dict(epochs=0), "--epochs must be >= 1"),
+    (dict(batch_size=0), "--batch-size must be >= 1"),
+    (dict(samples=1), "--samples must be >= 2"),
+    (dict(features=0), "--features must be >= 1"),
+    (dict(classes=1), "--classes"),
+    (dict(lr=0.0), "--lr must be > 0"),
+    (dict(lr=-0.1), "--lr must be > 0"),
+    (dict(momentum=1.0), "--momentum"),
+    (dict(momentum=-0.1), "--momentum"),
+    (dict(weight_decay=-1.0), "--weight-decay"),
+    (dict(test_fraction=0.0), "--test-fraction"),
+    (dict(test_fraction=1.0), "--test-fraction"),
+    (dict(threads=-1), "--threads"),
+    (dict(bucket_mb=0.0), "--bucket-mb must be > 0"),
+    (dict(hidden="a,b"), "--hidden must be comma-separated integers"),
+    (dict(hidden="64,0"), "--hidden sizes must be >= 1"),
+    (dict(optimizer="rmsprop"), "--optimizer must be one of sgd, adam"),
+    (dict(mode="async-typo"), "--mode must be one of"),
+]
+
+
+@pytest.mark.parametrize("settings, message", BAD_SETTINGS,
+                         ids=[",".join(f"{k}={v}" for k, v in s.items()) for s, _ in BAD_SETTINGS])
+def test_each_bad_setting_raises_usage_error_naming_the_flag(settings, message):
+    # Prepare
+    cfg = Config(**settings)
+
+    # Execute / Assert
+    with pytest.raises(UsageError, match=message):
+        cfg.validate()
+
+
+@pytest.mark.parametrize("flag", ["save_model", "metrics"])
+def test_output_path_in_a_missing_directory_is_rejected(tmp_path, flag):
+    # Prepare
+    cfg = Config(**{flag: str(tmp_path / "no-such-dir" / "out.file")})
+
+    # Execute / Assert
+    with pytest.raises(UsageError, match="does not exist"):
+        cfg.validate()
+
+
+@pytest.mark.parametrize("flag", ["save_model", "metrics"])
+def test_output_path_that_is_a_directory_is_rejected(tmp_path, flag):
+    # Prepare
+    cfg = Config(**{flag: str(tmp_path)})
+
+    # Execute / Assert
+    with pytest.raises(UsageError, match="is a directory"):
+        cfg.validate()
+
+
+def test_output_path_in_an_existing_directory_is_accepted(tmp_path):
+    # Prepare / Execute / Assert
+    Config(save_model=str(tmp_path / "model.pt"), metrics=str(tmp_path / "m.jsonl")).validate()
+
+
+# -- load_toml ----------------------------------------------------------------
+
+def test_toml_keys_may_use_dashes_or_underscores(tmp_path):
+    # Prepare
+    path = _toml(tmp_path, 'batch-size = 16\nbucket_mb = 2.5\nsave-model = "w.pt"\nquiet = true\n')
+
+    # Execute
+    settings = load_toml(path)
+
+    # Assert
+    assert settings == {"batch_size": 16, "bucket_mb": 2.5, "save_model": "w.pt", "quiet": True}
+
+
+def test_toml_int_for_a_float_and_a_list_for_hidden_are_converted(tmp_path):
+    # Prepare
+    path = _toml(tmp_path, "lr = 1\nhidden = [32, 16]\n")
+
+    # Execute
+    settings = load_toml(path)
+
+    # Assert
+    assert settings == {"lr": 1.0, "hidden": "32,16"}
+    assert isinstance(settings["lr"], float)
+
+
+@pytest.mark.parametrize("line", ['epochs = "5"', "epochs = 2.5", "epochs = true",
+                                  "lr = \"fast\"", "model = 3", "quiet = 1"])
+def test_toml_value_of_the_wrong_type_raises_usage_error(tmp_path, line):
+    # Prepare
+    path = _toml(tmp_path, line + "\n")
+
+    # Execute / Assert
+    with pytest.raises(UsageError, match=f"key '{line.split()[0]}' must be"):
+        load_toml(path)
+
+
+@pytest.mark.parametrize("key", ["epoch", "learning_rate", "config"])
+def test_toml_unknown_key_raises_usage_error(tmp_path, key):
+    # Prepare
+    path = _toml(tmp_path, f"{key} = 1\n")
+
+    # Execute / Assert
+    with pytest.raises(UsageError, match=f"unknown key '{key}'"):
+        load_toml(path)
+
+
+def test_malformed_toml_raises_usage_error(tmp_path):
+    # Prepare
+    path = _toml(tmp_path, "epochs = = 3\n")
+
+    # Execute / Assert
+    with pytest.raises(UsageError, match="cannot read"):
+        load_toml(path)
+
+
+def test_missing_toml_file_raises_usage_error(tmp_path):
+    # Prepare / Execute / Assert
+    with pytest.raises(UsageError, match="no such file"):
+        load_toml(str(tmp_path / "missing.toml"))
+
+
+# -- cli.parse_config ---------------------------------------------------------
+
+def test_flags_override_the_toml_file(tmp_path):
+    # Prepare
+    path = _toml(tmp_path, 'epochs = 7\nlr = 0.5\nmodel = "cnn"\n')
+
+    # Execute
+    cfg = parse_config(["train", "--config", path, "--lr", "0.01", "--quiet"])
+
+    # Assert
+    assert (cfg.epochs, cfg.lr, cfg.model, cfg.quiet) == (7, 0.01, "cnn", True)
+    assert cfg.batch_size == Config().batch_size
+
+
+def test_no_flags_give_the_defaults():
+    # Prepare / Execute
+    cfg = parse_config(["train"])
+
+    # Assert
+    assert cfg == Config()
+
+
+def test_info_command_gives_no_config():
+    # Prepare / Execute / Assert
+    assert parse_config(["info"]) is None
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--no-such-flag", "1"],
+    ["train", "--epochs", "x"],
+    ["train", "--lr", "fast"],
+    ["train", "--epochs"],
+    ["bogus"],
+], ids=["unknown-flag", "epochs-not-int", "lr-not-float", "missing-value", "unknown-command"])
+def test_bad_command_line_raises_usage_error(argv):
+    # Prepare / Execute / Assert
+    with pytest.raises(UsageError):
+        parse_config(argv)
+
+
+def test_bad_toml_named_by_config_flag_raises_usage_error(tmp_path):
+    # Prepare
+    path = _toml(tmp_path, "epochz = 3\n")
+
+    # Execute / Assert
+    with pytest.raises(UsageError, match="unknown key 'epochz'"):
+        parse_config(["train", "--config", path])

@@ -1,0 +1,333 @@
+"""Unit tests for `distml.reducer`: bucket planning and gradients as bucket views.
+
+The reducer runs on the size-1 world (no mpirun), where Allreduce is the
+identity, so the gradients must equal those of a model trained without it.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from distml import comm
+from distml.api import DistributedOptimizer
+from distml.reducer import GradientReducer, plan_buckets
+
+
+# -- plan_buckets -------------------------------------------------------------
+
+def _tensors():
+    """Mixed sizes: 4 B, 40 B, 400 B, 8 B, 4000 B, 24 B (all float32)."""
+    return [torch.zeros(n) for n in (1, 10, 100, 2, 1000, 6)]
+
+
+def _nbytes(bucket):
+    return sum(p.numel() * p.element_size() for p in bucket)
+
+
+@pytest.mark.parametrize("bucket_bytes", [0, 1, 3, 4, 40, 44, 100, 500, 4000, 10**9])
+def test_plan_puts_each_parameter_in_exactly_one_bucket_in_order(bucket_bytes):
+    # Prepare
+    params = _tensors()
+
+    # Execute
+    buckets = plan_buckets(params, bucket_bytes)
+
+    # Assert
+    flat = [p for bucket in buckets for p in bucket]
+    assert len(flat) == len(params)
+    assert all(a is b for a, b in zip(flat, params))
+    assert all(bucket for bucket in buckets)
+
+
+@pytest.mark.parametrize("bucket_bytes", [0, 1, 3, 4, 40, 44, 100, 500, 4000, 10**9])
+def test_plan_respects_the_cap_except_for_single_oversized_parameters(bucket_bytes):
+    # Prepare / Execute
+    buckets = plan_buckets(_tensors(), bucket_bytes)
+
+    # Assert
+    for bucket in buckets:
+        assert _nbytes(bucket) <= bucket_bytes or len(bucket) == 1
+
+
+@pytest.mark.parametrize("bucket_bytes", [0, 1, 3])
+def test_plan_with_a_cap_below_one_parameter_gives_one_bucket_each(bucket_bytes):
+    # Prepare / Execute
+    buckets = plan_buckets(_tensors(), bucket_bytes)
+
+    # Assert
+    assert [len(b) for b in buckets] == [1] * 6
+
+
+def test_plan_with_a_large_cap_gives_one_bucket():
+    # Prepare / Execute
+    buckets = plan_buckets(_tensors(), 10**9)
+
+    # Assert
+    assert len(buckets) == 1
+
+
+def test_plan_gives_an_oversized_parameter_its_own_bucket():
+    # Prepare: cap 100 B; the 400 B and 4000 B tensors exceed it
+    params = _tensors()
+
+    # Execute
+    buckets = plan_buckets(params, 100)
+
+    # Assert
+    assert [[p.numel() for p in b] for b in buckets] == [[1, 10], [100], [2], [1000], [6]]
+
+
+def test_plan_splits_buckets_where_the_dtype_changes():
+    # Prepare
+    params = [torch.zeros(2), torch.zeros(2), torch.zeros(2, dtype=torch.float64),
+              torch.zeros(2, dtype=torch.float64), torch.zeros(2)]
+
+    # Execute
+    buckets = plan_buckets(params, 10**9)
+
+    # Assert
+    assert [[p.dtype for p in b] for b in buckets] == [
+        [torch.float32] * 2, [torch.float64] * 2, [torch.float32]]
+
+
+def test_plan_of_no_parameters_is_empty():
+    # Prepare / Execute / Assert
+    assert plan_buckets([], 100) == []
+
+
+# -- GradientReducer on the size-1 world -------------------------------------
+
+class MixedNet(nn.Module):
+    """Conv, linear with bias, a scalar parameter, a frozen one and an unused one."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.fc = nn.Linear(3 * 4 * 4, 5)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+        self.frozen = nn.Parameter(torch.ones(5), requires_grad=False)
+        self.unused = nn.Parameter(torch.ones(7))
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1)
+        return self.scale * self.fc(h) + self.frozen
+
+
+def _model():
+    torch.manual_seed(0)
+    return MixedNet()
+
+
+def _loss(model, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 1, 4, 4, generator=generator)
+    y = torch.randn(6, 5, generator=generator)
+    return ((model(x) - y) ** 2).mean()
+
+
+def _reference_grads(model, seed=1):
+    """The gradients of `model`'s copy computed with plain autograd, by name."""
+    reference = copy.deepcopy(model)
+    reference.zero_grad(set_to_none=True)
+    _loss(reference, seed).backward()
+    return {name: p.grad for name, p in reference.named_parameters()}
+
+
+def _in_buffer(tensor, buffer):
+    start, end = buffer.data_ptr(), buffer.data_ptr() + buffer.numel() * buffer.element_size()
+    t_start = tensor.data_ptr()
+    return start <= t_start and t_start + tensor.numel() * tensor.element_size() <= end
+
+
+def _bucket_of(reducer, param):
+    (bucket,) = [b for b in reducer.buckets if any(p is param for p in b.params)]
+    return bucket
+
+
+BUCKET_MB = [1e-9, 1e-4, 25.0]  # one parameter per bucket, a few per bucket, one bucket
+
+
+@pytest.mark.parametrize("bucket_mb", BUCKET_MB)
+def test_every_trainable_grad_is_a_view_into_its_bucket_buffer(bucket_mb):
+    # Prepare
+    model = _model()
+
+    # Execute
+    reducer = GradientReducer(model.parameters(), comm.world(), bucket_mb=bucket_mb)
+
+    # Assert
+    for p in model.parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.shape == p.shape
+            assert _in_buffer(p.grad, _bucket_of(reducer, p).buffer)
+            assert torch.all(p.grad == 0)
+
+
+def test_frozen_parameters_are_left_out_of_the_buckets():
+    # Prepare
+    model = _model()
+
+    # Execute
+    reducer = GradientReducer(model.parameters(), comm.world())
+
+    # Assert
+    bucketed = [p for b in reducer.buckets for p in b.params]
+    assert not any(p is model.frozen for p in bucketed)
+    assert len(bucketed) == sum(1 for p in model.parameters() if p.requires_grad)
+    assert model.frozen.grad is None
+
+
+@pytest.mark.parametrize("bucket_mb", BUCKET_MB)
+def test_backward_accumulates_into_the_buffers_in_place(bucket_mb):
+    # Prepare
+    model = _model()
+    expected = _reference_grads(model)
+    reducer = GradientReducer(model.parameters(), comm.world(), bucket_mb=bucket_mb)
+    pointers = {name: p.grad.data_ptr() for name, p in model.named_parameters() if p.requires_grad}
+
+    # Execute
+    _loss(model).backward()
+    reducer.allreduce_grads()
+
+    # Assert
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        assert p.grad.data_ptr() == pointers[name], name
+        if expected[name] is None:
+            assert torch.all(p.grad == 0), name
+        else:
+            torch.testing.assert_close(p.grad, expected[name], rtol=0, atol=0)
+
+
+def test_two_backwards_without_zero_grad_sum_in_the_buffers():
+    # Prepare
+    model = _model()
+    first, second = _reference_grads(model, seed=1), _reference_grads(model, seed=2)
+    reducer = GradientReducer(model.parameters(), comm.world(), bucket_mb=1e-4)
+
+    # Execute
+    _loss(model, seed=1).backward()
+    _loss(model, seed=2).backward()
+    reducer.allreduce_grads()
+
+    # Assert
+    for name, p in model.named_parameters():
+        if p.requires_grad and first[name] is not None:
+            assert _in_buffer(p.grad, _bucket_of(reducer, p).buffer), name
+            torch.testing.assert_close(p.grad, first[name] + second[name])
+
+
+def test_unused_parameter_keeps_a_zero_grad():
+    # Prepare
+    model = _model()
+    reducer = GradientReducer(model.parameters(), comm.world())
+
+    # Execute
+    _loss(model).backward()
+    reducer.allreduce_grads()
+
+    # Assert
+    assert model.unused.grad is not None
+    assert torch.all(model.unused.grad == 0)
+    assert _in_buffer(model.unused.grad, _bucket_of(reducer, model.unused).buffer)
+
+
+@pytest.mark.parametrize("bucket_mb", BUCKET_MB)
+def test_grads_set_to_none_are_reattached_with_correct_values(bucket_mb):
+    # Prepare: one step, then the user drops the grads as plain PyTorch would
+    model = _model()
+    reducer = GradientReducer(model.parameters(), comm.world(), bucket_mb=bucket_mb)
+    _loss(model, seed=1).backward()
+    reducer.allreduce_grads()
+    model.zero_grad(set_to_none=True)
+    expected = _reference_grads(model, seed=2)
+
+    # Execute
+    _loss(model, seed=2).backward()
+    reducer.allreduce_grads()
+
+    # Assert
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        assert _in_buffer(p.grad, _bucket_of(reducer, p).buffer), name
+        want = torch.zeros_like(p) if expected[name] is None else expected[name]
+        torch.testing.assert_close(p.grad, want, rtol=0, atol=0)
+
+
+def test_zero_grad_zeroes_in_place_and_keeps_the_views():
+    # Prepare
+    model = _model()
+    reducer = GradientReducer(model.parameters(), comm.world())
+    _loss(model).backward()
+    pointers = [p.grad.data_ptr() for p in model.parameters() if p.requires_grad]
+
+    # Execute
+    reducer.zero_grad()
+
+    # Assert
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert [p.grad.data_ptr() for p in trainable] == pointers
+    assert all(torch.all(p.grad == 0) for p in trainable)
+
+
+def test_zero_grad_after_grads_were_replaced_gives_zero_attached_grads():
+    # Prepare: backward after set_to_none leaves grads outside the buffers
+    model = _model()
+    reducer = GradientReducer(model.parameters(), comm.world())
+    model.zero_grad(set_to_none=True)
+    _loss(model).backward()
+
+    # Execute
+    reducer.zero_grad()
+
+    # Assert
+    for p in model.parameters():
+        if p.requires_grad:
+            assert _in_buffer(p.grad, _bucket_of(reducer, p).buffer)
+            assert torch.all(p.grad == 0)
+
+
+@pytest.mark.parametrize("bucket_mb", [0, -1.0])
+def test_bucket_mb_not_positive_raises_value_error(bucket_mb):
+    # Prepare
+    model = _model()
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="bucket_mb"):
+        GradientReducer(model.parameters(), comm.world(), bucket_mb=bucket_mb)
+
+
+@pytest.mark.parametrize("op", ["mean", "max", ""])
+def test_unknown_op_raises_value_error(op):
+    # Prepare
+    model = _model()
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="op"):
+        GradientReducer(model.parameters(), comm.world(), op=op)
+
+
+# -- DistributedOptimizer -----------------------------------------------------
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_distributed_sgd_on_one_rank_equals_plain_sgd(momentum):
+    # Prepare
+    plain_model = _model()
+    dist_model = copy.deepcopy(plain_model)
+    plain = torch.optim.SGD(plain_model.parameters(), lr=0.1, momentum=momentum)
+    dist = DistributedOptimizer(torch.optim.SGD(dist_model.parameters(), lr=0.1, momentum=momentum),
+                                dist_model, bucket_mb=1e-4)
+
+    # Execute
+    for step in range(4):
+        for model, opt in ((plain_model, plain), (dist_model, dist)):
+            opt.zero_grad()
+            _loss(model, seed=step).backward()
+            opt.step()
+
+    # Assert
+    for (name, a), b in zip(plain_model.named_parameters(), dist_model.parameters()):
+        assert torch.equal(a, b), name
