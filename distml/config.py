@@ -49,8 +49,11 @@ class Config:
     def hidden_sizes(self):
         return tuple(int(h) for h in self.hidden.split(",") if h.strip())
 
-    def validate(self):
-        """Raise UsageError naming the first setting that cannot work; return self."""
+    def validate(self, *, writes_outputs=True):
+        """Raise UsageError naming the first setting that cannot work; return self.
+
+        Output paths are checked only where `writes_outputs` (the root rank writes them).
+        """
         _check(self.mode in MODES, f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         _check(self.optimizer in OPTIMIZERS,
                f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
@@ -70,7 +73,7 @@ class Config:
         except ValueError:
             raise UsageError(f"--hidden must be comma-separated integers such as 128,64, got {self.hidden!r}")
         _check(all(h >= 1 for h in sizes), f"--hidden sizes must be >= 1, got {self.hidden!r}")
-        for name in ("save_model", "metrics"):
+        for name in ("save_model", "metrics") if writes_outputs else ():
             _check_output_path(getattr(self, name), _flag(name))
         return self
 

@@ -63,7 +63,7 @@ def run(cfg, comm=None):
     report = Reporter(enabled=comm.is_root, quiet=cfg.quiet, metrics_path=cfg.metrics)
 
     # -- set-up: every usage error surfaces here, on all ranks, before training --
-    agree(comm, cfg.validate)
+    agree(comm, lambda: cfg.validate(writes_outputs=comm.is_root))
     dataset, model = agree(comm, lambda: _load(cfg))
     threads = cfg.threads or default_threads(comm)
     torch.set_num_threads(threads)
