@@ -21,6 +21,19 @@ __all__ = ["init", "rank", "size", "is_root", "allreduce", "broadcast_parameters
 
 
 def train(config=None, **settings):
-    """Run the CLI trainer from Python: `distml.train(model="cnn", epochs=3)` -> Result."""
+    """Run the CLI trainer from Python: `distml.train(model="cnn", epochs=3)` -> Result.
+
+    UsageError is raised on every rank alike; any other error on one rank
+    aborts the whole MPI job (as the CLI does), so no rank is left waiting.
+    """
+    from .cli import abort_on_error
+    from .comm import world
     from .trainer import run
-    return run(config or Config(**settings))
+    try:
+        return run(config or Config(**settings))
+    except UsageError:
+        raise
+    except BaseException as error:  # noqa: BLE001
+        if world().size == 1:
+            raise
+        abort_on_error(world(), error)

@@ -38,6 +38,8 @@ def is_root():
 
 def allreduce(value, op="average"):
     """A float or tensor summed or averaged over ranks (a copy; for metrics and small values)."""
+    if op not in ("average", "sum", "max", "min"):
+        raise ValueError(f"op must be 'average', 'sum', 'max' or 'min', got {op!r}")
     world = _comm.world()
     tensor = torch.as_tensor(value, dtype=torch.float64).clone().contiguous()
     world.allreduce_(tensor, op="sum" if op == "average" else op)
@@ -46,26 +48,28 @@ def allreduce(value, op="average"):
     return tensor.item() if tensor.dim() == 0 else tensor
 
 
-def broadcast_parameters(model, root=0):
+def broadcast_parameters(model, root=0, *, comm=None):
     """Copy root's parameters and buffers into every rank's `model`, in place."""
-    world = _comm.world()
+    comm = comm or _comm.world()
     with torch.no_grad():
         for tensor in list(model.parameters()) + list(model.buffers()):
-            world.broadcast_(tensor, root=root)
+            comm.broadcast_(tensor, root=root)
 
 
 class DistributedOptimizer:
     """Wraps any torch optimizer: step() first reduces the gradients over all ranks.
 
+    It reduces the gradients of the parameters the optimizer updates; `model`
+    is accepted for Horovod-style call sites and not needed.
     The gradients live in fused bucket buffers (see `reducer`), so zero_grad()
     zeroes them in place instead of setting them to None. op="sum" is for
     losses already divided by the global batch size (uneven last batches).
     """
 
-    def __init__(self, optimizer, model, *, bucket_mb=25.0, op="average"):
+    def __init__(self, optimizer, model=None, *, bucket_mb=25.0, op="average", comm=None):
         self.optimizer = optimizer
-        self.reducer = GradientReducer(model.parameters(), _comm.world(),
-                                       bucket_mb=bucket_mb, op=op)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.reducer = GradientReducer(params, comm or _comm.world(), bucket_mb=bucket_mb, op=op)
 
     @property
     def param_groups(self):

@@ -16,6 +16,7 @@ import traceback
 
 from . import __version__
 from . import comm as _comm
+from .agreement import RankFailure
 from .config import MODES, OPTIMIZERS, Config, UsageError, load_toml
 
 HELP = {
@@ -105,7 +106,8 @@ def info(comm):
 def main(argv=None):
     comm = _comm.world()
     try:
-        from .trainer import agree, run
+        from .agreement import agree
+        from .trainer import run
         cfg = agree(comm, lambda: parse_config(argv))
         if cfg is None:
             return info(comm)
@@ -118,13 +120,20 @@ def main(argv=None):
     except SystemExit as e:  # --help / --version
         return e.code or 0
     except BaseException as e:  # noqa: BLE001  (anything else ends the whole job)
-        _abort(comm, e)
+        abort_on_error(comm, e)
 
 
-def _abort(comm, error):
-    name = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+def abort_on_error(comm, error):
+    """Print one line naming the failed rank, then end every rank of the job (MPI Abort)."""
+    if isinstance(error, RankFailure):  # seen by all ranks during set-up: rank 0 reports it
+        rank, what = error.rank, error.message
+        if not comm.is_root:
+            comm.abort(1)
+    else:
+        rank = comm.rank
+        what = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
     if os.environ.get("DISTML_DEBUG"):
         traceback.print_exc()
-    print(f"distml: rank {comm.rank} of {comm.size} failed: {name} (aborting all ranks; "
+    print(f"distml: rank {rank} of {comm.size} failed: {what} (aborting all ranks; "
           f"set DISTML_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
     comm.abort(1)

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-__all__ = ["Comm", "world", "buffer_of"]
+__all__ = ["Comm", "world", "buffer_of", "cuda_aware_mpi"]
 
 _world = None
 
@@ -50,10 +50,12 @@ class Comm:
     # -- collectives on tensors ---------------------------------------------
     def allreduce_(self, tensor, op="sum"):
         """Sum (or max) `tensor` over all ranks, in place; returns it."""
+        mpi_op = {"sum": self._MPI.SUM, "max": self._MPI.MAX, "min": self._MPI.MIN}.get(op)
+        if mpi_op is None:
+            raise ValueError(f"op must be 'sum', 'max' or 'min', got {op!r}")
+        buf = buffer_of(tensor)  # checked at size 1 too, so mistakes show without mpirun
         if self.size == 1:
             return tensor
-        buf = buffer_of(tensor)
-        mpi_op = {"sum": self._MPI.SUM, "max": self._MPI.MAX, "min": self._MPI.MIN}[op]
         self.mpi_comm.Allreduce(self._MPI.IN_PLACE, buf, op=mpi_op)
         self.bytes_sent += buf.nbytes
         return tensor
@@ -85,10 +87,6 @@ class Comm:
         if self.size == 1:
             return [obj]
         return self.mpi_comm.allgather(obj)
-
-    def barrier(self):
-        if self.size > 1:
-            self.mpi_comm.Barrier()
 
     def abort(self, code=1):
         """End the whole job now; never returns. Safe to call from any rank."""

@@ -5,7 +5,9 @@ their names (dashes in flags, underscores here). Everything the user can get
 wrong without running anything is checked in `validate()`, before MPI work.
 """
 import dataclasses
+import math
 import os
+import tempfile
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +17,7 @@ __all__ = ["UsageError", "Config", "load_toml", "MODES", "OPTIMIZERS"]
 
 MODES = ("sync",)
 OPTIMIZERS = ("sgd", "adam")
+MAX_THREADS = 1024
 
 
 class UsageError(Exception):
@@ -47,7 +50,8 @@ class Config:
     config: Optional[str] = field(default=None, metadata={"toml": False})
 
     def hidden_sizes(self):
-        return tuple(int(h) for h in self.hidden.split(",") if h.strip())
+        """(128, 64) from "128,64"; () from "" (no hidden layer)."""
+        return tuple(int(h) for h in self.hidden.split(",")) if self.hidden.strip() else ()
 
     def validate(self, *, writes_outputs=True):
         """Raise UsageError naming the first setting that cannot work; return self.
@@ -57,7 +61,22 @@ class Config:
         _check(self.mode in MODES, f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         _check(self.optimizer in OPTIMIZERS,
                f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        for name in ("epochs", "batch_size", "samples", "features"):
+        self._check_numbers()
+        try:
+            sizes = self.hidden_sizes()
+        except ValueError:
+            raise UsageError(f"--hidden must be comma-separated integers such as 128,64, got {self.hidden!r}")
+        _check(all(h >= 1 for h in sizes), f"--hidden sizes must be >= 1, got {self.hidden!r}")
+        if writes_outputs:
+            self._check_outputs()
+        return self
+
+    def _check_numbers(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float):
+                _check(math.isfinite(value), f"--{_flag(f.name)} must be a finite number, got {value}")
+        for name in ("epochs", "batch_size", "features"):
             _check(getattr(self, name) >= 1, f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
         _check(self.samples >= 2, f"--samples must be >= 2, got {self.samples}")
         _check(self.classes == 0 or self.classes >= 2,
@@ -66,16 +85,24 @@ class Config:
         _check(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
         _check(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         _check(0 < self.test_fraction < 1, f"--test-fraction must be in (0, 1), got {self.test_fraction}")
-        _check(self.threads >= 0, f"--threads must be >= 0 (0 = automatic), got {self.threads}")
+        _check(0 <= self.seed < 2**32, f"--seed must be in [0, 2**32), got {self.seed}")
+        _check(0 <= self.threads <= MAX_THREADS,
+               f"--threads must be in [0, {MAX_THREADS}] (0 = automatic), got {self.threads}")
         _check(self.bucket_mb > 0, f"--bucket-mb must be > 0, got {self.bucket_mb}")
-        try:
-            sizes = self.hidden_sizes()
-        except ValueError:
-            raise UsageError(f"--hidden must be comma-separated integers such as 128,64, got {self.hidden!r}")
-        _check(all(h >= 1 for h in sizes), f"--hidden sizes must be >= 1, got {self.hidden!r}")
-        for name in ("save_model", "metrics") if writes_outputs else ():
-            _check_output_path(getattr(self, name), _flag(name))
-        return self
+
+    def _check_outputs(self):
+        outputs = {"save-model": self.save_model, "metrics": self.metrics}
+        inputs = {"dataset": self.dataset, "config": self.config}
+        seen = {}
+        for flag, path in outputs.items():
+            if path is None:
+                continue
+            _check_output_path(path, flag)
+            real = os.path.realpath(path)
+            clash = seen.get(real) or next((f for f, p in inputs.items()
+                                            if p and os.path.realpath(p) == real), None)
+            _check(clash is None, f"--{flag} {path} is also given as --{clash}; it would be overwritten")
+            seen[real] = flag
 
 
 def load_toml(path):
@@ -85,13 +112,14 @@ def load_toml(path):
             raw = tomllib.load(f)
     except FileNotFoundError:
         raise UsageError(f"--config: no such file: {path}")
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise UsageError(f"--config: cannot read {path}: {e}")
+    except (OSError, ValueError) as e:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
+        raise UsageError(f"--config: cannot read {path} as TOML: {e}")
     fields = {f.name: f for f in dataclasses.fields(Config) if f.metadata.get("toml", True)}
     settings = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
         _check(name in fields, f"--config {path}: unknown key {key!r}")
+        _check(name not in settings, f"--config {path}: key {key!r} is given twice")
         settings[name] = _coerce(value, fields[name], f"--config {path}: key {key!r}")
     return settings
 
@@ -113,9 +141,13 @@ def _check_output_path(path, flag):
     if path is None:
         return
     _check(not os.path.isdir(path), f"--{flag}: {path} is a directory; give a file name")
-    parent = os.path.dirname(os.path.abspath(path))
+    parent = os.path.dirname(os.path.realpath(path))
     _check(os.path.isdir(parent), f"--{flag}: directory {parent} does not exist")
-    _check(os.access(parent, os.W_OK), f"--{flag}: directory {parent} is not writable")
+    try:  # os.access says yes to root even on read-only mounts: try for real
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise UsageError(f"--{flag}: cannot write in {parent}: {e.strerror}")
 
 
 def _check(condition, message):

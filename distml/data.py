@@ -108,6 +108,8 @@ def _finish(name, X, y, X_test, y_test, cfg, standardize=False):
 
 
 def _check_pair(X, y, xname, yname, name):
+    if len(X) == 0:
+        raise UsageError(f"{name}: {xname} has no samples")
     if X.ndim < 2:
         raise UsageError(f"{name}: {xname} must have a sample axis and features, got shape {X.shape}")
     if y.ndim != 1 or len(y) != len(X):
@@ -115,6 +117,9 @@ def _check_pair(X, y, xname, yname, name):
                          f"got {xname} {X.shape} and {yname} {y.shape}")
     if not (np.issubdtype(X.dtype, np.number) and np.issubdtype(y.dtype, np.number)):
         raise UsageError(f"{name}: {xname} and {yname} must be numeric, got {X.dtype} and {y.dtype}")
+    for array, label in ((X, xname), (y, yname)):
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise UsageError(f"{name}: {label} contains NaN or infinite values")
 
 
 def _hold_out(X, y, fraction, seed, name):
@@ -130,6 +135,10 @@ def _labels(y, y_test, name):
     classes = np.unique(np.concatenate([y, y_test]))
     if len(classes) < 2:
         raise UsageError(f"{name}: classification needs at least 2 classes, found {len(classes)}")
+    if len(classes) > len(y) / 2:
+        raise UsageError(f"{name}: integer targets mean classification, but {len(classes)} classes for "
+                         f"{len(y)} training samples looks like regression; store the target as "
+                         f"floating point (e.g. 3.0) to train a regression")
     if classes[0] == 0 and classes[-1] == len(classes) - 1:
         return y.astype(np.int64), y_test.astype(np.int64), len(classes)
     return np.searchsorted(classes, y), np.searchsorted(classes, y_test), len(classes)
@@ -176,30 +185,40 @@ def _map_npz(path):
                 with archive.open(info) as member:
                     arrays[key] = np.lib.format.read_array(member, allow_pickle=False)
                 continue
-            raw.seek(info.header_offset)
-            local = raw.read(30)
-            name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
-            raw.seek(info.header_offset + 30 + name_len + extra_len)
-            version = np.lib.format.read_magic(raw)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            shape, fortran, dtype = read_header(raw)
-            if dtype.hasobject:
-                raise ValueError(f"array {key!r} holds Python objects")
-            arrays[key] = np.memmap(path, dtype=dtype, mode="r", offset=raw.tell(), shape=shape,
-                                    order="F" if fortran else "C")
+            arrays[key] = _map_member(path, raw, info, key)
     return arrays
+
+
+def _map_member(path, raw, info, key):
+    """np.memmap over one stored .npy member, after checking it lies inside the member."""
+    if info.flag_bits & 0x1:
+        raise ValueError(f"member {info.filename} is encrypted")
+    raw.seek(info.header_offset)
+    local = raw.read(30)
+    name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    raw.seek(start)
+    version = np.lib.format.read_magic(raw)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, fortran, dtype = read_header(raw)
+    if dtype.hasobject:
+        raise ValueError(f"array {key!r} holds Python objects")
+    offset = raw.tell()
+    if offset - start + int(np.prod(shape)) * dtype.itemsize > info.file_size:
+        raise ValueError(f"array {key!r} is shorter than its header says")
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
 def _read_csv(path, target):
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate a BOM
+            rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"--dataset {path}: cannot read ({e})")
     if len(rows) < 3:
         raise UsageError(f"--dataset {path}: needs a header row and at least 2 data rows")
-    header, body = [h.strip() for h in rows[0]], [r for r in rows[1:] if r]
+    header, body = [h.strip() for h in rows[0]], rows[1:]
     if target is None:
         column = len(header) - 1
     elif target in header:

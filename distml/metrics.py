@@ -5,6 +5,7 @@ is rewritten atomically after each record, so it is always complete JSON lines
 and a crash never truncates it.
 """
 import json
+import math
 import sys
 import time
 
@@ -49,5 +50,10 @@ class Reporter:
         if not self.enabled or self.metrics_path is None:
             return
         self.records.append(fields)
-        text = "".join(json.dumps(r, sort_keys=False) + "\n" for r in self.records)
+        text = "".join(json.dumps(_finite(r), allow_nan=False) + "\n" for r in self.records)
         atomic_write(self.metrics_path, lambda f: f.write(text.encode()))
+
+
+def _finite(record):
+    """NaN and infinities are not JSON: write them as null."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}

@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -61,14 +62,25 @@ def build_model(name, dataset, hidden=(128, 64), seed=0):
     if name in REGISTRY:
         model = REGISTRY[name](dataset.input_shape, dataset.num_outputs, hidden)
     elif ":" in name:
-        model = _user_function(name)(dataset.input_shape, dataset.num_outputs)
+        model = _call_user_function(name, dataset)
     else:
         raise UsageError(f"--model must be one of {', '.join(REGISTRY)} or module:function "
                          f"or path/to/file.py:function, got {name!r}")
     if not isinstance(model, nn.Module):
         raise UsageError(f"--model {name} returned {type(model).__name__}, not a torch.nn.Module")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UsageError(f"--model {name} has no trainable parameters")
     _check_output_shape(model, name, dataset)
     return model
+
+
+def _call_user_function(spec, dataset):
+    fn = _user_function(spec)
+    try:
+        return fn(dataset.input_shape, dataset.num_outputs)
+    except Exception as e:  # their code, their mistake: one line, exit 2
+        raise UsageError(f"--model {spec}({dataset.input_shape}, {dataset.num_outputs}) failed: "
+                         f"{type(e).__name__}: {e}")
 
 
 def _user_function(spec):
@@ -79,6 +91,7 @@ def _user_function(spec):
                 raise UsageError(f"--model: no such file: {where}")
             loader = importlib.util.spec_from_file_location("distml_user_model", where)
             module = importlib.util.module_from_spec(loader)
+            sys.modules[loader.name] = module  # dataclasses and pickling look modules up here
             loader.loader.exec_module(module)
         else:
             module = importlib.import_module(where)
@@ -94,12 +107,15 @@ def _user_function(spec):
 
 def _check_output_shape(model, name, dataset):
     sample = torch.from_numpy(np.array(dataset.X_train[:1]))
+    model.eval()  # one sample: BatchNorm in training mode would refuse it
     try:
         with torch.no_grad():
             out = model(sample)
     except Exception as e:
         raise UsageError(f"--model {name} does not accept samples of shape "
                          f"{tuple(dataset.input_shape)} from {dataset.name}: {e}")
+    finally:
+        model.train()
     want = (1, dataset.num_outputs)
     if tuple(out.shape) != want and not (dataset.task == "regression" and tuple(out.shape) == (1,)):
         raise UsageError(f"--model {name} outputs shape {tuple(out.shape)} per sample batch of 1; "

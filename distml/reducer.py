@@ -84,7 +84,7 @@ class GradientReducer:
             raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
         if op not in ("average", "sum"):
             raise ValueError(f"op must be 'average' or 'sum', got {op!r}")
-        params = [p for p in params if p.requires_grad]
+        params = list({id(p): p for p in params if p.requires_grad}.values())  # each once
         if any(p.device.type != "cpu" for p in params):
             raise ValueError("distml reduces CPU tensors; move the model to the CPU")
         self.comm = comm

@@ -14,14 +14,14 @@ import torch
 
 from . import comm as _comm
 from .checkpoint import save_state_dict
-from .config import UsageError
+from .agreement import agree, check_same, fingerprint
 from .data import load_dataset
 from .metrics import Reporter, Timer
 from .models import build_model
 from .strategies import STRATEGIES
 from .strategies.base import batch_tensors, loss_sum
 
-__all__ = ["run", "Result", "agree", "default_threads"]
+__all__ = ["run", "Result", "default_threads"]
 
 
 @dataclass
@@ -31,29 +31,13 @@ class Result:
     model: torch.nn.Module = None
 
 
-def agree(comm, fn):
-    """Run `fn` on every rank; if it raised UsageError anywhere, raise it everywhere.
-
-    Keeps a usage error seen by one rank only (a file missing on one host) from
-    leaving the others waiting in the next collective.
-    """
-    error, value = None, None
-    try:
-        value = fn()
-    except UsageError as e:
-        error = str(e)
-    errors = comm.allgather_object(error)
-    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
-    if failed:
-        rank, message = failed[0]
-        same_everywhere = len(failed) == comm.size and len(set(errors)) == 1
-        raise UsageError(message if same_everywhere else f"rank {rank}: {message}")
-    return value
-
-
 def default_threads(comm):
-    """Cores of this node divided by the ranks on it (at least 1)."""
-    return max(1, (os.cpu_count() or 1) // comm.node_size())
+    """Cores of this node divided by the ranks on it, within this rank's CPU set (>= 1).
+
+    A collective (it counts the ranks on the node): call it on every rank.
+    """
+    per_rank = (os.cpu_count() or 1) // comm.node_size()
+    return max(1, min(per_rank, len(os.sched_getaffinity(0))))
 
 
 def run(cfg, comm=None):
@@ -65,7 +49,9 @@ def run(cfg, comm=None):
     # -- set-up: every usage error surfaces here, on all ranks, before training --
     agree(comm, lambda: cfg.validate(writes_outputs=comm.is_root))
     dataset, model = agree(comm, lambda: _load(cfg))
-    threads = cfg.threads or default_threads(comm)
+    check_same(comm, "settings, data or model", fingerprint(cfg, dataset, model))
+    default = default_threads(comm)  # a collective: every rank calls it
+    threads = cfg.threads or default
     torch.set_num_threads(threads)
     strategy = STRATEGIES[cfg.mode](cfg, dataset, model, comm)
     strategy.setup()
@@ -74,14 +60,14 @@ def run(cfg, comm=None):
                f"({sum(p.numel() for p in model.parameters()):,} parameters), {threads} thread(s) per rank")
 
     # -- epochs ---------------------------------------------------------------
-    history, train_time = [], 0.0
+    history = []
     for epoch in range(cfg.epochs):
         timer = Timer()
         stats = strategy.train_epoch(
             epoch, lambda it, total: report.progress(it, total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}"))
         loss_sum_all, samples_all = comm.allreduce_array([stats.loss_sum, stats.samples])
         epoch_time = timer.elapsed()
-        train_time += epoch_time
+        sync_buffers(model, comm)  # e.g. BatchNorm statistics: evaluate and save rank 0's
         record = {"epoch": epoch + 1, "train_loss": loss_sum_all / max(samples_all, 1),
                   **evaluate(model, dataset, comm), "epoch_time_s": epoch_time,
                   "samples_per_s": samples_all / epoch_time}
@@ -90,14 +76,7 @@ def run(cfg, comm=None):
         report.say(_epoch_line(record, cfg.epochs))
 
     # -- summary and outputs (root only writes) ---------------------------------
-    bytes_communicated = comm.allreduce_array([comm.bytes_sent])[0]
-    summary = {"summary": True, "mode": cfg.mode, "world_size": comm.size, "dataset": dataset.name,
-               "model": cfg.model, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
-               "global_batch_size": cfg.batch_size * comm.size, "threads": threads,
-               **{k: v for k, v in history[-1].items() if k not in ("epoch", "epoch_time_s", "samples_per_s")},
-               "train_time_s": train_time, "wall_time_s": wall.elapsed(),
-               "samples_per_s": cfg.epochs * len(dataset.y_train) / train_time,
-               "bytes_communicated": int(bytes_communicated)}
+    summary = _summary(cfg, comm, dataset, history, threads, wall)
     if comm.is_root and cfg.save_model:
         save_state_dict(model, cfg.save_model)
     report.record(**summary)
@@ -110,12 +89,32 @@ def _load(cfg):
     return dataset, build_model(cfg.model, dataset, cfg.hidden_sizes(), cfg.seed)
 
 
+def sync_buffers(model, comm):
+    """Copy root's buffers (running statistics) to all ranks: replicas stay identical."""
+    with torch.no_grad():
+        for buffer in model.buffers():
+            comm.broadcast_(buffer)
+
+
+def _summary(cfg, comm, dataset, history, threads, wall):
+    bytes_communicated = comm.allreduce_array([comm.bytes_sent])[0]
+    train_time = sum(r["epoch_time_s"] for r in history)
+    last = {k: v for k, v in history[-1].items() if k not in ("epoch", "epoch_time_s", "samples_per_s")}
+    return {"summary": True, "mode": cfg.mode, "world_size": comm.size, "dataset": dataset.name,
+            "model": cfg.model, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+            "global_batch_size": cfg.batch_size * comm.size, "threads": threads, **last,
+            "train_time_s": train_time, "wall_time_s": wall.elapsed(),
+            "samples_per_s": cfg.epochs * len(dataset.y_train) / train_time,
+            "bytes_communicated": int(bytes_communicated)}
+
+
 @torch.no_grad()
 def evaluate(model, dataset, comm, batch_size=1024):
     """Test loss and accuracy (or MSE and R^2), each rank scoring its slice of the test set."""
     model.eval()
     mine = np.array_split(np.arange(len(dataset.y_test)), comm.size)[comm.rank]
-    totals = np.zeros(4)  # loss, correct (or squared error), sum y, sum y^2
+    y_mean = float(np.mean(dataset.y_test, dtype=np.float64))  # every rank holds the whole test set
+    totals = np.zeros(3)  # summed loss; correct answers or squared error; squared deviation of y
     for start in range(0, len(mine), batch_size):
         x, y = batch_tensors(dataset.X_test, dataset.y_test, mine[start:start + batch_size])
         out = model(x)
@@ -123,22 +122,21 @@ def evaluate(model, dataset, comm, batch_size=1024):
         if dataset.task == "classification":
             totals[1] += (out.argmax(dim=1) == y).sum().item()
         else:
-            totals[1] += ((out.reshape(y.shape) - y) ** 2).sum().item()
-            totals[2] += y.sum().item()
-            totals[3] += (y.double() ** 2).sum().item()
-    loss, correct_or_sse, sum_y, sum_y2 = comm.allreduce_array(totals.tolist())
+            totals[1] += ((out.reshape(y.shape).double() - y.double()) ** 2).sum().item()
+            totals[2] += ((y.double() - y_mean) ** 2).sum().item()
+    loss, correct_or_sse, y_deviation = comm.allreduce_array(totals.tolist())
     n = len(dataset.y_test)
     if dataset.task == "classification":
         return {"test_loss": loss / n, "test_accuracy": correct_or_sse / n}
-    variance = sum_y2 - sum_y ** 2 / n
     return {"test_loss": loss / n, "test_mse": correct_or_sse / n,
-            "test_r2": 1 - correct_or_sse / variance if variance > 0 else float("nan")}
+            "test_r2": 1 - correct_or_sse / y_deviation if y_deviation > 0 else None}
 
 
 def _score(record):
     if "test_accuracy" in record:
         return f"test_loss {record['test_loss']:.4f}  test_acc {record['test_accuracy']:.4f}"
-    return f"test_mse {record['test_mse']:.4f}  test_r2 {record['test_r2']:.4f}"
+    r2 = record["test_r2"]
+    return f"test_mse {record['test_mse']:.4f}  test_r2 {'n/a' if r2 is None else f'{r2:.4f}'}"
 
 
 def _epoch_line(record, epochs):

@@ -7,12 +7,12 @@ __all__ = ["Strategy", "EpochStats", "loss_sum", "make_optimizer", "batch_tensor
 
 
 class EpochStats:
-    """This rank's share of an epoch: summed loss, samples and steps."""
+    """This rank's share of an epoch: summed loss and samples."""
 
-    __slots__ = ("loss_sum", "samples", "steps")
+    __slots__ = ("loss_sum", "samples")
 
     def __init__(self):
-        self.loss_sum, self.samples, self.steps = 0.0, 0, 0
+        self.loss_sum, self.samples = 0.0, 0
 
 
 class Strategy:

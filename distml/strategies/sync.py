@@ -12,9 +12,9 @@ from .base import EpochStats, Strategy, batch_tensors, loss_sum, make_optimizer
 
 class SyncStrategy(Strategy):
     def setup(self):
-        broadcast_parameters(self.model)  # distributed: every rank starts from root's weights
+        broadcast_parameters(self.model, comm=self.comm)  # distributed: all start from root's weights
         self.optimizer = DistributedOptimizer(make_optimizer(self.cfg, self.model.parameters()),
-                                              self.model, bucket_mb=self.cfg.bucket_mb, op="sum")
+                                              bucket_mb=self.cfg.bucket_mb, op="sum", comm=self.comm)
 
     def train_epoch(self, epoch, progress):
         cfg, data, stats = self.cfg, self.dataset, EpochStats()
@@ -30,5 +30,4 @@ class SyncStrategy(Strategy):
                 stats.loss_sum += loss.item()
                 stats.samples += len(batch.indices)
             self.optimizer.step()  # distributed: Allreduce (sum) of the fused gradient buckets
-            stats.steps += 1
         return stats

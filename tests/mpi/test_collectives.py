@@ -11,7 +11,7 @@ import distml
 from distml import comm as _comm
 from distml.config import UsageError
 from distml.reducer import GradientReducer
-from distml.trainer import agree
+from distml.agreement import RankFailure, agree, check_same
 
 
 @pytest.fixture
@@ -85,3 +85,21 @@ def test_agree_raises_everywhere_when_one_rank_fails(world):
 def test_allreduce_api_averages_floats(world):
     assert distml.allreduce(float(world.rank)) == pytest.approx((world.size - 1) / 2)
     assert distml.allreduce(1.0, op="sum") == world.size
+
+
+@pytest.mark.mpi(min_size=2)
+def test_agree_turns_a_crash_on_one_rank_into_rank_failure_everywhere(world):
+    def setup():
+        if world.rank == 1:
+            raise ValueError("bad model")
+
+    with pytest.raises(RankFailure, match="rank 1: ValueError: bad model"):
+        agree(world, setup)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_check_same_names_the_rank_that_differs(world):
+    check_same(world, "config", "same")
+
+    with pytest.raises(UsageError, match=f"rank {world.size - 1} differs"):
+        check_same(world, "config", "odd" if world.rank == world.size - 1 else "same")
