@@ -28,23 +28,28 @@ class RankFailure(Exception):
 def agree(comm, fn):
     """Run `fn` on every rank; an error on any rank is raised on all of them.
 
-    UsageError stays UsageError (exit 2); anything else becomes RankFailure.
+    UsageError stays UsageError (exit 2); SystemExit alike on every rank (--help,
+    --version) stays SystemExit; anything else becomes RankFailure.
     """
     error, value = None, None
     try:
         value = fn()
     except UsageError as e:
         error = ("usage", str(e))
-    except (Exception, SystemExit) as e:  # noqa: BLE001  (reported on every rank below)
+    except SystemExit as e:
+        error = ("exit", e.code if e.code is None or isinstance(e.code, int) else str(e.code))
+    except Exception as e:  # noqa: BLE001  (reported on every rank below)
         error = ("crash", f"{type(e).__name__}: {e}")
     errors = comm.allgather_object(error)
     failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
     if not failed:
         return value
     rank, (kind, message) = failed[0]
-    if kind == "crash":
-        raise RankFailure(rank, message)
     everywhere = len(failed) == comm.size and len(set(errors)) == 1
+    if kind == "exit" and everywhere:
+        raise SystemExit(message)
+    if kind != "usage":
+        raise RankFailure(rank, message if kind == "crash" else f"SystemExit: {message}")
     raise UsageError(message if everywhere else f"rank {rank}: {message}")
 
 

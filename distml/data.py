@@ -135,7 +135,7 @@ def _labels(y, y_test, name):
     classes = np.unique(np.concatenate([y, y_test]))
     if len(classes) < 2:
         raise UsageError(f"{name}: classification needs at least 2 classes, found {len(classes)}")
-    if len(classes) > len(y) / 2:
+    if len(classes) > 2 and len(classes) > len(y) / 2:
         raise UsageError(f"{name}: integer targets mean classification, but {len(classes)} classes for "
                          f"{len(y)} training samples looks like regression; store the target as "
                          f"floating point (e.g. 3.0) to train a regression")
@@ -213,22 +213,24 @@ def _map_member(path, raw, info, key):
 def _read_csv(path, target):
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate a BOM
-            rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+            reader = csv.reader(f)
+            numbered = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"--dataset {path}: cannot read ({e})")
-    if len(rows) < 3:
+    if len(numbered) < 3:
         raise UsageError(f"--dataset {path}: needs a header row and at least 2 data rows")
-    header, body = [h.strip() for h in rows[0]], rows[1:]
+    header = [h.strip() for h in numbered[0][1]]
+    lines, body = [n for n, _ in numbered[1:]], [row for _, row in numbered[1:]]
     if target is None:
         column = len(header) - 1
     elif target in header:
         column = header.index(target)
     else:
         raise UsageError(f"--target {target!r} is not a column of {path}; columns: {', '.join(header)}")
-    for line, row in enumerate(body, start=2):
+    for line, row in zip(lines, body):
         if len(row) != len(header):
             raise UsageError(f"--dataset {path}: line {line} has {len(row)} fields, header has {len(header)}")
-    values = _parse_floats(body, path)
+    values = _parse_floats(body, lines, path)
     features = np.delete(values, column, axis=1)
     if features.shape[1] == 0:
         raise UsageError(f"--dataset {path}: no feature columns besides the target")
@@ -239,11 +241,11 @@ def _read_csv(path, target):
     return features, y, None, None
 
 
-def _parse_floats(body, path):
+def _parse_floats(body, lines, path):
     try:
         return np.array(body, dtype=np.float64)
     except ValueError:
-        for line, row in enumerate(body, start=2):
+        for line, row in zip(lines, body):
             for value in row:
                 try:
                     float(value)

@@ -92,7 +92,11 @@ def _user_function(spec):
             loader = importlib.util.spec_from_file_location("distml_user_model", where)
             module = importlib.util.module_from_spec(loader)
             sys.modules[loader.name] = module  # dataclasses and pickling look modules up here
-            loader.loader.exec_module(module)
+            try:
+                loader.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[loader.name]
+                raise
         else:
             module = importlib.import_module(where)
     except UsageError:

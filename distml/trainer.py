@@ -37,7 +37,8 @@ def default_threads(comm):
     A collective (it counts the ranks on the node): call it on every rank.
     """
     per_rank = (os.cpu_count() or 1) // comm.node_size()
-    return max(1, min(per_rank, len(os.sched_getaffinity(0))))
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux only
+    return max(1, min(per_rank, len(affinity(0)) if affinity else per_rank))
 
 
 def run(cfg, comm=None):

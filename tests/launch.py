@@ -30,6 +30,19 @@ def launch_python(n, *args, timeout=120, cwd=None):
     command = [sys.executable, *map(str, args)]
     if n:
         command = [mpirun_path(), "-n", str(n), *command]
+    return _run(command, timeout, cwd)
+
+
+def launch_mpmd(*per_rank_args, timeout=120, cwd=None):
+    """CompletedProcess of one MPI job whose rank i runs `distml per_rank_args[i]` (MPMD)."""
+    apps = [["-n", "1", sys.executable, "-m", "distml", *map(str, args)] for args in per_rank_args]
+    command = [mpirun_path(), *apps[0]]
+    for app in apps[1:]:
+        command += [":", *app]  # mpirun A : B  runs A as rank 0 and B as rank 1
+    return _run(command, timeout, cwd)
+
+
+def _run(command, timeout, cwd):
     env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(ROOT)}
     # A session of its own, so a timeout kills mpirun *and* every rank, leaving no orphans.
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -1,6 +1,7 @@
 """Unit tests for `distml.checkpoint`: atomic writes and weights-only loading."""
 import os
 import pickle
+import stat
 
 import pytest
 import torch
@@ -90,6 +91,42 @@ def test_failing_first_write_creates_no_file(tmp_path):
 
     # Assert
     assert os.listdir(tmp_path) == []
+
+
+def test_save_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path):
+    # Prepare: model.pt -> runs/latest.pt, as a user keeps "the latest" weights
+    (tmp_path / "runs").mkdir()
+    target, link = tmp_path / "runs" / "latest.pt", tmp_path / "model.pt"
+    target.write_bytes(b"previous weights")
+    link.symlink_to(target)
+    model = _model()
+
+    # Execute
+    save_state_dict(model, link)
+
+    # Assert
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    state = load_state_dict(target)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert sorted(os.listdir(tmp_path / "runs")) == ["latest.pt"]
+
+
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def test_new_file_gets_the_permissions_the_umask_allows(tmp_path, umask_022):
+    # Prepare
+    path = tmp_path / "model.pt"
+
+    # Execute
+    save_state_dict(_model(), path)
+
+    # Assert
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
 def test_loading_a_missing_checkpoint_raises_usage_error(tmp_path):

@@ -1,6 +1,8 @@
 """Unit tests for `distml.config` (Config.validate, load_toml) and `distml.cli.parse_config`."""
 import pytest
 
+from distml import comm
+from distml.agreement import agree
 from distml.cli import parse_config
 from distml.config import Config, UsageError, load_toml
 
@@ -45,8 +47,15 @@ BAD_SETTINGS = [
     (dict(test_fraction=0.0), "--test-fraction"),
     (dict(test_fraction=1.0), "--test-fraction"),
     (dict(threads=-1), "--threads"),
+    (dict(threads=100000), r"--threads must be in \[0, 1024\]"),
+    (dict(seed=-1), r"--seed must be in \[0, 2\*\*32\)"),
+    (dict(seed=2**32), r"--seed must be in \[0, 2\*\*32\)"),
     (dict(bucket_mb=0.0), "--bucket-mb must be > 0"),
+    (dict(bucket_mb=float("inf")), "--bucket-mb must be a finite number"),
+    (dict(lr=float("nan")), "--lr must be a finite number"),
+    (dict(momentum=float("nan")), "--momentum must be a finite number"),
     (dict(hidden="a,b"), "--hidden must be comma-separated integers"),
+    (dict(hidden="128,,64"), "--hidden must be comma-separated integers"),
     (dict(hidden="64,0"), "--hidden sizes must be >= 1"),
     (dict(optimizer="rmsprop"), "--optimizer must be one of sgd, adam"),
     (dict(mode="async-typo"), "--mode must be one of"),
@@ -87,6 +96,56 @@ def test_output_path_that_is_a_directory_is_rejected(tmp_path, flag):
 def test_output_path_in_an_existing_directory_is_accepted(tmp_path):
     # Prepare / Execute / Assert
     Config(save_model=str(tmp_path / "model.pt"), metrics=str(tmp_path / "m.jsonl")).validate()
+
+
+@pytest.mark.parametrize("flag", ["save_model", "metrics"])
+def test_output_path_in_a_directory_that_cannot_be_written_is_rejected(flag):
+    # Prepare: /proc refuses new files even to root, for whom os.access says yes
+    cfg = Config(**{flag: "/proc/distml-test.pt"})
+
+    # Execute / Assert
+    with pytest.raises(UsageError, match="cannot write in /proc"):
+        cfg.validate()
+
+
+def _data_file(directory):
+    path = directory / "d.csv"
+    path.write_text("x,y\n1,0\n2,1\n")
+    return str(path)
+
+
+def _link_to_data_file(directory):
+    (directory / "alias.csv").symlink_to(_data_file(directory))
+    return str(directory / "alias.csv")
+
+
+SAME_FILE = {  # settings from a directory -> the message
+    "save-model is metrics": (lambda d: dict(save_model=str(d / "out"), metrics=str(d / "out")),
+                              "--metrics .* is also given as --save-model"),
+    "metrics is dataset": (lambda d: dict(dataset=_data_file(d), metrics=str(d / "d.csv")),
+                           "--metrics .* is also given as --dataset"),
+    "save-model is dataset via a link": (
+        lambda d: dict(dataset=_data_file(d), save_model=_link_to_data_file(d)),
+        "--save-model .* is also given as --dataset"),
+}
+
+
+@pytest.mark.parametrize("settings, message", SAME_FILE.values(), ids=SAME_FILE.keys())
+def test_output_path_that_is_another_input_or_output_is_rejected(tmp_path, settings, message):
+    # Prepare
+    cfg = Config(**settings(tmp_path))
+
+    # Execute / Assert
+    with pytest.raises(UsageError, match=message + ".*would be overwritten"):
+        cfg.validate()
+
+
+def test_empty_hidden_means_no_hidden_layer():
+    # Prepare
+    cfg = parse_config(["train", "--hidden", ""])
+
+    # Execute / Assert
+    assert cfg.validate().hidden_sizes() == ()
 
 
 # -- load_toml ----------------------------------------------------------------
@@ -144,6 +203,25 @@ def test_malformed_toml_raises_usage_error(tmp_path):
         load_toml(path)
 
 
+def test_toml_key_given_with_dashes_and_with_underscores_raises_usage_error(tmp_path):
+    # Prepare
+    path = _toml(tmp_path, 'save-model = "a.pt"\nsave_model = "b.pt"\n')
+
+    # Execute / Assert
+    with pytest.raises(UsageError, match="key 'save_model' is given twice"):
+        load_toml(path)
+
+
+def test_binary_file_as_toml_raises_usage_error(tmp_path):
+    # Prepare: a PNG signature and bytes that are not UTF-8
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe\x80binary")
+
+    # Execute / Assert
+    with pytest.raises(UsageError, match="cannot read"):
+        load_toml(str(path))
+
+
 def test_missing_toml_file_raises_usage_error(tmp_path):
     # Prepare / Execute / Assert
     with pytest.raises(UsageError, match="no such file"):
@@ -188,6 +266,33 @@ def test_bad_command_line_raises_usage_error(argv):
     # Prepare / Execute / Assert
     with pytest.raises(UsageError):
         parse_config(argv)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--seed", "-1", "--seed must be in"),
+    ("--seed", str(2**32), "--seed must be in"),
+    ("--bucket-mb", "inf", "--bucket-mb must be a finite number"),
+    ("--lr", "nan", "--lr must be a finite number"),
+    ("--threads", "100000", "--threads must be in"),
+])
+def test_out_of_range_flag_value_parses_but_does_not_validate(flag, value, message):
+    # Prepare
+    cfg = parse_config(["train", flag, value])
+
+    # Execute / Assert
+    with pytest.raises(UsageError, match=message):
+        cfg.validate()
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["train", "--help"]])
+def test_help_and_version_exit_0_through_agree(argv, capsys):
+    # Prepare / Execute: main() parses inside agree(), which must not turn the exit into a crash
+    with pytest.raises(SystemExit) as exited:
+        agree(comm.world(), lambda: parse_config(argv))
+
+    # Assert
+    assert exited.value.code in (0, None)
+    assert "distml" in capsys.readouterr().out
 
 
 def test_bad_toml_named_by_config_flag_raises_usage_error(tmp_path):

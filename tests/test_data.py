@@ -1,4 +1,7 @@
 """Unit tests for `distml.data.load_dataset`: built-in sets, .npz and .csv files, bad inputs."""
+import io
+import zipfile
+
 import numpy as np
 import pytest
 
@@ -222,10 +225,35 @@ def test_csv_float_target_means_regression(tmp_path):
     np.testing.assert_allclose(data.y_train, data.X_train[:, 0] / 4)
 
 
+def test_csv_with_a_byte_order_mark_names_its_first_column_plainly(tmp_path):
+    # Prepare: Excel's "CSV UTF-8" starts the file with a BOM
+    path = tmp_path / "d.csv"
+    path.write_text("kind,x\n" + "".join(f"{i % 2},{i}.5\n" for i in range(10)), encoding="utf-8-sig")
+
+    # Execute
+    data = load_dataset(Config(dataset=str(path), target="kind"))
+
+    # Assert
+    assert data.task == "classification" and data.num_classes == 2
+    assert np.array_equal(data.y_train, (data.X_train[:, 0] - 0.5).astype(np.int64) % 2)
+
+
 # -- bad inputs: each a UsageError that says what is wrong -------------------
 
 def _bad_npz(tmp_path, **arrays):
     return _npz(tmp_path / "bad.npz", **arrays)
+
+
+def _short_npz(path):
+    """An uncompressed .npz whose X.npy header says 12 rows but holds 10 (y holds 12)."""
+    X, y = _xy(n=12)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, array in (("X", X), ("y", y)):
+            member = io.BytesIO()
+            np.lib.format.write_array(member, array)
+            data = member.getvalue()
+            archive.writestr(f"{name}.npy", data[:-2 * X[0].nbytes] if name == "X" else data)
+    return str(path)
 
 
 X10, Y10 = _xy(n=10)
@@ -244,6 +272,25 @@ BAD_INPUTS = {
     "csv too short": (lambda d: _csv(d / "d.csv", "x,y\n1,0\n"), "header row and at least 2"),
     "csv only a target": (lambda d: _csv(d / "d.csv", "y\n1\n0\n1\n"), "no feature columns"),
     "single class": (lambda d: _csv(d / "d.csv", "x,y\n1,4\n2,4\n3,4\n4,4\n"), "at least 2 classes"),
+    "csv nan feature": (lambda d: _csv(d / "d.csv", "x,y\n1,0\nnan,1\n3,0\n4,1\n"),
+                        "X contains NaN or infinite"),
+    "csv inf feature": (lambda d: _csv(d / "d.csv", "x,y\n1,0\n2,1\n-inf,0\n4,1\n"),
+                        "X contains NaN or infinite"),
+    "csv nan target": (lambda d: _csv(d / "d.csv", "x,y\n1,0.5\n2,NaN\n3,1.5\n4,2.5\n"),
+                       "y contains NaN or infinite"),
+    "csv inf target": (lambda d: _csv(d / "d.csv", "x,y\n1,0.5\n2,1.5\n3,inf\n4,2.5\n"),
+                       "y contains NaN or infinite"),
+    "csv header and empty rows": (lambda d: _csv(d / "d.csv", "x,y\n\n\n\n"), "header row and at least 2"),
+    "csv header and blank rows": (lambda d: _csv(d / "d.csv", "x,y\n \n,\n\t,  \n"),
+                                  "header row and at least 2"),
+    "npz X without rows": (lambda d: _bad_npz(d, X=X10[:0], y=Y10[:0], X_test=X10, y_test=Y10),
+                           "X has no samples"),
+    "npz X_test without rows": (lambda d: _bad_npz(d, X=X10, y=Y10, X_test=X10[:0], y_test=Y10[:0]),
+                                "X_test has no samples"),
+    "npz shorter than its header": (lambda d: _short_npz(d / "short.npz"), "shorter than its header"),
+    "more classes than half the samples": (
+        lambda d: _csv(d / "d.csv", "x,y\n" + "".join(f"{i},{100 + i}\n" for i in range(10))),
+        "store the target as floating point"),
 }
 
 
@@ -264,3 +311,11 @@ def test_unknown_csv_target_raises_usage_error_listing_the_columns(tmp_path):
     # Execute / Assert
     with pytest.raises(UsageError, match="'label' is not a column.*a, b, c"):
         load_dataset(Config(dataset=path, target="label"))
+
+
+def test_csv_error_names_the_file_line_even_after_blank_lines(tmp_path):
+    path = tmp_path / "gaps.csv"
+    path.write_text("a,b,t\n1,2,0\n\n\n3,x,1\n4,5,0\n")
+
+    with pytest.raises(UsageError, match="line 5: 'x' is not a number"):
+        load_dataset(Config(dataset=str(path)))

@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from launch import ROOT, launch, launch_python, summary
+from launch import ROOT, launch, launch_mpmd, launch_python, summary
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -153,6 +153,39 @@ def test_bad_input_exits_2_with_one_line_before_training(tmp_path, bad_files, ca
     assert "Traceback" not in done.stderr and "epoch" not in done.stdout
     assert not (tmp_path / "m.jsonl").exists()
     assert keep.read_bytes() == b"previous weights"
+
+
+def _distml_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("distml:")]
+
+
+def test_ranks_given_different_settings_exit_2_before_training():
+    # MPMD: rank 0 runs with --epochs 1, rank 1 with --epochs 2; a hang would hit the timeout
+    done = launch_mpmd(["train", "--epochs", 1, "--quiet"], ["train", "--epochs", 2, "--quiet"], timeout=60)
+
+    assert done.returncode == 2, done.stderr
+    ours = _distml_lines(done.stderr)
+    assert len(ours) == 1 and "ranks disagree" in ours[0] and "rank 1 differs" in ours[0], done.stderr
+    assert "Traceback" not in done.stderr and "epoch" not in done.stdout
+
+
+def test_user_model_failing_on_one_rank_exits_2_naming_that_rank(tmp_path):
+    model_file = tmp_path / "one_rank_fails.py"
+    model_file.write_text(
+        "import math\nimport distml\nfrom torch import nn\n"
+        "def make(shape, n):\n"
+        "    if distml.rank() == 1:\n"
+        "        raise ValueError('no such layer on this host')\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), n))\n")
+
+    done = launch(2, "train", "--quiet", "--model", f"{model_file}:make", timeout=60)
+
+    assert done.returncode == 2, done.stderr
+    ours = _distml_lines(done.stderr)
+    assert len(ours) == 1, done.stderr
+    assert ours[0].startswith("distml: error: rank 1: --model")
+    assert "ValueError: no such layer on this host" in ours[0]
+    assert "Traceback" not in done.stderr and "epoch" not in done.stdout
 
 
 def test_config_file_sets_values_and_flags_win(tmp_path):

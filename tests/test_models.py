@@ -29,6 +29,27 @@ USER_MODELS = textwrap.dedent("""
     def flat_regression(input_shape, num_outputs):
         return nn.Sequential(nn.Linear(math.prod(input_shape), 1), nn.Flatten(0))
 
+    def batchnorm(input_shape, num_outputs):
+        return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), 16), nn.BatchNorm1d(16),
+                             nn.ReLU(), nn.Linear(16, num_outputs))
+
+    def raises(input_shape, num_outputs):
+        raise ValueError("no such layer size")
+
+    class FirstOutputs(nn.Module):
+        def __init__(self, num_outputs):
+            super().__init__()
+            self.num_outputs = num_outputs
+
+        def forward(self, x):
+            return x.flatten(1)[:, :self.num_outputs]
+
+    def no_parameters(input_shape, num_outputs):
+        return FirstOutputs(num_outputs)
+
+    def all_frozen(input_shape, num_outputs):
+        return good(input_shape, num_outputs).requires_grad_(False)
+
     not_callable = 3
 """)
 
@@ -164,20 +185,61 @@ def test_user_regressor_may_return_one_value_per_sample(diabetes, user_file):
     assert _outputs(model, diabetes).shape == (5,)
 
 
+def test_user_model_with_batchnorm_is_accepted_and_left_in_training_mode(digits, user_file):
+    # Prepare / Execute
+    model = build_model(f"{user_file}:batchnorm", digits)
+
+    # Assert
+    assert model.training and all(m.training for m in model.modules())
+    assert _outputs(model, digits).shape == (5, 10)
+
+
+def test_user_model_file_with_a_postponed_annotation_dataclass_loads(digits, tmp_path):
+    # Prepare: dataclasses resolve string annotations through sys.modules[cls.__module__]
+    path = tmp_path / "configured.py"
+    path.write_text(textwrap.dedent("""
+        from __future__ import annotations
+
+        import math
+        from dataclasses import dataclass
+
+        from torch import nn
+
+        @dataclass
+        class Settings:
+            width: int = 8
+
+        def make(input_shape, num_outputs):
+            width = Settings().width
+            return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), width),
+                                 nn.Linear(width, num_outputs))
+    """))
+
+    # Execute
+    model = build_model(f"{path}:make", digits)
+
+    # Assert
+    assert _outputs(model, digits).shape == (5, 10)
+
+
 USER_ERRORS = [
     ("wrong_size", r"outputs shape \(1, 11\).*needs \(1, 10\)"),
     ("not_a_module", "returned function, not a torch.nn.Module"),
     ("wrong_input", "does not accept samples of shape"),
     ("missing", "has no function 'missing'"),
     ("not_callable", "has no function 'not_callable'"),
+    ("raises", r"raises\(\(1, 8, 8\), 10\) failed: ValueError: no such layer size"),
+    ("no_parameters", "has no trainable parameters"),
+    ("all_frozen", "has no trainable parameters"),
 ]
 
 
 @pytest.mark.parametrize("func, message", USER_ERRORS, ids=[f for f, _ in USER_ERRORS])
 def test_bad_user_model_from_a_file_raises_usage_error(digits, user_file, func, message):
     # Prepare / Execute / Assert
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(UsageError, match=message) as raised:
         build_model(f"{user_file}:{func}", digits)
+    assert f"--model {user_file}:{func}" in str(raised.value)
 
 
 @pytest.mark.parametrize("func, message", USER_ERRORS[:2], ids=[f for f, _ in USER_ERRORS[:2]])

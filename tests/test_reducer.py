@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import distml
 from distml import comm
 from distml.api import DistributedOptimizer
 from distml.reducer import GradientReducer, plan_buckets
@@ -164,6 +165,20 @@ def test_every_trainable_grad_is_a_view_into_its_bucket_buffer(bucket_mb):
             assert torch.all(p.grad == 0)
 
 
+def test_a_parameter_listed_twice_gets_one_slot_in_the_buckets():
+    # Prepare: e.g. a tied weight, or the same module put in two param groups
+    shared, other = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+
+    # Execute
+    reducer = GradientReducer([shared, other, shared], comm.world())
+
+    # Assert
+    bucketed = [p for b in reducer.buckets for p in b.params]
+    assert len(bucketed) == 2 and bucketed[0] is shared and bucketed[1] is other
+    assert sum(b.buffer.numel() for b in reducer.buckets) == 5
+    assert _in_buffer(shared.grad, _bucket_of(reducer, shared).buffer)
+
+
 def test_frozen_parameters_are_left_out_of_the_buckets():
     # Prepare
     model = _model()
@@ -308,6 +323,25 @@ def test_unknown_op_raises_value_error(op):
     # Execute / Assert
     with pytest.raises(ValueError, match="op"):
         GradientReducer(model.parameters(), comm.world(), op=op)
+
+
+# -- reduction ops are checked on one rank too --------------------------------
+
+@pytest.mark.parametrize("op", ["mean", "avg", ""])
+def test_api_allreduce_with_an_unknown_op_raises_value_error_on_one_rank(op):
+    # Prepare / Execute / Assert
+    with pytest.raises(ValueError, match="op must be"):
+        distml.allreduce(1.0, op=op)
+
+
+@pytest.mark.parametrize("op", ["avg", "average", "mean"])
+def test_comm_allreduce_with_an_unknown_op_raises_value_error_on_one_rank(op):
+    # Prepare
+    tensor = torch.ones(3)
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="op must be"):
+        comm.world().allreduce_(tensor, op=op)
 
 
 # -- DistributedOptimizer -----------------------------------------------------

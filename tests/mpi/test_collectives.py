@@ -3,6 +3,8 @@
 Run at several world sizes:  mpirun -n 2 python -m pytest --with-mpi tests/mpi
                              mpirun -n 3 python -m pytest --with-mpi tests/mpi
 """
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -98,8 +100,39 @@ def test_agree_turns_a_crash_on_one_rank_into_rank_failure_everywhere(world):
 
 
 @pytest.mark.mpi(min_size=2)
+def test_agree_passes_on_an_exit_made_by_every_rank_and_not_one_made_by_one(world):
+    with pytest.raises(SystemExit) as exited:  # --help / --version: every rank exits alike
+        agree(world, lambda: sys.exit(0))
+    assert exited.value.code == 0
+
+    def one_exits():
+        if world.rank == 1:
+            sys.exit(3)
+
+    with pytest.raises(RankFailure, match="rank 1: SystemExit: 3"):
+        agree(world, one_exits)
+
+
+@pytest.mark.mpi(min_size=2)
 def test_check_same_names_the_rank_that_differs(world):
     check_same(world, "config", "same")
 
     with pytest.raises(UsageError, match=f"rank {world.size - 1} differs"):
         check_same(world, "config", "odd" if world.rank == world.size - 1 else "same")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_distributed_optimizer_averages_a_parameter_outside_the_model(world):
+    # a learned temperature, say: given to the optimizer but not part of `model`
+    model, temperature = nn.Linear(2, 1), nn.Parameter(torch.zeros(3))
+    distml.broadcast_parameters(model)
+    opt = distml.DistributedOptimizer(torch.optim.SGD([*model.parameters(), temperature], lr=1.0), model)
+
+    opt.zero_grad()
+    (model(torch.ones(1, 2)).sum() + (world.rank + 1) * temperature.sum()).backward()
+    opt.step()
+
+    mean_grad = (world.size + 1) / 2
+    assert temperature.tolist() == [-mean_grad] * 3
+    replicas = world.allgather_object(temperature.tolist() + model.weight.flatten().tolist())
+    assert all(r == replicas[0] for r in replicas)

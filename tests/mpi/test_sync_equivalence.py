@@ -4,6 +4,8 @@ Every rank trains its shard with DistributedOptimizer and, beside it, a local
 reference model on the whole global batch; the two must agree at every world
 size, including the last, uneven global batch.
 """
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -67,3 +69,15 @@ def test_trainer_leaves_identical_weights_on_every_rank():
     assert len(set(distml.init().allgather_object(checksum))) == 1
     assert result.summary["world_size"] == distml.size()
     assert result.summary["bytes_communicated"] > 0
+
+
+@pytest.mark.mpi(min_size=2)
+def test_trainer_leaves_identical_batchnorm_statistics_on_every_rank():
+    spec = f"{Path(__file__).with_name('bn_model.py')}:make"
+
+    result = distml.train(model=spec, epochs=1, batch_size=32, quiet=True)
+
+    bn = result.model[2]
+    assert bn.num_batches_tracked.item() > 0 and bn.running_mean.abs().sum().item() > 0
+    checksums = [float(b.double().sum()) for b in result.model.buffers()]
+    assert len(set(map(tuple, distml.init().allgather_object(checksums)))) == 1

@@ -1,0 +1,46 @@
+"""Unit tests for `distml.trainer.evaluate` on the size-1 world (no mpirun)."""
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import r2_score
+from torch import nn
+
+from distml import comm
+from distml.data import Dataset
+from distml.trainer import evaluate
+
+
+def _regression(offset, n_train=40, n_test=1000, features=3, seed=0):
+    """Targets offset + X @ w + noise: a large mean and a small spread when offset is large."""
+    generator = np.random.default_rng(seed)
+    w = np.array([0.5, -0.25, 1.0], dtype=np.float32)[:features]
+    X = generator.normal(size=(n_train + n_test, features)).astype(np.float32)
+    y = (offset + X @ w + generator.normal(scale=0.5, size=len(X))).astype(np.float32)
+    return Dataset("tabular", X[:n_train], y[:n_train], X[n_train:], y[n_train:], "regression"), w
+
+
+def _linear(w, bias):
+    model = nn.Linear(len(w), 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.from_numpy(w).reshape(1, -1) * 0.8)
+        model.bias.fill_(bias)
+    return model
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4], ids=["centred", "around-1e4"])
+def test_evaluate_r2_equals_sklearn_r2_score(offset):
+    # Prepare
+    data, w = _regression(offset)
+    model = _linear(w, offset)
+    with torch.no_grad():
+        predictions = model(torch.from_numpy(data.X_test)).reshape(-1).numpy()
+
+    # Execute
+    scores = evaluate(model, data, comm.world())
+
+    # Assert
+    y, predictions = data.y_test.astype(np.float64), predictions.astype(np.float64)
+    expected = r2_score(y, predictions)
+    assert 0.5 < expected < 1
+    assert scores["test_r2"] == pytest.approx(expected, abs=1e-6)
+    assert scores["test_mse"] == pytest.approx(np.mean((predictions - y) ** 2), rel=1e-9)
