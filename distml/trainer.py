@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from . import comm as _comm
-from .checkpoint import save_state_dict
 from .agreement import agree, check_same, fingerprint
+from .checkpoint import save_state_dict
 from .data import load_dataset
 from .metrics import Reporter, Timer
 from .models import build_model

@@ -35,7 +35,7 @@ def _optimizer(name, params):
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_sync_ranks_equal_one_process_on_global_batches_uneven(optimizer):
     X, y = _data()
-    rank, size, batch = distml.rank(), distml.size(), 8  # 103 samples: last global batch is partial
+    size, batch = distml.size(), 8  # 103 samples: last global batch is partial
     model, reference = _model(), _model()
     opt = distml.DistributedOptimizer(_optimizer(optimizer, model.parameters()), model,
                                       op="sum", bucket_mb=1e-3)
