@@ -37,9 +37,13 @@ class Reporter:
         """Wrap `iterable` in a tqdm bar on the root (when not quiet); plain elsewhere."""
         if not self.enabled or self.quiet:
             return iterable
-        return tqdm(iterable, total=total, desc=desc, leave=False, file=sys.stderr,
-                    dynamic_ncols=True, mininterval=0.2,
-                    disable=None)  # None: no bar when stderr is not a terminal
+        # mpirun hands a rank's stdout a pseudo-terminal but its stderr a pipe: draw the bar on
+        # whichever is a terminal, and not at all into logs and pipes.
+        terminal = next((f for f in (sys.stderr, sys.stdout) if f.isatty()), None)
+        if terminal is None:
+            return iterable
+        return tqdm(iterable, total=total, desc=desc, leave=False, file=terminal,
+                    dynamic_ncols=True, mininterval=0.2)
 
     def say(self, line):
         if self.enabled and not self.quiet:
