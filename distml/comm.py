@@ -81,6 +81,31 @@ class Comm:
         arr = torch.tensor(values, dtype=torch.float64)
         return self.allreduce_(arr, op=op).numpy()
 
+    # -- point to point (parameter server) -------------------------------------
+    def isend(self, tensor, dest, tag=0):
+        """Start sending `tensor` (leave it untouched until the request completes)."""
+        buf = buffer_of(tensor)
+        self.bytes_sent += buf.nbytes
+        return self.mpi_comm.Isend(buf, dest=dest, tag=tag)
+
+    def irecv(self, tensor, source, tag=None):
+        """Start receiving into `tensor`; tag=None accepts any tag."""
+        tag = self._MPI.ANY_TAG if tag is None else tag
+        return self.mpi_comm.Irecv(buffer_of(tensor), source=source, tag=tag)
+
+    def waitany(self, requests):
+        """Block until one of `requests` completes; returns (its index, its tag)."""
+        status = self._MPI.Status()
+        index = self._MPI.Request.Waitany(requests, status)
+        return index, status.Get_tag()
+
+    def waitall(self, requests):
+        self._MPI.Request.Waitall(requests)
+
+    @property
+    def request_null(self):
+        return self._MPI.REQUEST_NULL
+
     # -- small, rare control messages (pickled) -----------------------------
     def allgather_object(self, obj):
         """Every rank's `obj`, in rank order. For rare control messages only."""

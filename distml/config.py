@@ -15,7 +15,7 @@ from typing import Optional
 
 __all__ = ["UsageError", "Config", "load_toml", "MODES", "OPTIMIZERS"]
 
-MODES = ("sync",)
+MODES = ("sync", "async")
 OPTIMIZERS = ("sgd", "adam")
 MAX_THREADS = 1024
 
@@ -44,6 +44,9 @@ class Config:
     seed: int = 0
     threads: int = 0
     bucket_mb: float = 25.0
+    servers: int = 1
+    staleness: int = -1
+    staleness_lr: bool = False
     save_model: Optional[str] = None
     metrics: Optional[str] = None
     quiet: bool = False
@@ -89,6 +92,17 @@ class Config:
         _check(0 <= self.threads <= MAX_THREADS,
                f"--threads must be in [0, {MAX_THREADS}] (0 = automatic), got {self.threads}")
         _check(self.bucket_mb > 0, f"--bucket-mb must be > 0, got {self.bucket_mb}")
+        _check(self.servers >= 1, f"--servers must be >= 1, got {self.servers}")
+        _check(self.staleness >= -1, f"--staleness must be >= 0, or -1 for no bound, got {self.staleness}")
+
+    def validate_world(self, size):
+        """Checks that need the number of ranks."""
+        if self.mode == "async":
+            _check(size >= 2, "--mode async needs at least 2 ranks (a server and a worker); "
+                              "launch with mpirun -n 2 or more")
+            _check(self.servers < size, f"--servers {self.servers} leaves no worker among {size} ranks; "
+                                        f"use --servers <= {size - 1}")
+        return self
 
     def _check_outputs(self):
         outputs = {"save-model": self.save_model, "metrics": self.metrics}

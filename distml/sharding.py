@@ -33,15 +33,20 @@ class Batch:
         return f"Batch({self.indices.tolist()}, global_size={self.global_size})"
 
 
-def shard_batches(num_samples, batch_size, *, epoch, seed=0, rank=None, size=None, shuffle=True):
-    """This rank's list of `Batch`es for `epoch` (rank and size default to the world's)."""
+def shard_batches(num_samples, batch_size, *, epoch, seed=0, rank=None, size=None, shuffle=True,
+                  stream=()):
+    """This rank's list of `Batch`es for `epoch` (rank and size default to the world's).
+
+    `stream`: extra keys for the shuffling generator, for callers that need
+    several independent orders (e.g. one per parameter-server worker).
+    """
     if rank is None or size is None:
         from . import comm
         world = comm.world()
         rank, size = world.rank, world.size
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = rng(seed, "shuffle", epoch).permutation(num_samples) if shuffle else np.arange(num_samples)
+    order = rng(seed, "shuffle", epoch, *stream).permutation(num_samples) if shuffle else np.arange(num_samples)
     global_batch = size * batch_size
     batches = []
     for start in range(0, num_samples, global_batch):

@@ -48,7 +48,7 @@ def run(cfg, comm=None):
     report = Reporter(enabled=comm.is_root, quiet=cfg.quiet, metrics_path=cfg.metrics)
 
     # -- set-up: every usage error surfaces here, on all ranks, before training --
-    agree(comm, lambda: cfg.validate(writes_outputs=comm.is_root))
+    agree(comm, lambda: cfg.validate(writes_outputs=comm.is_root).validate_world(comm.size))
     dataset, model = agree(comm, lambda: _load(cfg))
     check_same(comm, "settings, data or model", fingerprint(cfg, dataset, model))
     default = default_threads(comm)  # a collective: every rank calls it
@@ -61,6 +61,24 @@ def run(cfg, comm=None):
                f"({sum(p.numel() for p in model.parameters()):,} parameters), {threads} thread(s) per rank")
 
     # -- epochs ---------------------------------------------------------------
+    if hasattr(strategy, "run"):  # async: every worker runs all its epochs at its own pace
+        history = [_train_whole(strategy, model, dataset, comm, report, cfg)]
+        report.say(_epoch_line(history[0], cfg.epochs))
+    else:
+        history = _train_epochs(strategy, model, dataset, comm, report, cfg)
+
+    # -- summary and outputs (root only writes) ---------------------------------
+    summary = _summary(cfg, comm, dataset, history, threads, wall)
+    summary.update(strategy.extra_metrics(summary["train_time_s"]))
+    if comm.is_root and cfg.save_model:
+        save_state_dict(model, cfg.save_model)
+    report.record(**summary)
+    report.say(_summary_line(summary))
+    return Result(summary, history, model)
+
+
+def _train_epochs(strategy, model, dataset, comm, report, cfg):
+    """Ranks move through the epochs together; evaluate after each."""
     history = []
     for epoch in range(cfg.epochs):
         timer = Timer()
@@ -75,14 +93,21 @@ def run(cfg, comm=None):
         history.append(record)
         report.record(**record)
         report.say(_epoch_line(record, cfg.epochs))
+    return history
 
-    # -- summary and outputs (root only writes) ---------------------------------
-    summary = _summary(cfg, comm, dataset, history, threads, wall)
-    if comm.is_root and cfg.save_model:
-        save_state_dict(model, cfg.save_model)
-    report.record(**summary)
-    report.say(_summary_line(summary))
-    return Result(summary, history, model)
+
+def _train_whole(strategy, model, dataset, comm, report, cfg):
+    """The whole training in one go; evaluate the model assembled from the servers."""
+    timer = Timer()
+    stats = strategy.run(lambda it, total: report.progress(it, total=total, desc="training"))
+    loss_sum_all, samples_all = comm.allreduce_array([stats.loss_sum, stats.samples])
+    train_time = timer.elapsed()
+    strategy.finish()
+    record = {"epoch": cfg.epochs, "train_loss": loss_sum_all / max(samples_all, 1),
+              **evaluate(model, dataset, comm), "epoch_time_s": train_time,
+              "samples_per_s": samples_all / train_time}
+    report.record(**record)
+    return record
 
 
 def _load(cfg):

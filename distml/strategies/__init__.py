@@ -1,7 +1,8 @@
 """Training strategies, one file per mode, all behind `base.Strategy`."""
 from .base import Strategy
+from .async_ps import AsyncStrategy
 from .sync import SyncStrategy
 
-STRATEGIES = {"sync": SyncStrategy}
+STRATEGIES = {"sync": SyncStrategy, "async": AsyncStrategy}
 
-__all__ = ["Strategy", "SyncStrategy", "STRATEGIES"]
+__all__ = ["Strategy", "SyncStrategy", "AsyncStrategy", "STRATEGIES"]

@@ -29,8 +29,16 @@ class Strategy:
         """Collective start-up (e.g. broadcast the initial weights)."""
 
     def train_epoch(self, epoch, progress):
-        """Train one epoch; `progress(iterable, total)` wraps the step loop. Returns EpochStats."""
+        """Train one epoch; `progress(iterable, total)` wraps the step loop. Returns EpochStats.
+
+        A mode whose ranks do not move through epochs together (async) defines
+        run(progress) for the whole training and finish() to share the result instead.
+        """
         raise NotImplementedError
+
+    def extra_metrics(self, train_time):
+        """Mode-specific summary fields (called on every rank; may be a collective)."""
+        return {}
 
 
 def loss_sum(output, target, task):

@@ -1,0 +1,169 @@
+"""Asynchronous SGD through parameter servers (Downpour SGD, ps-lite key ranges).
+
+The first `servers` ranks are parameter servers; the others are workers, each
+with a fixed shard of the training set. The flat parameter vector is cut into
+one contiguous range per server. A worker waits for fresh parameters from
+every server, computes a gradient on its next batch and sends each server its
+range with Isend (tagged with the version it was computed from). A server
+applies each gradient as it arrives with its own optimizer, subject to the
+staleness bound (see `staleness.py`), and answers with its current range.
+Every rank knows how many gradients each worker sends (epochs x batches of its
+shard), so servers stop after the last one and no message is left pending.
+"""
+import math
+from collections import Counter
+
+import numpy as np
+import torch
+
+from ..api import broadcast_parameters
+from ..reducer import _zeros
+from ..sharding import shard_batches
+from .base import EpochStats, Strategy, batch_tensors, loss_sum, make_optimizer
+from .staleness import StalenessScheduler
+
+__all__ = ["AsyncStrategy", "FlatModel", "server_ranges"]
+
+TAG_SPAN = 30000  # versions travel as tags modulo this (MPI guarantees tags up to 32767)
+
+
+def server_ranges(numel, servers):
+    """[(start, stop)] of the flat parameter vector, one contiguous range per server."""
+    bounds = np.linspace(0, numel, servers + 1).round().astype(int)
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+
+
+class FlatModel:
+    """The model's trainable parameters and gradients as views into two flat buffers."""
+
+    def __init__(self, model):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        numel = sum(p.numel() for p in self.params)
+        self.data, self.grad = _zeros(numel, torch.float32), _zeros(numel, torch.float32)
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            self.data[offset:offset + n].copy_(p.detach().reshape(-1))
+            p.data = self.data[offset:offset + n].view_as(p)
+            p.grad = self.grad[offset:offset + n].view_as(p)
+            offset += n
+
+
+class AsyncStrategy(Strategy):
+    """Runs the whole training in `run()`; the trainer evaluates the assembled model after."""
+
+    def setup(self):
+        cfg, comm = self.cfg, self.comm
+        broadcast_parameters(self.model, comm=comm)
+        self.flat = FlatModel(self.model)
+        self.ranges = server_ranges(self.flat.data.numel(), cfg.servers)
+        self.workers = list(range(cfg.servers, comm.size))
+        n = len(self.dataset.y_train)
+        self.shards = np.array_split(np.arange(n), len(self.workers))
+        self.steps = [cfg.epochs * math.ceil(len(s) / cfg.batch_size) for s in self.shards]
+        self.is_server = comm.rank < cfg.servers
+
+    def run(self, progress):
+        """Serve or work until every worker has sent its last gradient; returns local stats."""
+        return self._serve() if self.is_server else self._work(progress)
+
+    def finish(self):
+        """Give every rank the final parameters, each server broadcasting its range."""
+        for server, (start, stop) in enumerate(self.ranges):
+            self.comm.broadcast_(self.flat.data[start:stop], root=server)
+
+    # -- worker -------------------------------------------------------------------
+    def _work(self, progress):
+        cfg, comm, data = self.cfg, self.comm, self.dataset
+        index = comm.rank - cfg.servers
+        shard, stats = self.shards[index], EpochStats()
+        stream = () if len(self.workers) == 1 else (index,)  # one worker: the sync order
+        versions = [0] * cfg.servers
+        received = self._post_param_recvs()
+        batches = [shard[b.indices] for epoch in range(cfg.epochs)
+                   for b in shard_batches(len(shard), cfg.batch_size, epoch=epoch, seed=cfg.seed,
+                                          rank=0, size=1, stream=stream)]
+        sends = []
+        for step, indices in enumerate(progress(batches, total=len(batches))):
+            versions = self._wait_params(received, versions)
+            comm.waitall(sends)  # the gradient buffer is about to be overwritten
+            self.flat.grad.zero_()
+            x, y = batch_tensors(data.X_train, data.y_train, indices)
+            loss = loss_sum(self.model(x), y, data.task)
+            (loss / len(indices)).backward()
+            stats.loss_sum, stats.samples = stats.loss_sum + loss.item(), stats.samples + len(indices)
+            sends = [comm.isend(self.flat.grad[a:b], dest=s, tag=1 + versions[s] % TAG_SPAN)
+                     for s, (a, b) in enumerate(self.ranges)]
+            if step + 1 < len(batches):
+                received = self._post_param_recvs()
+        comm.waitall(sends)
+        self.local_samples = stats.samples
+        return stats
+
+    def _post_param_recvs(self):
+        return [self.comm.irecv(self.flat.data[a:b], source=s) for s, (a, b) in enumerate(self.ranges)]
+
+    def _wait_params(self, requests, versions):
+        """Wait for every server's range; the tags carry the servers' versions (mod TAG_SPAN)."""
+        for _ in requests:
+            index, tag = self.comm.waitany(requests)
+            versions[index] = tag - 1
+        return versions
+
+    # -- server -------------------------------------------------------------------
+    def _serve(self):
+        cfg, comm = self.cfg, self.comm
+        start, stop = self.ranges[comm.rank]
+        param = torch.nn.Parameter(self.flat.data[start:stop].clone())
+        optimizer = make_optimizer(cfg, [param])
+        bound = None if cfg.staleness < 0 else cfg.staleness
+        scheduler = StalenessScheduler(len(self.workers), bound)
+        grads = [torch.zeros_like(param) for _ in self.workers]
+        outbox = [torch.zeros_like(param) for _ in self.workers]
+        recvs = [comm.request_null] * len(self.workers)
+        sends = [comm.request_null] * len(self.workers)
+        left = list(self.steps)
+        self.histogram = Counter()
+        self._release(scheduler, param, outbox, grads, recvs, sends)
+        while any(left):
+            w, tag = comm.waitany(recvs)
+            if (tag - 1) != scheduler.base[w] % TAG_SPAN:
+                raise RuntimeError(f"worker {w} sent version {tag - 1}, expected {scheduler.base[w]}")
+            scheduler.arrive(w)
+            while (ready := scheduler.next_to_apply()) is not None:
+                left[ready] -= 1
+                staleness = scheduler.apply(ready, done=left[ready] == 0)
+                self.histogram[staleness] += 1
+                self._step(optimizer, param, grads[ready], staleness)
+            self._release(scheduler, param, outbox, grads, recvs, sends)
+        comm.waitall(sends)
+        self.flat.data[start:stop].copy_(param.detach())
+        return EpochStats()
+
+    def extra_metrics(self, train_time):
+        """Server-side counts (from server 0) and every worker's speed; a collective."""
+        mine = (dict(self.histogram) if self.is_server else None,
+                None if self.is_server else self.local_samples / train_time)
+        gathered = self.comm.allgather_object(mine)
+        histogram = {int(k): v for k, v in sorted(gathered[0][0].items())}
+        updates = sum(histogram.values())
+        return {"updates_applied": updates, "updates_per_s": updates / train_time,
+                "staleness_mean": sum(k * v for k, v in histogram.items()) / max(updates, 1),
+                "staleness_max": max(histogram, default=0), "staleness_histogram": histogram,
+                "worker_samples_per_s": [speed for _, speed in gathered[self.cfg.servers:]]}
+
+    def _step(self, optimizer, param, grad, staleness):
+        if self.cfg.staleness_lr:
+            for group in optimizer.param_groups:
+                group["lr"] = self.cfg.lr / (staleness + 1)
+        param.grad = grad
+        optimizer.step()
+
+    def _release(self, scheduler, param, outbox, grads, recvs, sends):
+        """Send the current range to every worker the scheduler lets compute, and listen for its reply."""
+        for w in scheduler.release():
+            self.comm.waitall([sends[w]])  # the previous answer to w has left this buffer
+            outbox[w].copy_(param.detach())
+            tag = 1 + scheduler.version % TAG_SPAN
+            sends[w] = self.comm.isend(outbox[w], dest=self.workers[w], tag=tag)
+            recvs[w] = self.comm.irecv(grads[w], source=self.workers[w])

@@ -1,0 +1,62 @@
+"""End-to-end: `distml train --mode async` (parameter servers) under mpirun."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from launch import launch, summary
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_async_one_worker_staleness_zero_equals_sequential_sgd(tmp_path):
+    common = ["train", "--quiet", "--epochs", 2, "--momentum", 0.9, "--weight-decay", 1e-4]
+
+    sync = launch(0, *common, "--save-model", tmp_path / "sync.pt")
+    ps = launch(2, *common, "--mode", "async", "--staleness", 0, "--save-model", tmp_path / "async.pt")
+
+    assert sync.returncode == 0 and ps.returncode == 0, sync.stderr + ps.stderr
+    a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("sync.pt", "async.pt"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+@pytest.mark.parametrize("ranks,servers", [(3, 1), (4, 2)])
+def test_async_trains_digits_to_93_percent(tmp_path, ranks, servers):
+    metrics = tmp_path / "m.jsonl"
+
+    done = launch(ranks, "train", "--quiet", "--mode", "async", "--servers", servers, "--lr", 0.05,
+                  "--metrics", metrics)
+
+    assert done.returncode == 0, done.stderr
+    s = summary(metrics)
+    assert s["test_accuracy"] >= 0.93
+    workers = ranks - servers
+    shards = np.array_split(np.arange(1438), workers)  # digits: 1438 training samples
+    assert s["updates_applied"] == sum(20 * math.ceil(len(shard) / 32) for shard in shards)
+    assert len(s["worker_samples_per_s"]) == workers
+
+
+def test_async_staleness_bound_is_never_exceeded(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+
+    done = launch(4, "train", "--quiet", "--mode", "async", "--staleness", 1, "--epochs", 3,
+                  "--lr", 0.05, "--metrics", metrics)
+
+    assert done.returncode == 0, done.stderr
+    s = summary(metrics)
+    assert s["staleness_max"] <= 1
+    assert max(int(k) for k in s["staleness_histogram"]) <= 1
+    assert sum(s["staleness_histogram"].values()) == s["updates_applied"]
+
+
+@pytest.mark.parametrize("ranks,flags,expected", [
+    (0, [], "needs at least 2 ranks"),
+    (2, ["--servers", 2], "leaves no worker"),
+])
+def test_async_world_too_small_is_a_usage_error(ranks, flags, expected):
+    done = launch(ranks, "train", "--mode", "async", *flags, timeout=60)
+
+    assert done.returncode == 2
+    ours = [line for line in done.stderr.splitlines() if line.startswith("distml:")]
+    assert len(ours) == 1 and expected in ours[0]
