@@ -47,6 +47,9 @@ class Config:
     servers: int = 1
     staleness: int = -1
     staleness_lr: bool = False
+    timeout: float = 300.0
+    slow_rank: int = -1
+    slow_factor: float = 1.0
     save_model: Optional[str] = None
     metrics: Optional[str] = None
     quiet: bool = False
@@ -93,10 +96,13 @@ class Config:
                f"--threads must be in [0, {MAX_THREADS}] (0 = automatic), got {self.threads}")
         _check(self.bucket_mb > 0, f"--bucket-mb must be > 0, got {self.bucket_mb}")
         _check(self.servers >= 1, f"--servers must be >= 1, got {self.servers}")
+        _check(self.timeout > 0, f"--timeout must be > 0 seconds, got {self.timeout}")
+        _check(self.slow_factor >= 1, f"--slow-factor must be >= 1, got {self.slow_factor}")
         _check(self.staleness >= -1, f"--staleness must be >= 0, or -1 for no bound, got {self.staleness}")
 
     def validate_world(self, size):
         """Checks that need the number of ranks."""
+        _check(-1 <= self.slow_rank < size, f"--slow-rank must be a rank below {size} (or -1), got {self.slow_rank}")
         if self.mode == "async":
             _check(size >= 2, "--mode async needs at least 2 ranks (a server and a worker); "
                               "launch with mpirun -n 2 or more")

@@ -1,5 +1,6 @@
 """End-to-end: `distml train --mode async` (parameter servers) under mpirun."""
 import math
+import time
 
 import numpy as np
 import pytest
@@ -37,11 +38,11 @@ def test_async_trains_digits_to_93_percent(tmp_path, ranks, servers):
     assert len(s["worker_samples_per_s"]) == workers
 
 
-def test_async_staleness_bound_is_never_exceeded(tmp_path):
+def test_async_staleness_bound_is_never_exceeded_under_a_slow_worker(tmp_path):
     metrics = tmp_path / "m.jsonl"
 
     done = launch(4, "train", "--quiet", "--mode", "async", "--staleness", 1, "--epochs", 3,
-                  "--lr", 0.05, "--metrics", metrics)
+                  "--lr", 0.05, "--slow-rank", 2, "--slow-factor", 3, "--metrics", metrics)
 
     assert done.returncode == 0, done.stderr
     s = summary(metrics)
@@ -60,3 +61,35 @@ def test_async_world_too_small_is_a_usage_error(ranks, flags, expected):
     assert done.returncode == 2
     ours = [line for line in done.stderr.splitlines() if line.startswith("distml:")]
     assert len(ours) == 1 and expected in ours[0]
+
+
+def test_silent_workers_make_the_server_abort_after_timeout():
+    start = time.monotonic()
+
+    done = launch(2, "train", "--quiet", "--mode", "async", "--slow-rank", 1, "--slow-factor", 3000,
+                  "--timeout", 1, timeout=60)
+
+    assert time.monotonic() - start < 30
+    assert done.returncode != 0
+    assert "rank 0 (parameter server) heard nothing from rank(s) 1" in done.stderr
+
+
+def test_killing_one_worker_ends_the_job_promptly(tmp_path):
+    model_file = tmp_path / "dies.py"
+    model_file.write_text(
+        "import os, signal, torch, distml\n"
+        "class Dies(torch.nn.Module):\n"
+        "    def __init__(self, n):\n"
+        "        super().__init__(); self.lin = torch.nn.Linear(64, n); self.calls = 0\n"
+        "    def forward(self, x):\n"
+        "        self.calls += 1\n"
+        "        if self.training and self.calls > 5 and distml.rank() == 2:\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "        return self.lin(x.flatten(1))\n"
+        "def make(shape, n):\n    return Dies(n)\n")
+    start = time.monotonic()
+
+    done = launch(3, "train", "--quiet", "--mode", "async", "--model", f"{model_file}:make", timeout=60)
+
+    assert time.monotonic() - start < 30
+    assert done.returncode != 0

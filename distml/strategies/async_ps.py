@@ -11,6 +11,7 @@ Every rank knows how many gradients each worker sends (epochs x batches of its
 shard), so servers stop after the last one and no message is left pending.
 """
 import math
+import time
 from collections import Counter
 
 import numpy as np
@@ -19,7 +20,8 @@ import torch
 from ..api import broadcast_parameters
 from ..reducer import _zeros
 from ..sharding import shard_batches
-from .base import EpochStats, Strategy, batch_tensors, loss_sum, make_optimizer
+from ..watchdog import Watchdog
+from .base import EpochStats, Strategy, batch_tensors, compute_phase, loss_sum, make_optimizer
 from .staleness import StalenessScheduler
 
 __all__ = ["AsyncStrategy", "FlatModel", "server_ranges"]
@@ -76,7 +78,7 @@ class AsyncStrategy(Strategy):
     def _work(self, progress):
         cfg, comm, data = self.cfg, self.comm, self.dataset
         index = comm.rank - cfg.servers
-        shard, stats = self.shards[index], EpochStats()
+        shard, stats, started = self.shards[index], EpochStats(), time.perf_counter()
         stream = () if len(self.workers) == 1 else (index,)  # one worker: the sync order
         versions = [0] * cfg.servers
         received = self._post_param_recvs()
@@ -88,16 +90,17 @@ class AsyncStrategy(Strategy):
             versions = self._wait_params(received, versions)
             comm.waitall(sends)  # the gradient buffer is about to be overwritten
             self.flat.grad.zero_()
-            x, y = batch_tensors(data.X_train, data.y_train, indices)
-            loss = loss_sum(self.model(x), y, data.task)
-            (loss / len(indices)).backward()
+            with compute_phase(cfg, comm.rank):
+                x, y = batch_tensors(data.X_train, data.y_train, indices)
+                loss = loss_sum(self.model(x), y, data.task)
+                (loss / len(indices)).backward()
             stats.loss_sum, stats.samples = stats.loss_sum + loss.item(), stats.samples + len(indices)
             sends = [comm.isend(self.flat.grad[a:b], dest=s, tag=1 + versions[s] % TAG_SPAN)
                      for s, (a, b) in enumerate(self.ranges)]
             if step + 1 < len(batches):
                 received = self._post_param_recvs()
         comm.waitall(sends)
-        self.local_samples = stats.samples
+        self.samples_per_s = stats.samples / (time.perf_counter() - started)  # this worker's own pace
         return stats
 
     def _post_param_recvs(self):
@@ -122,13 +125,25 @@ class AsyncStrategy(Strategy):
         outbox = [torch.zeros_like(param) for _ in self.workers]
         recvs = [comm.request_null] * len(self.workers)
         sends = [comm.request_null] * len(self.workers)
-        left = list(self.steps)
         self.histogram = Counter()
         self._release(scheduler, param, outbox, grads, recvs, sends)
+        watchdog = Watchdog(comm, cfg.timeout, self.workers, role="parameter server")
+        try:
+            self._serve_until_done(scheduler, optimizer, param, grads, outbox, recvs, sends, watchdog)
+        finally:
+            watchdog.stop()
+        comm.waitall(sends)
+        self.flat.data[start:stop].copy_(param.detach())
+        return EpochStats()
+
+    def _serve_until_done(self, scheduler, optimizer, param, grads, outbox, recvs, sends, watchdog):
+        """Apply gradients as they arrive until every worker has sent its last one."""
+        left = list(self.steps)
         while any(left):
-            w, tag = comm.waitany(recvs)
+            w, tag = self.comm.waitany(recvs)  # blocking: leaves the cores to the workers
             if (tag - 1) != scheduler.base[w] % TAG_SPAN:
                 raise RuntimeError(f"worker {w} sent version {tag - 1}, expected {scheduler.base[w]}")
+            watchdog.heard_from(self.workers[w], finished=left[w] == 1)  # its last gradient
             scheduler.arrive(w)
             while (ready := scheduler.next_to_apply()) is not None:
                 left[ready] -= 1
@@ -136,14 +151,11 @@ class AsyncStrategy(Strategy):
                 self.histogram[staleness] += 1
                 self._step(optimizer, param, grads[ready], staleness)
             self._release(scheduler, param, outbox, grads, recvs, sends)
-        comm.waitall(sends)
-        self.flat.data[start:stop].copy_(param.detach())
-        return EpochStats()
 
     def extra_metrics(self, train_time):
         """Server-side counts (from server 0) and every worker's speed; a collective."""
         mine = (dict(self.histogram) if self.is_server else None,
-                None if self.is_server else self.local_samples / train_time)
+                None if self.is_server else self.samples_per_s)
         gathered = self.comm.allgather_object(mine)
         histogram = {int(k): v for k, v in sorted(gathered[0][0].items())}
         updates = sum(histogram.values())

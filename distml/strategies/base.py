@@ -1,9 +1,12 @@
 """The small interface every mode implements, and what modes share."""
+import time
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["Strategy", "EpochStats", "loss_sum", "make_optimizer", "batch_tensors"]
+__all__ = ["Strategy", "EpochStats", "loss_sum", "make_optimizer", "batch_tensors", "compute_phase"]
 
 
 class EpochStats:
@@ -57,3 +60,15 @@ def make_optimizer(cfg, params):
 def batch_tensors(X, y, indices):
     """Tensors for the samples `indices` (works on memory-mapped arrays too)."""
     return torch.from_numpy(np.ascontiguousarray(X[indices])), torch.from_numpy(np.asarray(y[indices]))
+
+
+@contextmanager
+def compute_phase(cfg, rank):
+    """Wraps one step's computation; on --slow-rank it then sleeps to make it --slow-factor x slower.
+
+    A benchmark aid (straggler experiments), off unless asked for.
+    """
+    start = time.perf_counter()
+    yield
+    if rank == cfg.slow_rank and cfg.slow_factor > 1:
+        time.sleep((cfg.slow_factor - 1) * (time.perf_counter() - start))

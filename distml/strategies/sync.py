@@ -7,7 +7,7 @@ the last, partial batch where ranks hold different sample counts.
 """
 from ..api import DistributedOptimizer, broadcast_parameters
 from ..sharding import shard_batches
-from .base import EpochStats, Strategy, batch_tensors, loss_sum, make_optimizer
+from .base import EpochStats, Strategy, batch_tensors, compute_phase, loss_sum, make_optimizer
 
 
 class SyncStrategy(Strategy):
@@ -24,9 +24,10 @@ class SyncStrategy(Strategy):
         for batch in progress(batches, total=len(batches)):
             self.optimizer.zero_grad()
             if len(batch.indices):  # the last global batch can leave a rank with none
-                x, y = batch_tensors(data.X_train, data.y_train, batch.indices)
-                loss = loss_sum(self.model(x), y, data.task)
-                (loss / batch.global_size).backward()
+                with compute_phase(cfg, self.comm.rank):
+                    x, y = batch_tensors(data.X_train, data.y_train, batch.indices)
+                    loss = loss_sum(self.model(x), y, data.task)
+                    (loss / batch.global_size).backward()
                 stats.loss_sum += loss.item()
                 stats.samples += len(batch.indices)
             self.optimizer.step()  # distributed: Allreduce (sum) of the fused gradient buckets
