@@ -9,6 +9,7 @@ Payload bytes handed to MPI are counted in `bytes_sent` for the metrics.
 import ctypes
 import os
 import sys
+import time
 
 import torch
 
@@ -93,11 +94,22 @@ class Comm:
         tag = self._MPI.ANY_TAG if tag is None else tag
         return self.mpi_comm.Irecv(buffer_of(tensor), source=source, tag=tag)
 
-    def waitany(self, requests):
-        """Block until one of `requests` completes; returns (its index, its tag)."""
+    def waitany(self, requests, *, sleep=0.0):
+        """Wait until one of `requests` completes; returns (its index, its tag).
+
+        sleep=0: MPI's Waitany, which on most MPIs spins on a core while it waits.
+        sleep>0: test, then sleep that many seconds between tests, giving the core
+        away (for a rank that shares its cores with busier ones).
+        """
         status = self._MPI.Status()
-        index = self._MPI.Request.Waitany(requests, status)
-        return index, status.Get_tag()
+        if sleep <= 0:
+            index = self._MPI.Request.Waitany(requests, status)
+            return index, status.Get_tag()
+        while True:
+            index, done = self._MPI.Request.Testany(requests, status)
+            if done:
+                return index, status.Get_tag()
+            time.sleep(sleep)
 
     def waitall(self, requests):
         self._MPI.Request.Waitall(requests)

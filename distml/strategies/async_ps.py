@@ -11,6 +11,7 @@ Every rank knows how many gradients each worker sends (epochs x batches of its
 shard), so servers stop after the last one and no message is left pending.
 """
 import math
+import os
 import time
 from collections import Counter
 
@@ -26,6 +27,7 @@ from .staleness import StalenessScheduler
 
 __all__ = ["AsyncStrategy", "FlatModel", "server_ranges"]
 
+_POLL_SLEEP = float(os.environ.get("DISTML_PS_SLEEP", "0"))  # experiment knob, see README
 TAG_SPAN = 30000  # versions travel as tags modulo this (MPI guarantees tags up to 32767)
 
 
@@ -64,6 +66,10 @@ class AsyncStrategy(Strategy):
         self.shards = np.array_split(np.arange(n), len(self.workers))
         self.steps = [cfg.epochs * math.ceil(len(s) / cfg.batch_size) for s in self.shards]
         self.is_server = comm.rank < cfg.servers
+        if self.is_server:  # built here, not in run(): the first optimizer costs ~1 s of imports
+            start, stop = self.ranges[comm.rank]
+            self.param = torch.nn.Parameter(self.flat.data[start:stop].clone())
+            self.optimizer = make_optimizer(cfg, [self.param])
 
     def run(self, progress):
         """Serve or work until every worker has sent its last gradient; returns local stats."""
@@ -116,9 +122,7 @@ class AsyncStrategy(Strategy):
     # -- server -------------------------------------------------------------------
     def _serve(self):
         cfg, comm = self.cfg, self.comm
-        start, stop = self.ranges[comm.rank]
-        param = torch.nn.Parameter(self.flat.data[start:stop].clone())
-        optimizer = make_optimizer(cfg, [param])
+        param, optimizer = self.param, self.optimizer
         bound = None if cfg.staleness < 0 else cfg.staleness
         scheduler = StalenessScheduler(len(self.workers), bound)
         grads = [torch.zeros_like(param) for _ in self.workers]
@@ -133,6 +137,7 @@ class AsyncStrategy(Strategy):
         finally:
             watchdog.stop()
         comm.waitall(sends)
+        start, stop = self.ranges[comm.rank]
         self.flat.data[start:stop].copy_(param.detach())
         return EpochStats()
 
@@ -140,7 +145,7 @@ class AsyncStrategy(Strategy):
         """Apply gradients as they arrive until every worker has sent its last one."""
         left = list(self.steps)
         while any(left):
-            w, tag = self.comm.waitany(recvs)  # blocking: leaves the cores to the workers
+            w, tag = self.comm.waitany(recvs, sleep=_POLL_SLEEP)
             if (tag - 1) != scheduler.base[w] % TAG_SPAN:
                 raise RuntimeError(f"worker {w} sent version {tag - 1}, expected {scheduler.base[w]}")
             watchdog.heard_from(self.workers[w], finished=left[w] == 1)  # its last gradient
