@@ -1,6 +1,7 @@
 """End-to-end: `distml train --mode async` (parameter servers) under mpirun."""
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,3 +94,16 @@ def test_killing_one_worker_ends_the_job_promptly(tmp_path):
 
     assert time.monotonic() - start < 30
     assert done.returncode != 0
+
+
+def test_async_batchnorm_statistics_come_from_a_worker(tmp_path):
+    # Servers never run the model: their BatchNorm statistics stay at the initial values
+    # (test accuracy 0.89 here before the fix; 0.94 with a worker's statistics).
+    bn_model = Path(__file__).parent / "mpi" / "bn_model.py"
+    metrics = tmp_path / "m.jsonl"
+
+    done = launch(3, "train", "--quiet", "--mode", "async", "--lr", 0.05, "--epochs", 5,
+                  "--model", f"{bn_model}:make", "--metrics", metrics)
+
+    assert done.returncode == 0, done.stderr
+    assert summary(metrics)["test_accuracy"] >= 0.92

@@ -76,9 +76,15 @@ class AsyncStrategy(Strategy):
         return self._serve() if self.is_server else self._work(progress)
 
     def finish(self):
-        """Give every rank the final parameters, each server broadcasting its range."""
+        """Give every rank the final parameters, each server broadcasting its range.
+
+        Buffers (BatchNorm statistics) are not served; the first worker's are kept.
+        """
         for server, (start, stop) in enumerate(self.ranges):
             self.comm.broadcast_(self.flat.data[start:stop], root=server)
+        with torch.no_grad():
+            for buffer in self.model.buffers():
+                self.comm.broadcast_(buffer, root=self.cfg.servers)
 
     # -- worker -------------------------------------------------------------------
     def _work(self, progress):
