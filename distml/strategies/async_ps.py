@@ -73,7 +73,9 @@ class AsyncStrategy(Strategy):
 
     def run(self, progress):
         """Serve or work until every worker has sent its last gradient; returns local stats."""
-        return self._serve() if self.is_server else self._work(progress)
+        if self.is_server:  # the bar (shown on rank 0, a server) counts updates applied
+            return self._serve(iter(progress(range(sum(self.steps)), total=sum(self.steps))))
+        return self._work(progress)
 
     def finish(self):
         """Give every rank the final parameters, each server broadcasting its range.
@@ -126,7 +128,7 @@ class AsyncStrategy(Strategy):
         return versions
 
     # -- server -------------------------------------------------------------------
-    def _serve(self):
+    def _serve(self, ticks):
         cfg, comm = self.cfg, self.comm
         param, optimizer = self.param, self.optimizer
         bound = None if cfg.staleness < 0 else cfg.staleness
@@ -139,15 +141,17 @@ class AsyncStrategy(Strategy):
         self._release(scheduler, param, outbox, grads, recvs, sends)
         watchdog = Watchdog(comm, cfg.timeout, self.workers, role="parameter server")
         try:
-            self._serve_until_done(scheduler, optimizer, param, grads, outbox, recvs, sends, watchdog)
+            self._serve_until_done(scheduler, optimizer, param, grads, outbox, recvs, sends, watchdog, ticks)
         finally:
             watchdog.stop()
+        for _ in ticks:  # let the progress bar finish and clear itself
+            pass
         comm.waitall(sends)
         start, stop = self.ranges[comm.rank]
         self.flat.data[start:stop].copy_(param.detach())
         return EpochStats()
 
-    def _serve_until_done(self, scheduler, optimizer, param, grads, outbox, recvs, sends, watchdog):
+    def _serve_until_done(self, scheduler, optimizer, param, grads, outbox, recvs, sends, watchdog, ticks):
         """Apply gradients as they arrive until every worker has sent its last one."""
         left = list(self.steps)
         while any(left):
@@ -161,6 +165,7 @@ class AsyncStrategy(Strategy):
                 staleness = scheduler.apply(ready, done=left[ready] == 0)
                 self.histogram[staleness] += 1
                 self._step(optimizer, param, grads[ready], staleness)
+                next(ticks, None)
             self._release(scheduler, param, outbox, grads, recvs, sends)
 
     def extra_metrics(self, train_time):
