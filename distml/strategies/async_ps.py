@@ -129,44 +129,11 @@ class AsyncStrategy(Strategy):
 
     # -- server -------------------------------------------------------------------
     def _serve(self, ticks):
-        cfg, comm = self.cfg, self.comm
-        param, optimizer = self.param, self.optimizer
-        bound = None if cfg.staleness < 0 else cfg.staleness
-        scheduler = StalenessScheduler(len(self.workers), bound)
-        grads = [torch.zeros_like(param) for _ in self.workers]
-        outbox = [torch.zeros_like(param) for _ in self.workers]
-        recvs = [comm.request_null] * len(self.workers)
-        sends = [comm.request_null] * len(self.workers)
-        self.histogram = Counter()
-        self._release(scheduler, param, outbox, grads, recvs, sends)
-        watchdog = Watchdog(comm, cfg.timeout, self.workers, role="parameter server")
-        try:
-            self._serve_until_done(scheduler, optimizer, param, grads, outbox, recvs, sends, watchdog, ticks)
-        finally:
-            watchdog.stop()
-        for _ in ticks:  # let the progress bar finish and clear itself
-            pass
-        comm.waitall(sends)
-        start, stop = self.ranges[comm.rank]
-        self.flat.data[start:stop].copy_(param.detach())
+        server = _Server(self.comm, self.cfg, self.param, self.optimizer, self.workers, self.steps)
+        self.histogram = server.serve(ticks)
+        start, stop = self.ranges[self.comm.rank]
+        self.flat.data[start:stop].copy_(self.param.detach())
         return EpochStats()
-
-    def _serve_until_done(self, scheduler, optimizer, param, grads, outbox, recvs, sends, watchdog, ticks):
-        """Apply gradients as they arrive until every worker has sent its last one."""
-        left = list(self.steps)
-        while any(left):
-            w, tag = self.comm.waitany(recvs, sleep=_POLL_SLEEP)
-            if (tag - 1) != scheduler.base[w] % TAG_SPAN:
-                raise RuntimeError(f"worker {w} sent version {tag - 1}, expected {scheduler.base[w]}")
-            watchdog.heard_from(self.workers[w], finished=left[w] == 1)  # its last gradient
-            scheduler.arrive(w)
-            while (ready := scheduler.next_to_apply()) is not None:
-                left[ready] -= 1
-                staleness = scheduler.apply(ready, done=left[ready] == 0)
-                self.histogram[staleness] += 1
-                self._step(optimizer, param, grads[ready], staleness)
-                next(ticks, None)
-            self._release(scheduler, param, outbox, grads, recvs, sends)
 
     def extra_metrics(self, train_time):
         """Server-side counts (from server 0) and every worker's speed; a collective."""
@@ -180,18 +147,58 @@ class AsyncStrategy(Strategy):
                 "staleness_max": max(histogram, default=0), "staleness_histogram": histogram,
                 "worker_samples_per_s": [speed for _, speed in gathered[self.cfg.servers:]]}
 
-    def _step(self, optimizer, param, grad, staleness):
-        if self.cfg.staleness_lr:
-            for group in optimizer.param_groups:
-                group["lr"] = self.cfg.lr / (staleness + 1)
-        param.grad = grad
-        optimizer.step()
 
-    def _release(self, scheduler, param, outbox, grads, recvs, sends):
+class _Server:
+    """One parameter server's state: its range's optimizer, the scheduler, one buffer pair per worker."""
+
+    def __init__(self, comm, cfg, param, optimizer, workers, steps):
+        self.comm, self.cfg, self.param, self.optimizer = comm, cfg, param, optimizer
+        self.workers, self.left = workers, list(steps)
+        self.scheduler = StalenessScheduler(len(workers), None if cfg.staleness < 0 else cfg.staleness)
+        self.grads = [torch.zeros_like(param) for _ in workers]
+        self.outbox = [torch.zeros_like(param) for _ in workers]
+        self.recvs = [comm.request_null] * len(workers)
+        self.sends = [comm.request_null] * len(workers)
+        self.histogram = Counter()
+
+    def serve(self, ticks):
+        """Apply gradients as they arrive until every worker has sent its last one; returns the histogram."""
+        self._release()
+        watchdog = Watchdog(self.comm, self.cfg.timeout, self.workers, role="parameter server")
+        try:
+            while any(self.left):
+                w, tag = self.comm.waitany(self.recvs, sleep=_POLL_SLEEP)
+                if (tag - 1) != self.scheduler.base[w] % TAG_SPAN:
+                    raise RuntimeError(f"worker {w} sent version {tag - 1}, expected {self.scheduler.base[w]}")
+                watchdog.heard_from(self.workers[w], finished=self.left[w] == 1)  # its last gradient
+                self.scheduler.arrive(w)
+                self._apply_ready(ticks)
+                self._release()
+        finally:
+            watchdog.stop()
+        for _ in ticks:  # let the progress bar finish and clear itself
+            pass
+        self.comm.waitall(self.sends)
+        return self.histogram
+
+    def _apply_ready(self, ticks):
+        """Apply every held or arrived gradient the staleness bound allows now."""
+        while (w := self.scheduler.next_to_apply()) is not None:
+            self.left[w] -= 1
+            staleness = self.scheduler.apply(w, done=self.left[w] == 0)
+            self.histogram[staleness] += 1
+            if self.cfg.staleness_lr:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.cfg.lr / (staleness + 1)
+            self.param.grad = self.grads[w]
+            self.optimizer.step()
+            next(ticks, None)
+
+    def _release(self):
         """Send the current range to every worker the scheduler lets compute, and listen for its reply."""
-        for w in scheduler.release():
-            self.comm.waitall([sends[w]])  # the previous answer to w has left this buffer
-            outbox[w].copy_(param.detach())
-            tag = 1 + scheduler.version % TAG_SPAN
-            sends[w] = self.comm.isend(outbox[w], dest=self.workers[w], tag=tag)
-            recvs[w] = self.comm.irecv(grads[w], source=self.workers[w])
+        for w in self.scheduler.release():
+            self.comm.waitall([self.sends[w]])  # the previous answer to w has left this buffer
+            self.outbox[w].copy_(self.param.detach())
+            tag = 1 + self.scheduler.version % TAG_SPAN
+            self.sends[w] = self.comm.isend(self.outbox[w], dest=self.workers[w], tag=tag)
+            self.recvs[w] = self.comm.irecv(self.grads[w], source=self.workers[w])
