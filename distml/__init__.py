@@ -11,13 +11,13 @@ The CLI (`distml train`) and this Python API share one implementation:
 """
 __version__ = "0.1.0"
 
-from .api import (DistributedOptimizer, allreduce, broadcast_parameters, init, is_root, rank,
-                  size)
+from .api import (DistributedOptimizer, allreduce, broadcast_buffers, broadcast_parameters, init,
+                  is_root, rank, size)
 from .config import Config, UsageError
 from .sharding import Batch, shard_batches
 
 __all__ = ["init", "rank", "size", "is_root", "allreduce", "broadcast_parameters",
-           "DistributedOptimizer", "shard_batches", "Batch", "Config", "UsageError", "train"]
+           "broadcast_buffers", "DistributedOptimizer", "shard_batches", "Batch", "Config", "UsageError", "train"]
 
 
 def train(config=None, **settings):

@@ -16,7 +16,7 @@ from . import comm as _comm
 from .reducer import GradientReducer
 
 __all__ = ["init", "rank", "size", "is_root", "allreduce", "broadcast_parameters",
-           "DistributedOptimizer"]
+           "broadcast_buffers", "DistributedOptimizer"]
 
 
 def init():
@@ -52,8 +52,17 @@ def broadcast_parameters(model, root=0, *, comm=None):
     """Copy root's parameters and buffers into every rank's `model`, in place."""
     comm = comm or _comm.world()
     with torch.no_grad():
-        for tensor in list(model.parameters()) + list(model.buffers()):
+        for tensor in model.parameters():
             comm.broadcast_(tensor, root=root)
+    broadcast_buffers(model, root, comm=comm)
+
+
+def broadcast_buffers(model, root=0, *, comm=None):
+    """Copy root's buffers (e.g. BatchNorm running statistics) into every rank's `model`."""
+    comm = comm or _comm.world()
+    with torch.no_grad():
+        for buffer in model.buffers():
+            comm.broadcast_(buffer, root=root)
 
 
 class DistributedOptimizer:

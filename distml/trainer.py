@@ -14,6 +14,7 @@ import torch
 
 from . import comm as _comm
 from .agreement import agree, check_same, fingerprint
+from .api import broadcast_buffers
 from .checkpoint import save_state_dict
 from .data import load_dataset
 from .metrics import Reporter, Timer
@@ -84,12 +85,9 @@ def _train_epochs(strategy, model, dataset, comm, report, cfg):
         timer = Timer()
         stats = strategy.train_epoch(
             epoch, lambda it, total: report.progress(it, total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}"))
-        loss_sum_all, samples_all = comm.allreduce_array([stats.loss_sum, stats.samples])
-        epoch_time = timer.elapsed()
-        sync_buffers(model, comm)  # e.g. BatchNorm statistics: evaluate and save rank 0's
-        record = {"epoch": epoch + 1, "train_loss": loss_sum_all / max(samples_all, 1),
-                  **evaluate(model, dataset, comm), "epoch_time_s": epoch_time,
-                  "samples_per_s": samples_all / epoch_time}
+        # BatchNorm statistics and the like: evaluate and save rank 0's
+        record = _record(epoch + 1, stats, timer, model, dataset, comm,
+                         share_model=lambda: broadcast_buffers(model, comm=comm))
         history.append(record)
         report.record(**record)
         report.say(_epoch_line(record, cfg.epochs))
@@ -100,26 +98,24 @@ def _train_whole(strategy, model, dataset, comm, report, cfg):
     """The whole training in one go; evaluate the model assembled from the servers."""
     timer = Timer()
     stats = strategy.run(lambda it, total: report.progress(it, total=total, desc="training"))
-    loss_sum_all, samples_all = comm.allreduce_array([stats.loss_sum, stats.samples])
-    train_time = timer.elapsed()
-    strategy.finish()
-    record = {"epoch": cfg.epochs, "train_loss": loss_sum_all / max(samples_all, 1),
-              **evaluate(model, dataset, comm), "epoch_time_s": train_time,
-              "samples_per_s": samples_all / train_time}
+    record = _record(cfg.epochs, stats, timer, model, dataset, comm, share_model=strategy.finish)
     report.record(**record)
     return record
+
+
+def _record(epoch, stats, timer, model, dataset, comm, *, share_model):
+    """Totals over ranks, the time since `timer`, then the test scores of the shared model."""
+    loss_sum_all, samples_all = comm.allreduce_array([stats.loss_sum, stats.samples])
+    elapsed = timer.elapsed()
+    share_model()  # every rank must evaluate the same model
+    return {"epoch": epoch, "train_loss": loss_sum_all / max(samples_all, 1),
+            **evaluate(model, dataset, comm), "epoch_time_s": elapsed,
+            "samples_per_s": samples_all / elapsed}
 
 
 def _load(cfg):
     dataset = load_dataset(cfg)
     return dataset, build_model(cfg.model, dataset, cfg.hidden_sizes(), cfg.seed)
-
-
-def sync_buffers(model, comm):
-    """Copy root's buffers (running statistics) to all ranks: replicas stay identical."""
-    with torch.no_grad():
-        for buffer in model.buffers():
-            comm.broadcast_(buffer)
 
 
 def _summary(cfg, comm, dataset, history, threads, wall):

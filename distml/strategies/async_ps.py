@@ -18,8 +18,8 @@ from collections import Counter
 import numpy as np
 import torch
 
-from ..api import broadcast_parameters
-from ..reducer import _zeros
+from ..api import broadcast_buffers, broadcast_parameters
+from ..reducer import _Bucket, _zeros
 from ..sharding import shard_batches
 from ..watchdog import Watchdog
 from .base import EpochStats, Strategy, batch_tensors, compute_phase, loss_sum, make_optimizer
@@ -38,19 +38,24 @@ def server_ranges(numel, servers):
 
 
 class FlatModel:
-    """The model's trainable parameters and gradients as views into two flat buffers."""
+    """The model's trainable parameters and gradients as views into two flat buffers.
+
+    The gradients are one reducer bucket (`.grad` views into its buffer); the
+    parameters get the same layout in `data`, so a server's range of one is
+    the same range of the other.
+    """
 
     def __init__(self, model):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        numel = sum(p.numel() for p in self.params)
-        self.data, self.grad = _zeros(numel, torch.float32), _zeros(numel, torch.float32)
+        params = [p for p in model.parameters() if p.requires_grad]
+        bucket = _Bucket(params)
+        self.grad = bucket.buffer
+        self.data = _zeros(self.grad.numel(), self.grad.dtype)
         offset = 0
-        for p in self.params:
-            n = p.numel()
-            self.data[offset:offset + n].copy_(p.detach().reshape(-1))
-            p.data = self.data[offset:offset + n].view_as(p)
-            p.grad = self.grad[offset:offset + n].view_as(p)
-            offset += n
+        for p in params:  # the bucket's order and offsets
+            view = self.data[offset:offset + p.numel()].view_as(p)
+            view.copy_(p.detach())
+            p.data = view
+            offset += p.numel()
 
 
 class AsyncStrategy(Strategy):
@@ -84,9 +89,7 @@ class AsyncStrategy(Strategy):
         """
         for server, (start, stop) in enumerate(self.ranges):
             self.comm.broadcast_(self.flat.data[start:stop], root=server)
-        with torch.no_grad():
-            for buffer in self.model.buffers():
-                self.comm.broadcast_(buffer, root=self.cfg.servers)
+        broadcast_buffers(self.model, root=self.cfg.servers, comm=self.comm)
 
     # -- worker -------------------------------------------------------------------
     def _work(self, progress):
@@ -101,7 +104,7 @@ class AsyncStrategy(Strategy):
                                           rank=0, size=1, stream=stream)]
         sends = []
         for step, indices in enumerate(progress(batches, total=len(batches))):
-            versions = self._wait_params(received, versions)
+            self._wait_params(received, versions)
             comm.waitall(sends)  # the gradient buffer is about to be overwritten
             self.flat.grad.zero_()
             with compute_phase(cfg, comm.rank):
@@ -125,7 +128,6 @@ class AsyncStrategy(Strategy):
         for _ in requests:
             index, tag = self.comm.waitany(requests)
             versions[index] = tag - 1
-        return versions
 
     # -- server -------------------------------------------------------------------
     def _serve(self, ticks):
