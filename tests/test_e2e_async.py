@@ -39,17 +39,33 @@ def test_async_trains_digits_to_93_percent(tmp_path, ranks, servers):
     assert len(s["worker_samples_per_s"]) == workers
 
 
-def test_async_staleness_bound_is_never_exceeded_under_a_slow_worker(tmp_path):
+@pytest.mark.parametrize("servers", [1, 2])
+def test_async_staleness_bound_is_never_exceeded_under_a_slow_worker(tmp_path, servers):
     metrics = tmp_path / "m.jsonl"
 
     done = launch(4, "train", "--quiet", "--mode", "async", "--staleness", 1, "--epochs", 3,
-                  "--lr", 0.05, "--slow-rank", 2, "--slow-factor", 3, "--metrics", metrics)
+                  "--servers", servers, "--lr", 0.05, "--slow-rank", 2, "--slow-factor", 3,
+                  "--metrics", metrics)
 
     assert done.returncode == 0, done.stderr
     s = summary(metrics)
     assert s["staleness_max"] <= 1
     assert max(int(k) for k in s["staleness_histogram"]) <= 1
     assert sum(s["staleness_histogram"].values()) == s["updates_applied"]
+
+
+def test_a_straggler_does_less_of_the_work_and_the_budget_is_exact(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+
+    done = launch(3, "train", "--quiet", "--mode", "async", "--epochs", 4, "--lr", 0.05,
+                  "--slow-rank", 1, "--slow-factor", 6, "--metrics", metrics)
+
+    assert done.returncode == 0, done.stderr
+    s = summary(metrics)
+    assert s["updates_applied"] == 4 * 2 * math.ceil(719 / 32)  # epochs x batches of both shards
+    slow, fast = s["worker_samples"]
+    assert slow < fast  # the fast worker made more passes over its own shard
+    assert 0.95 * 4 * 1438 <= slow + fast <= 184 * 32  # batches are counted; each pass ends partial
 
 
 @pytest.mark.parametrize("ranks,flags,expected", [

@@ -78,3 +78,14 @@ def test_gradient_from_a_worker_not_released_is_refused():
 def test_negative_bound_is_refused():
     with pytest.raises(ValueError):
         StalenessScheduler(2, bound=-1)
+
+
+def test_retiring_an_in_flight_worker_frees_the_bound_for_the_others():
+    scheduler = StalenessScheduler(3, bound=0)
+    assert scheduler.release() == [0]  # bound 0: one worker computes at a time
+
+    scheduler.retire(0)
+
+    assert scheduler.release() == [1]
+    with pytest.raises(ValueError):
+        scheduler.retire(0)

@@ -61,6 +61,15 @@ class StalenessScheduler:
             self.waiting.append(worker)
         return staleness
 
+    def retire(self, worker):
+        """`worker` was released but stops without a gradient (the budget is spent).
+
+        Dropping an in-flight worker only loosens the bound on the others.
+        """
+        if worker not in self.base or worker in self.arrived:
+            raise ValueError(f"worker {worker} is not computing")
+        del self.base[worker]
+
     def _can_apply(self, worker):
         if self.bound is None:
             return True
