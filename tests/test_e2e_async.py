@@ -112,9 +112,9 @@ def test_killing_one_worker_ends_the_job_promptly(tmp_path):
     assert done.returncode != 0
 
 
-def test_async_batchnorm_statistics_come_from_a_worker(tmp_path):
+def test_async_batchnorm_statistics_come_from_the_workers(tmp_path):
     # Servers never run the model: their BatchNorm statistics stay at the initial values
-    # (test accuracy 0.89 here before the fix; 0.94 with a worker's statistics).
+    # (test accuracy 0.89 here before the fix; 0.94 with the workers' statistics).
     bn_model = Path(__file__).parent / "mpi" / "bn_model.py"
     metrics = tmp_path / "m.jsonl"
 

@@ -25,7 +25,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from ..api import broadcast_buffers, broadcast_parameters
+from ..api import broadcast_parameters
 from ..reducer import _Bucket, _zeros
 from ..sharding import shard_batches
 from ..watchdog import Watchdog
@@ -94,11 +94,20 @@ class AsyncStrategy(Strategy):
     def finish(self):
         """Give every rank the final parameters, each server broadcasting its range.
 
-        Buffers (BatchNorm statistics) are not served; the first worker's are kept.
+        Buffers (BatchNorm statistics) are not served: floating-point ones are
+        averaged over the workers (servers add zeros), others (counters) are
+        the first worker's.
         """
         for server, (start, stop) in enumerate(self.ranges):
             self.comm.broadcast_(self.flat.data[start:stop], root=server)
-        broadcast_buffers(self.model, root=self.cfg.servers, comm=self.comm)
+        with torch.no_grad():
+            for buffer in self.model.buffers():
+                if not buffer.is_floating_point():
+                    self.comm.broadcast_(buffer, root=self.cfg.servers)
+                    continue
+                if self.is_server:
+                    buffer.zero_()
+                self.comm.allreduce_(buffer).div_(len(self.workers))
 
     # -- worker -------------------------------------------------------------------
     def _work(self, progress):
