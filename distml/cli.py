@@ -13,11 +13,12 @@ import os
 import platform
 import sys
 import traceback
+import typing
 
 from . import __version__
 from . import comm as _comm
 from .agreement import RankFailure
-from .config import MODES, OPTIMIZERS, Config, UsageError, load_toml
+from .config import ALGORITHMS, MODES, OPTIMIZERS, PARTITIONS, SERVER_OPTS, Config, UsageError, load_toml
 
 HELP = {
     "mode": f"training mode ({', '.join(MODES)})",
@@ -30,7 +31,8 @@ HELP = {
     "features": "synthetic: number of features",
     "classes": "synthetic: number of classes (0 = regression)",
     "epochs": "passes over the training set",
-    "batch_size": "samples per rank per step (global batch = ranks x this)",
+    "batch_size": "samples per rank per step (global batch = ranks x this); federated: per client step, "
+                  "0 = a client's whole data",
     "lr": "learning rate",
     "optimizer": f"optimizer ({', '.join(OPTIMIZERS)})",
     "momentum": "SGD momentum",
@@ -44,6 +46,23 @@ HELP = {
     "timeout": "async: a server that hears from no worker for this many seconds aborts the job",
     "slow_rank": "benchmark aid: this rank's compute is slowed down (-1: none)",
     "slow_factor": "benchmark aid: the slow rank's compute takes this many times as long",
+    "rounds": "federated: rounds of local training and averaging",
+    "local_epochs": "federated: passes of each sampled client over its own data per round",
+    "local_steps": "federated: local steps per round instead of --local-epochs (0: use epochs)",
+    "clients": "federated: simulated clients, spread over the ranks (0: one per rank)",
+    "clients_per_round": "federated: clients sampled each round (0: all, or --fraction)",
+    "fraction": "federated: share of the clients sampled each round (0: use --clients-per-round)",
+    "partition": f"federated: how the training set is split over clients ({', '.join(PARTITIONS)})",
+    "alpha": "federated: Dirichlet concentration for --partition dirichlet (small: skewed labels)",
+    "shards_per_client": "federated: label-sorted shards dealt to each client for --partition shards",
+    "algorithm": f"federated: {', '.join(ALGORITHMS)}",
+    "prox_mu": "federated: FedProx proximal weight mu (--algorithm fedprox)",
+    "server_opt": f"federated: server optimizer applied to the averaged update ({', '.join(SERVER_OPTS)})",
+    "server_lr": "federated: server learning rate (default: 1 for avg/avgm, 0.01 for adam/yogi/adagrad)",
+    "server_momentum": "federated: server momentum (avgm) or beta1 (adam, yogi, adagrad)",
+    "dropout": "federated: chance that a sampled client fails to report in a round",
+    "eval_every": "federated: evaluate the global model every this many rounds (and after the last)",
+    "target_accuracy": "federated: report the first round whose test accuracy reaches this",
     "save_model": "rank 0 writes the final state_dict here (torch.save, atomic)",
     "metrics": "rank 0 writes JSON lines here: one object per epoch and a summary",
     "quiet": "no progress bar or epoch lines",
@@ -73,15 +92,21 @@ def build_parser():
         if f.type is bool:
             train.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=HELP[f.name])
         else:
-            kind = f.type if f.type in (int, float) else str
+            kind = _scalar_type(f)
             train.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=_metavar(f),
                                help=HELP[f.name] + (f" (default: {f.default})" if f.default is not None else ""))
     sub.add_parser("info", help="show the MPI library, world size, torch version and threads")
     return parser
 
 
+def _scalar_type(f):
+    """int, float or str for a Config field (Optional[float] -> float)."""
+    kind = typing.get_args(f.type)[0] if typing.get_origin(f.type) is typing.Union else f.type
+    return kind if kind in (int, float) else str
+
+
 def _metavar(f):
-    return {int: "N", float: "X"}.get(f.type, f.name.upper())
+    return {int: "N", float: "X"}.get(_scalar_type(f), f.name.upper())
 
 
 def parse_config(argv):

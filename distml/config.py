@@ -13,10 +13,14 @@ import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = ["UsageError", "Config", "load_toml", "MODES", "OPTIMIZERS"]
+__all__ = ["UsageError", "Config", "load_toml", "MODES", "OPTIMIZERS", "PARTITIONS", "ALGORITHMS",
+           "SERVER_OPTS"]
 
-MODES = ("sync", "async")
+MODES = ("sync", "async", "federated")
 OPTIMIZERS = ("sgd", "adam")
+PARTITIONS = ("iid", "dirichlet", "shards")
+ALGORITHMS = ("fedavg", "fedprox", "scaffold")
+SERVER_OPTS = ("avg", "avgm", "adam", "yogi", "adagrad")
 MAX_THREADS = 1024
 
 
@@ -50,6 +54,23 @@ class Config:
     timeout: float = 300.0
     slow_rank: int = -1
     slow_factor: float = 1.0
+    rounds: int = 50
+    local_epochs: int = 1
+    local_steps: int = 0
+    clients: int = 0
+    clients_per_round: int = 0
+    fraction: float = 0.0
+    partition: str = "iid"
+    alpha: float = 0.5
+    shards_per_client: int = 2
+    algorithm: str = "fedavg"
+    prox_mu: float = 0.01
+    server_opt: str = "avg"
+    server_lr: Optional[float] = None
+    server_momentum: float = 0.9
+    dropout: float = 0.0
+    eval_every: int = 1
+    target_accuracy: Optional[float] = None
     save_model: Optional[str] = None
     metrics: Optional[str] = None
     quiet: bool = False
@@ -65,9 +86,12 @@ class Config:
         Output paths are checked only where `writes_outputs` (the root rank writes them).
         """
         _check(self.mode in MODES, f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        _check(self.optimizer in OPTIMIZERS,
-               f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        for name, allowed in (("optimizer", OPTIMIZERS), ("partition", PARTITIONS),
+                              ("algorithm", ALGORITHMS), ("server_opt", SERVER_OPTS)):
+            _check(getattr(self, name) in allowed,
+                   f"--{_flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         self._check_numbers()
+        self._check_federated()
         try:
             sizes = self.hidden_sizes()
         except ValueError:
@@ -82,8 +106,13 @@ class Config:
             value = getattr(self, f.name)
             if isinstance(value, float):
                 _check(math.isfinite(value), f"--{_flag(f.name)} must be a finite number, got {value}")
-        for name in ("epochs", "batch_size", "features"):
+        for name in ("epochs", "features"):
             _check(getattr(self, name) >= 1, f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.mode == "federated":
+            _check(self.batch_size >= 0,
+                   f"--batch-size must be >= 1, or 0 for a client's whole data, got {self.batch_size}")
+        else:
+            _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         _check(self.samples >= 2, f"--samples must be >= 2, got {self.samples}")
         _check(self.classes == 0 or self.classes >= 2,
                f"--classes must be 0 (regression) or >= 2, got {self.classes}")
@@ -100,6 +129,58 @@ class Config:
         _check(self.slow_factor >= 1, f"--slow-factor must be >= 1, got {self.slow_factor}")
         _check(self.staleness >= -1, f"--staleness must be >= 0, or -1 for no bound, got {self.staleness}")
 
+    def _check_federated(self):
+        for name in ("rounds", "local_epochs", "eval_every", "shards_per_client"):
+            _check(getattr(self, name) >= 1, f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("local_steps", "clients", "clients_per_round"):
+            _check(getattr(self, name) >= 0, f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        _check(self.alpha > 0, f"--alpha must be > 0, got {self.alpha}")
+        _check(0 <= self.fraction <= 1, f"--fraction must be in (0, 1] (0: use --clients-per-round), "
+                                        f"got {self.fraction}")
+        _check(not (self.fraction and self.clients_per_round),
+               "give --clients-per-round or --fraction, not both")
+        _check(self.clients == 0 or self.clients_per_round <= self.clients,
+               f"--clients-per-round {self.clients_per_round} is more than --clients {self.clients}")
+        _check(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
+        _check(self.prox_mu >= 0, f"--prox-mu must be >= 0, got {self.prox_mu}")
+        _check(self.server_lr is None or self.server_lr > 0, f"--server-lr must be > 0, got {self.server_lr}")
+        _check(0 <= self.server_momentum < 1, f"--server-momentum must be in [0, 1), got {self.server_momentum}")
+        _check(self.target_accuracy is None or 0 < self.target_accuracy <= 1,
+               f"--target-accuracy must be in (0, 1], got {self.target_accuracy}")
+
+    def num_clients(self, size):
+        """--clients, or one client per rank."""
+        return self.clients or size
+
+    def clients_each_round(self, size):
+        """How many clients are sampled each round (--clients-per-round, --fraction, or all)."""
+        total = self.num_clients(size)
+        if self.fraction:
+            return max(1, round(self.fraction * total))
+        return self.clients_per_round or total
+
+    def server_learning_rate(self):
+        """--server-lr, or its default: 1 for avg/avgm (plain averaging), 0.01 for the adaptive ones."""
+        if self.server_lr is not None:
+            return self.server_lr
+        return 1.0 if self.server_opt in ("avg", "avgm") else 0.01
+
+    def validate_data(self, dataset):
+        """Checks that need the data set (its size and task)."""
+        if self.mode != "federated":
+            return self
+        n, clients = len(dataset.y_train), self.clients or 1
+        _check(clients <= n, f"--clients {clients} is more than the {n} training samples; "
+                             "every client needs at least one")
+        if self.partition != "iid":
+            _check(dataset.task == "classification",
+                   f"--partition {self.partition} splits by label and needs a classification data set")
+        if self.partition == "shards":
+            _check(clients * self.shards_per_client <= n,
+                   f"--clients {clients} x --shards-per-client {self.shards_per_client} is more shards "
+                   f"than the {n} training samples")
+        return self
+
     def validate_world(self, size):
         """Checks that need the number of ranks."""
         _check(-1 <= self.slow_rank < size, f"--slow-rank must be a rank below {size} (or -1), got {self.slow_rank}")
@@ -108,6 +189,9 @@ class Config:
                               "launch with mpirun -n 2 or more")
             _check(self.servers < size, f"--servers {self.servers} leaves no worker among {size} ranks; "
                                         f"use --servers <= {size - 1}")
+        if self.mode == "federated" and not self.clients:
+            _check(self.clients_per_round <= size, f"--clients-per-round {self.clients_per_round} is more "
+                   f"than the {size} clients (one per rank without --clients)")
         return self
 
     def _check_outputs(self):
