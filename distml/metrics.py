@@ -47,7 +47,8 @@ class Reporter:
 
     def say(self, line):
         if self.enabled and not self.quiet:
-            print(line, flush=True)
+            tqdm.write(line, file=sys.stdout)  # above a bar that is being drawn, if any
+            sys.stdout.flush()
 
     def record(self, **fields):
         """Append one JSON object to the metrics file (root only)."""

@@ -61,15 +61,20 @@ def run(cfg, comm=None):
                f"{len(dataset.y_test)} test, {dataset.task}), model {cfg.model} "
                f"({sum(p.numel() for p in model.parameters()):,} parameters), {threads} thread(s) per rank")
 
-    # -- epochs ---------------------------------------------------------------
-    if hasattr(strategy, "run"):  # async: every worker runs all its epochs at its own pace
+    # -- epochs or rounds ------------------------------------------------------
+    if cfg.mode == "federated":
+        history = _train_rounds(strategy, model, dataset, comm, report, cfg)
+    elif hasattr(strategy, "run"):  # async: every worker runs all its epochs at its own pace
         history = [_train_whole(strategy, model, dataset, comm, report, cfg)]
         report.say(_epoch_line(history[0], cfg.epochs))
     else:
         history = _train_epochs(strategy, model, dataset, comm, report, cfg)
 
     # -- summary and outputs (root only writes) ---------------------------------
-    summary = _summary(cfg, comm, dataset, history, threads, wall)
+    if cfg.mode == "federated":
+        summary = _rounds_summary(cfg, comm, dataset, history, threads, wall)
+    else:
+        summary = _summary(cfg, comm, dataset, history, threads, wall)
     summary.update(strategy.extra_metrics(summary["train_time_s"]))
     if comm.is_root and cfg.save_model:
         save_state_dict(model, cfg.save_model)
@@ -103,6 +108,24 @@ def _train_whole(strategy, model, dataset, comm, report, cfg):
     return record
 
 
+def _train_rounds(strategy, model, dataset, comm, report, cfg):
+    """Federated rounds; the global model is evaluated every --eval-every rounds and after the last."""
+    history = []
+    for round_ in report.progress(range(cfg.rounds), total=cfg.rounds, desc="rounds"):
+        timer = Timer()
+        record = {"round": round_ + 1, **strategy.train_round(round_)}
+        record["round_time_s"] = timer.elapsed()
+        if (round_ + 1) % cfg.eval_every == 0 or round_ + 1 == cfg.rounds:
+            strategy.load_global()
+            record.update(evaluate(model, dataset, comm))
+            record.update(strategy.client_scores())
+            report.say(_round_line(record, cfg.rounds))
+        history.append(record)
+        report.record(**record)
+    strategy.load_global()  # what is saved is the global model
+    return history
+
+
 def _record(epoch, stats, timer, model, dataset, comm, *, share_model):
     """Totals over ranks, the time since `timer`, then the test scores of the shared model."""
     loss_sum_all, samples_all = comm.allreduce_array([stats.loss_sum, stats.samples])
@@ -115,6 +138,7 @@ def _record(epoch, stats, timer, model, dataset, comm, *, share_model):
 
 def _load(cfg):
     dataset = load_dataset(cfg)
+    cfg.validate_data(dataset)
     return dataset, build_model(cfg.model, dataset, cfg.hidden_sizes(), cfg.seed)
 
 
@@ -128,6 +152,29 @@ def _summary(cfg, comm, dataset, history, threads, wall):
             "train_time_s": train_time, "wall_time_s": wall.elapsed(),
             "samples_per_s": cfg.epochs * len(dataset.y_train) / train_time,
             "bytes_communicated": int(bytes_communicated)}
+
+
+def _rounds_summary(cfg, comm, dataset, history, threads, wall):
+    """The sync-style summary, plus rounds, bytes and the round that reached --target-accuracy."""
+    train_time = sum(r["round_time_s"] for r in history)
+    last_eval = history[-1]  # the last round is always evaluated
+    scores = {k: last_eval[k] for k in last_eval if k.startswith(("test_", "client_acc"))}
+    reached, sent = None, 0
+    for r in history:
+        sent += r["bytes_up"] + r["bytes_down"]
+        if reached is None and cfg.target_accuracy is not None \
+                and r.get("test_accuracy", -1) >= cfg.target_accuracy:
+            reached = {"rounds_to_target": r["round"], "bytes_to_target": sent}
+    return {"summary": True, "mode": cfg.mode, "world_size": comm.size, "dataset": dataset.name,
+            "model": cfg.model, "rounds": len(history), "batch_size": cfg.batch_size,
+            "threads": threads, "train_loss": history[-1]["train_loss"], **scores,
+            "train_time_s": train_time, "wall_time_s": wall.elapsed(),
+            "round_time_s": train_time / len(history),
+            "samples_per_s": sum(r["samples"] for r in history) / train_time,
+            "bytes_up": sum(r["bytes_up"] for r in history),
+            "bytes_down": sum(r["bytes_down"] for r in history),
+            "rounds_to_target": None, "bytes_to_target": None, **(reached or {}),
+            "bytes_communicated": int(comm.allreduce_array([comm.bytes_sent])[0])}
 
 
 @torch.no_grad()
@@ -166,6 +213,16 @@ def _epoch_line(record, epochs):
             f"{record['epoch_time_s']:.2f}s  {record['samples_per_s']:,.0f} samples/s")
 
 
+def _round_line(record, rounds):
+    clients = f"{record['clients_participating']}/{record['clients_sampled']} clients"
+    return (f"round {record['round']:>4}/{rounds}  {clients}  train_loss {record['train_loss']:.4f}  "
+            f"{_score(record)}  {record['round_time_s'] * 1000:.1f} ms")
+
+
 def _summary_line(s):
+    if s["mode"] == "federated":
+        return (f"done: federated, {s['world_size']} rank(s), {s['rounds']} rounds in {s['train_time_s']:.2f}s  "
+                f"{_score(s)}  {s['bytes_up'] + s['bytes_down']:,} model bytes moved, "
+                f"{s['bytes_communicated']:,} bytes via MPI")
     return (f"done: {s['mode']}, {s['world_size']} rank(s), {s['epochs']} epochs in {s['train_time_s']:.2f}s  "
             f"{_score(s)}  {s['samples_per_s']:,.0f} samples/s  {s['bytes_communicated']:,} bytes via MPI")

@@ -1,0 +1,196 @@
+"""Federated averaging: many simulated clients, periodic sample-weighted averaging.
+
+Each round every rank draws the same sample of clients (seeded by round), runs
+the sampled clients it owns one after another, each starting from the global
+model with a fresh optimizer, and adds (local - global) x samples trained to
+one flat buffer. One in-place Allreduce of that buffer gives the weighted
+average update, which the server optimizer (`server_opt.py`) applies on every
+rank alike. A client's work depends only on (seed, round, client), and clients
+are owned by ranks only to keep their state (SCAFFOLD's control variates) in
+one place, so the result does not depend on the number of ranks.
+
+Weights are the samples a client trained on this round: with local epochs
+that is proportional to its data (McMahan et al.'s n_k), and with one local
+step FedAvg is exactly mini-batch SGD on the union of the clients' batches.
+"""
+import heapq
+
+import numpy as np
+import torch
+
+from ..api import broadcast_parameters
+from ..partition import partition
+from ..reducer import _zeros
+from ..sharding import rng
+from .async_ps import FlatModel
+from .base import Strategy, batch_tensors, loss_sum, make_optimizer
+from .server_opt import ServerOptimizer
+
+__all__ = ["FederatedStrategy", "assign_clients", "sample_clients", "client_batches"]
+
+
+def assign_clients(sizes, ranks):
+    """Owner rank of each client: largest clients first, each to the least loaded rank (even load)."""
+    owner = [0] * len(sizes)
+    loads = [(0, r) for r in range(ranks)]
+    for client in sorted(range(len(sizes)), key=lambda c: (-sizes[c], c)):
+        load, rank = heapq.heappop(loads)
+        owner[client] = rank
+        heapq.heappush(loads, (load + sizes[client], rank))
+    return owner
+
+
+def sample_clients(seed, round_, num_clients, per_round, dropout=0.0):
+    """(sampled, survivors) of a round: the same on every rank, whatever the world size."""
+    sampled = np.sort(rng(seed, "sample", round_).choice(num_clients, per_round, replace=False))
+    fails = rng(seed, "dropout", round_).random(num_clients) < dropout
+    return sampled.tolist(), [c for c in sampled.tolist() if not fails[c]]
+
+
+def client_batches(num_samples, batch_size, *, seed, round_, client, epochs=1, steps=0):
+    """A client's local batches this round (positions in its own data).
+
+    `epochs` reshuffled passes, or exactly `steps` batches (passing over the
+    data as often as needed) when steps > 0. batch_size 0: the whole data.
+    """
+    size = batch_size or num_samples
+    batches, epoch = [], 0
+    while (len(batches) < steps) if steps else (epoch < epochs):
+        order = rng(seed, "client", round_, client, epoch).permutation(num_samples)
+        batches += [order[i:i + size] for i in range(0, num_samples, size)]
+        epoch += 1
+    return batches[:steps] if steps else batches
+
+
+class FederatedStrategy(Strategy):
+    """The trainer calls train_round() per round; evaluate after load_global()."""
+
+    def setup(self):
+        cfg, comm, data = self.cfg, self.comm, self.dataset
+        broadcast_parameters(self.model, comm=comm)
+        self.flat = FlatModel(self.model)
+        self.buffers = [b for b in self.model.buffers() if b.is_floating_point()]
+        self.global_params = self.flat.data.clone()  # x: never a view of the model (see tests)
+        self.global_buffers = self._buffer_vector().clone()
+        self.num_clients = cfg.num_clients(comm.size)
+        self.per_round = cfg.clients_each_round(comm.size)
+        self.parts = partition(data.y_train, self.num_clients, cfg.partition, alpha=cfg.alpha,
+                               shards_per_client=cfg.shards_per_client, seed=cfg.seed)
+        self.owner = assign_clients([len(p) for p in self.parts], comm.size)
+        self.server = ServerOptimizer(cfg.server_opt, cfg.server_learning_rate(), cfg.server_momentum,
+                                      self.global_params)
+        self.scaffold = cfg.algorithm == "scaffold"
+        p, b = self.global_params.numel(), self.global_buffers.numel()
+        self.slices = {"params": slice(0, p), "buffers": slice(p, p + b)}
+        if self.scaffold:  # control variates: the server's c, and each owned client's c_i (from 0)
+            self.slices["control"] = slice(p + b, 2 * p + b)
+            self.control = torch.zeros_like(self.global_params)
+            self.client_control = {}
+        end = self.slices.get("control", self.slices["buffers"]).stop
+        self.slices["totals"] = slice(end, end + 2)  # samples trained, summed loss
+        self.sums = _zeros(end + 2, self.global_params.dtype)
+        make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])  # the first costs ~1 s of imports: not in round 1
+        model_bytes = (p + b) * self.global_params.element_size()
+        self.bytes_per_client = model_bytes * (2 if self.scaffold else 1)  # SCAFFOLD ships c and c_i too
+
+    # -- one round ----------------------------------------------------------------
+    def train_round(self, round_):
+        """Train the sampled clients and apply the averaged update; returns the round's record."""
+        sampled, survivors = sample_clients(self.cfg.seed, round_, self.num_clients, self.per_round,
+                                            self.cfg.dropout)
+        self.sums.zero_()
+        for client in survivors:
+            if self.owner[client] == self.comm.rank:
+                self._train_client(client, round_)
+        self.comm.allreduce_(self.sums)  # the only collective of a round
+        samples, loss = self.sums[self.slices["totals"]].tolist()
+        if samples > 0:  # a round without survivors keeps the model
+            self._apply(samples, len(survivors))
+        return {"clients_sampled": len(sampled), "clients_participating": len(survivors),
+                "clients_dropped": len(sampled) - len(survivors), "train_loss": loss / max(samples, 1),
+                "samples": int(samples), "bytes_down": len(sampled) * self.bytes_per_client,
+                "bytes_up": len(survivors) * self.bytes_per_client}
+
+    def _train_client(self, client, round_):
+        """Local training from the global model; adds the weighted update to self.sums."""
+        cfg, data, flat = self.cfg, self.dataset, self.flat
+        self.load_global()
+        self.model.train()
+        optimizer = make_optimizer(cfg, self.model.parameters())  # fresh each round
+        own = self.parts[client]
+        batches = client_batches(len(own), cfg.batch_size, seed=cfg.seed, round_=round_, client=client,
+                                 epochs=cfg.local_epochs, steps=cfg.local_steps)
+        if self.scaffold:
+            correction = self.control - self.client_control.get(client, 0)
+        trained, loss_total = 0, 0.0
+        for positions in batches:
+            flat.grad.zero_()  # not optimizer.zero_grad(): .grad must stay a view of flat.grad
+            x, y = batch_tensors(data.X_train, data.y_train, own[positions])
+            loss = loss_sum(self.model(x), y, data.task)
+            (loss / len(positions)).backward()
+            if cfg.algorithm == "fedprox":  # gradient of (mu / 2) ||w - x||^2
+                flat.grad.add_(flat.data - self.global_params, alpha=cfg.prox_mu)
+            if self.scaffold:
+                flat.grad.add_(correction)
+            optimizer.step()
+            trained, loss_total = trained + len(positions), loss_total + loss.item()
+        with torch.no_grad():
+            self.sums[self.slices["params"]].add_(flat.data - self.global_params, alpha=trained)
+            self.sums[self.slices["buffers"]].add_(self._buffer_vector() - self.global_buffers, alpha=trained)
+            if self.scaffold:
+                self.sums[self.slices["control"]].add_(self._update_control(client, len(batches)))
+            self.sums[self.slices["totals"]] += torch.tensor([trained, loss_total], dtype=self.sums.dtype)
+
+    def _update_control(self, client, steps):
+        """SCAFFOLD option II: c_i+ = c_i - c + (x - y) / (K lr); returns c_i+ - c_i."""
+        delta = (self.global_params - self.flat.data) / (steps * self.cfg.lr) - self.control
+        self.client_control[client] = self.client_control.get(client, 0) + delta
+        return delta
+
+    def _apply(self, samples, survivors):
+        """Server step with the weighted average update; buffers are plainly averaged."""
+        sums = self.sums
+        self.server.step(self.global_params, sums[self.slices["params"]] / samples)
+        self.global_buffers.add_(sums[self.slices["buffers"]] / samples)
+        if self.scaffold:  # c += (1 / N) sum over participants of (c_i+ - c_i)
+            self.control.add_(sums[self.slices["control"]] / self.num_clients)
+
+    # -- the global model ---------------------------------------------------------
+    def load_global(self):
+        """Put the global weights (and buffers) into the model, by copy."""
+        with torch.no_grad():
+            self.flat.data.copy_(self.global_params)
+            offset = 0
+            for b in self.buffers:
+                b.copy_(self.global_buffers[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
+
+    def _buffer_vector(self):
+        if not self.buffers:
+            return torch.zeros(0, dtype=self.global_params.dtype)
+        return torch.cat([b.detach().reshape(-1).to(self.global_params.dtype) for b in self.buffers])
+
+    @torch.no_grad()
+    def client_scores(self):
+        """Accuracy of the global model on each client's own data: mean, min, 10th percentile.
+
+        Each rank scores the clients it owns; one Allreduce gathers them.
+        """
+        if self.dataset.task != "classification":
+            return {}
+        self.load_global()
+        self.model.eval()
+        scores = torch.zeros(self.num_clients, dtype=torch.float64)
+        for client, own in enumerate(self.parts):
+            if self.owner[client] == self.comm.rank:
+                x, y = batch_tensors(self.dataset.X_train, self.dataset.y_train, own)
+                scores[client] = (self.model(x).argmax(dim=1) == y).double().mean()
+        scores = self.comm.allreduce_(scores).numpy()
+        return {"client_acc_mean": float(scores.mean()), "client_acc_min": float(scores.min()),
+                "client_acc_p10": float(np.percentile(scores, 10))}
+
+    def extra_metrics(self, train_time):
+        return {"clients": self.num_clients, "clients_per_round": self.per_round,
+                "algorithm": self.cfg.algorithm, "server_opt": self.cfg.server_opt,
+                "partition": self.cfg.partition}
+
