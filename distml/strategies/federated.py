@@ -69,7 +69,7 @@ class FederatedStrategy(Strategy):
         cfg, comm, data = self.cfg, self.comm, self.dataset
         broadcast_parameters(self.model, comm=comm)
         self.flat = FlatModel(self.model)
-        self.buffers = [b for b in self.model.buffers() if b.is_floating_point()]
+        self.buffers = list(self.model.buffers())  # BatchNorm statistics and counters
         self.global_params = self.flat.data.clone()  # x: never a view of the model (see tests)
         self.global_buffers = self._buffer_vector().clone()
         self.num_clients = cfg.num_clients(comm.size)
@@ -162,7 +162,8 @@ class FederatedStrategy(Strategy):
             self.flat.data.copy_(self.global_params)
             offset = 0
             for b in self.buffers:
-                b.copy_(self.global_buffers[offset:offset + b.numel()].view_as(b))
+                value = self.global_buffers[offset:offset + b.numel()].view_as(b)
+                b.copy_(value if b.is_floating_point() else value.round())  # averaged counters
                 offset += b.numel()
 
     def _buffer_vector(self):

@@ -1,0 +1,76 @@
+"""End-to-end: `distml train --mode federated` under mpirun, as a user runs it."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch import launch, summary
+
+pytestmark = pytest.mark.timeout(240)
+
+BN_MODEL = Path(__file__).parent / "mpi" / "bn_model.py"
+VARIANTS = {
+    "fedavg-dirichlet-dropout-avgm": ["--partition", "dirichlet", "--alpha", 0.3, "--dropout", 0.25,
+                                      "--server-opt", "avgm", "--server-momentum", 0.5],
+    "scaffold-shards-yogi": ["--algorithm", "scaffold", "--partition", "shards", "--server-opt", "yogi",
+                             "--server-lr", 0.03, "--momentum", 0],
+    "fedprox-batchnorm-adam": ["--algorithm", "fedprox", "--prox-mu", 0.1, "--server-opt", "adam",
+                               "--model", f"{BN_MODEL}:make"],
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_final_weights_do_not_depend_on_the_number_of_ranks(tmp_path, variant):
+    # 8 clients, 6 sampled per round, on 1, 2 and 3 ranks (8 is not divisible by 3).
+    flags = ["train", "--quiet", "--mode", "federated", "--clients", 8, "--clients-per-round", 6,
+             "--rounds", 3, "--local-epochs", 2, "--lr", 0.05, "--eval-every", 3, *VARIANTS[variant]]
+    saved = {}
+    for ranks in (1, 2, 3):
+        path = tmp_path / f"{ranks}.pt"
+        done = launch(ranks, *flags, "--save-model", path, "--metrics", tmp_path / f"{ranks}.jsonl")
+        assert done.returncode == 0, done.stderr
+        saved[ranks] = torch.load(path, weights_only=True)
+
+    for ranks in (2, 3):
+        diff = max((saved[1][k].double() - saved[ranks][k].double()).abs().max().item() for k in saved[1])
+        assert diff <= 1e-5, f"{ranks} ranks differ from 1 rank by {diff}"
+    counts = [summary(tmp_path / f"{r}.jsonl")["bytes_up"] for r in (1, 2, 3)]
+    assert counts[0] == counts[1] == counts[2]
+
+
+def test_summary_and_round_records_carry_the_accounting(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+
+    done = launch(2, "train", "--mode", "federated", "--clients", 6, "--fraction", 0.5, "--rounds", 4,
+                  "--eval-every", 2, "--dropout", 0.3, "--target-accuracy", 0.2, "--metrics", metrics)
+
+    assert done.returncode == 0, done.stderr
+    rounds = [r for r in map(__import__("json").loads, metrics.read_text().splitlines()) if "round" in r]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert all(r["clients_sampled"] == 3 == r["clients_participating"] + r["clients_dropped"] for r in rounds)
+    assert ["test_accuracy" in r for r in rounds] == [False, True, False, True]
+    s = summary(metrics)
+    assert s["bytes_up"] == sum(r["bytes_up"] for r in rounds)
+    assert s["rounds"] == 4 and s["clients"] == 6 and s["clients_per_round"] == 3
+    assert "round    2/4" in done.stdout and "done: federated, 2 rank(s)" in done.stdout
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--alpha", 0, "--partition", "dirichlet"], "--alpha must be > 0"),
+    (["--clients", 100000], "more than the 1438 training samples"),
+    (["--clients", 20, "--clients-per-round", 21], "--clients-per-round 21 is more than --clients 20"),
+    (["--dropout", 1], "--dropout must be in [0, 1)"),
+    (["--dropout", -0.1], "--dropout must be in [0, 1)"),
+    (["--clients", 10, "--fraction", 0.5, "--clients-per-round", 3], "not both"),
+    (["--dataset", "diabetes", "--model", "linear", "--partition", "shards"], "needs a classification"),
+    (["--server-opt", "sgd"], "--server-opt must be one of"),
+    (["--clients", 800, "--partition", "shards", "--shards-per-client", 2], "more shards"),
+    (["--clients-per-round", 3], "more than the 1 clients"),
+])
+def test_bad_federated_input_is_one_line_and_exit_2(tmp_path, flags, expected):
+    done = launch(0, "train", "--mode", "federated", "--metrics", tmp_path / "m.jsonl", *flags, timeout=60)
+
+    assert done.returncode == 2, done.stderr
+    ours = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(ours) == 1 and ours[0].startswith("distml: error:") and expected in ours[0], done.stderr
+    assert not (tmp_path / "m.jsonl").exists()
