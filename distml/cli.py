@@ -1,7 +1,8 @@
-"""The `distml` command: `distml train ...` and `distml info`.
+"""The `distml` command: `distml train ...`, `distml partition ...` and `distml info`.
 
     mpirun -n 4 distml train --model cnn --epochs 5
     distml train --config run.toml --lr 0.01        # flags win over the file
+    distml partition --clients 20 --partition dirichlet --alpha 0.1 --plot labels.png
 
 Errors the user can fix print one line (once, from rank 0) and exit 2 on
 every rank. Any other exception on any rank prints one line naming the rank
@@ -18,7 +19,8 @@ import typing
 from . import __version__
 from . import comm as _comm
 from .agreement import RankFailure
-from .config import ALGORITHMS, MODES, OPTIMIZERS, PARTITIONS, SERVER_OPTS, Config, UsageError, load_toml
+from .config import (ALGORITHMS, MODES, OPTIMIZERS, PARTITIONS, SERVER_OPTS, Config, UsageError,
+                     _check_output_path, load_toml)
 
 HELP = {
     "mode": f"training mode ({', '.join(MODES)})",
@@ -69,6 +71,12 @@ HELP = {
     "config": "TOML file with the same keys as these flags (flags win)",
 }
 
+# `distml partition`: the Config fields that decide the split, with the same meaning as for train.
+PARTITION_FLAGS = ("dataset", "target", "test_fraction", "samples", "features", "classes", "seed",
+                   "clients", "partition", "alpha", "shards_per_client")
+PARTITION_DEFAULTS = {"clients": 10}  # no ranks here to give one client each
+PARTITION_HELP = {"clients": "clients to split the training set over"}
+
 
 class _Parser(argparse.ArgumentParser):
     """Raises UsageError instead of exiting, and prints help only on rank 0."""
@@ -84,19 +92,30 @@ class _Parser(argparse.ArgumentParser):
 def build_parser():
     parser = _Parser(prog="distml", description="Data-parallel training of PyTorch models over MPI.")
     parser.add_argument("--version", action="version", version=f"distml {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,info}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,partition,info}")
     train = sub.add_parser("train", help="train a model on all ranks",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            train.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=HELP[f.name])
-        else:
-            kind = _scalar_type(f)
-            train.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=_metavar(f),
-                               help=HELP[f.name] + (f" (default: {f.default})" if f.default is not None else ""))
+        _add_flag(train, f, HELP[f.name], f.default)
+    part = sub.add_parser("partition", help="print (and plot) the label histogram of each federated client")
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for name in PARTITION_FLAGS:
+        _add_flag(part, fields[name], PARTITION_HELP.get(name, HELP[name]),
+                  PARTITION_DEFAULTS.get(name, fields[name].default))
+    part.add_argument("--plot", metavar="PNG", default=None,
+                      help="also draw the histograms to this PNG (needs matplotlib)")
     sub.add_parser("info", help="show the MPI library, world size, torch version and threads")
     return parser
+
+
+def _add_flag(parser, f, text, default):
+    """--flag-name for Config field `f`; a flag not given is left out, so files and defaults apply."""
+    flag = "--" + f.name.replace("_", "-")
+    if f.type is bool:
+        parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
+    else:
+        parser.add_argument(flag, type=_scalar_type(f), default=argparse.SUPPRESS, metavar=_metavar(f),
+                            help=text + (f" (default: {default})" if default is not None else ""))
 
 
 def _scalar_type(f):
@@ -109,14 +128,23 @@ def _metavar(f):
     return {int: "N", float: "X"}.get(_scalar_type(f), f.name.upper())
 
 
-def parse_config(argv):
-    """Config from defaults < --config file < flags; raises UsageError."""
+def parse_command(argv):
+    """The subcommand and the flags given to it (as a dict); raises UsageError."""
     args = vars(build_parser().parse_args(argv))
-    if args.pop("command") != "train":
-        return None
+    return args.pop("command"), args
+
+
+def train_config(args):
+    """Config from defaults < --config file < flags."""
     settings = load_toml(args["config"]) if args.get("config") else {}
     settings.update(args)
     return Config(**settings)
+
+
+def parse_config(argv):
+    """Config for `distml train ...` (None for the other commands); raises UsageError."""
+    command, args = parse_command(argv)
+    return train_config(args) if command == "train" else None
 
 
 def info(comm):
@@ -134,15 +162,68 @@ def info(comm):
     return 0
 
 
+def show_partition(args):
+    """`distml partition`: each client's label histogram, as printed (and plotted) on rank 0."""
+    from .data import load_dataset
+    from .partition import format_histogram, label_histogram, partition, plot_histogram
+    plot = args.pop("plot")
+    cfg = Config(**{"mode": "federated", **PARTITION_DEFAULTS, **args}).validate()
+    if cfg.clients < 1:
+        raise UsageError(f"--clients must be >= 1, got {cfg.clients}")
+    _check_plot_path(plot, cfg.dataset)
+    dataset = load_dataset(cfg)
+    if dataset.task != "classification":
+        raise UsageError(f"distml partition shows label histograms and needs a classification data set; "
+                         f"{cfg.dataset} is a regression")
+    cfg.validate_data(dataset)
+    parts = partition(dataset.y_train, cfg.clients, cfg.partition, alpha=cfg.alpha,
+                      shards_per_client=cfg.shards_per_client, seed=cfg.seed)
+    hist = label_histogram(dataset.y_train, parts, dataset.num_classes)
+    print(f"{dataset.name}: {len(dataset.y_train)} training samples, {dataset.num_classes} classes, "
+          f"{_describe_partition(cfg)} over {cfg.clients} clients (seed {cfg.seed})")
+    print(format_histogram(hist))
+    print(_summary(hist))
+    if plot:
+        plot_histogram(hist, plot)
+        print(f"wrote {plot}")
+    return 0
+
+
+def _summary(hist):
+    """One line a user compares across --alpha values: how many classes, how many samples per client."""
+    present, sizes = (hist > 0).sum(axis=1), hist.sum(axis=1)
+    return (f"classes per client: mean {present.mean():.2f}, min {present.min()}, max {present.max()}; "
+            f"samples per client: min {sizes.min()}, max {sizes.max()}")
+
+
+def _describe_partition(cfg):
+    extra = {"dirichlet": f" (alpha {cfg.alpha:g})", "shards": f" ({cfg.shards_per_client} per client)"}
+    return cfg.partition + extra.get(cfg.partition, "")
+
+
+def _check_plot_path(plot, dataset):
+    """--plot must be a writable file that is not the data set, and matplotlib must be there."""
+    if plot is None:
+        return
+    _check_output_path(plot, "plot")
+    if os.path.realpath(plot) == os.path.realpath(dataset):
+        raise UsageError(f"--plot {plot} is also given as --dataset; it would be overwritten")
+    import importlib.util
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install matplotlib")
+
+
 def main(argv=None):
     comm = _comm.world()
     try:
         from .agreement import agree
-        from .trainer import run
-        cfg = agree(comm, lambda: parse_config(argv))
-        if cfg is None:
+        command, args = agree(comm, lambda: parse_command(argv))
+        if command == "info":
             return info(comm)
-        run(cfg, comm)
+        if command == "partition":
+            return agree(comm, lambda: show_partition(args) if comm.is_root else 0)
+        from .trainer import run
+        run(agree(comm, lambda: train_config(args)), comm)
         return 0
     except UsageError as e:
         if comm.is_root:

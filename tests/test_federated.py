@@ -15,7 +15,8 @@ from distml.trainer import run
 
 
 def _strategy(**settings):
-    cfg = Config(mode="federated", hidden="16", quiet=True, **settings).validate(writes_outputs=False)
+    torch.set_num_threads(1)  # tiny models: a second thread only adds waiting on a busy machine
+    cfg = Config(mode="federated", hidden="16", quiet=True, threads=1, **settings).validate(writes_outputs=False)
     dataset = load_dataset(cfg)
     model = build_model(cfg.model, dataset, cfg.hidden_sizes(), cfg.seed)
     strategy = FederatedStrategy(cfg, dataset, model, comm.world())
@@ -120,7 +121,7 @@ def test_fedavg_one_local_step_equals_minibatch_sgd_on_the_union_of_client_batch
 
 def test_fedavg_reaches_90_percent_on_iid_digits():
     result = run(Config(mode="federated", clients=20, clients_per_round=10, rounds=40, local_epochs=5,
-                        batch_size=16, lr=0.05, momentum=0.0, eval_every=40, quiet=True))
+                        batch_size=16, lr=0.05, momentum=0.0, eval_every=40, threads=1, quiet=True))
 
     assert result.summary["test_accuracy"] >= 0.9
     assert result.summary["rounds"] == 40
@@ -131,7 +132,7 @@ def test_fedavg_reaches_90_percent_on_iid_digits():
 @pytest.mark.parametrize("target,expect", [(0.5, True), (1.0, False)])
 def test_rounds_to_target_is_the_first_round_at_or_above_it(target, expect):
     result = run(Config(mode="federated", clients=4, rounds=6, local_epochs=5, lr=0.1, momentum=0.0,
-                        target_accuracy=target, quiet=True))
+                        target_accuracy=target, threads=1, quiet=True))
 
     s = result.summary
     if expect:

@@ -1,6 +1,5 @@
 """Federated rounds on the world equal the same rounds on one process, inside one job."""
 import pytest
-import torch
 from mpi4py import MPI
 
 from distml import comm
