@@ -5,9 +5,10 @@ the sampled clients it owns one after another, each starting from the global
 model with a fresh optimizer, and adds (local - global) x samples trained to
 one flat buffer. One in-place Allreduce of that buffer gives the weighted
 average update, which the server optimizer (`server_opt.py`) applies on every
-rank alike. A client's work depends only on (seed, round, client), and clients
-are owned by ranks only to keep their state (SCAFFOLD's control variates) in
-one place, so the result does not depend on the number of ranks.
+rank alike. A client's work depends only on (seed, round, client), so the
+result does not depend on the number of ranks. Each round's clients are dealt
+to the ranks by size, evenly; only clients with state (SCAFFOLD's control
+variates) always go to the rank that owns them.
 
 Weights are the samples a client trained on this round: with local epochs
 that is proportional to its data (McMahan et al.'s n_k), and with one local
@@ -99,8 +100,8 @@ class FederatedStrategy(Strategy):
         sampled, survivors = sample_clients(self.cfg.seed, round_, self.num_clients, self.per_round,
                                             self.cfg.dropout)
         self.sums.zero_()
-        for client in survivors:
-            if self.owner[client] == self.comm.rank:
+        for client, rank in self._trainers(survivors).items():
+            if rank == self.comm.rank:
                 self._train_client(client, round_)
         self.comm.allreduce_(self.sums)  # the only collective of a round
         samples, loss = self.sums[self.slices["totals"]].tolist()
@@ -110,6 +111,17 @@ class FederatedStrategy(Strategy):
                 "clients_dropped": len(sampled) - len(survivors), "train_loss": loss / max(samples, 1),
                 "samples": int(samples), "bytes_down": len(sampled) * self.bytes_per_client,
                 "bytes_up": len(survivors) * self.bytes_per_client}
+
+    def _trainers(self, clients):
+        """The rank that trains each of this round's clients.
+
+        A client with state (SCAFFOLD's c_i) is trained by its owner; stateless
+        clients are dealt out afresh each round, so the ranks share this
+        round's work evenly.
+        """
+        if self.scaffold:
+            return {c: self.owner[c] for c in clients}
+        return dict(zip(clients, assign_clients([len(self.parts[c]) for c in clients], self.comm.size)))
 
     def _train_client(self, client, round_):
         """Local training from the global model; adds the weighted update to self.sums."""
