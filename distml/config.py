@@ -143,6 +143,9 @@ class Config:
                f"--clients-per-round {self.clients_per_round} is more than --clients {self.clients}")
         _check(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
         _check(self.prox_mu >= 0, f"--prox-mu must be >= 0, got {self.prox_mu}")
+        _check(self.algorithm != "scaffold" or (self.optimizer == "sgd" and self.momentum == 0),
+               "--algorithm scaffold assumes plain SGD client steps (its control variates divide by "
+               "steps x lr): add --momentum 0 (and --optimizer sgd)")
         _check(self.server_lr is None or self.server_lr > 0, f"--server-lr must be > 0, got {self.server_lr}")
         _check(0 <= self.server_momentum < 1, f"--server-momentum must be in [0, 1), got {self.server_momentum}")
         _check(self.target_accuracy is None or 0 < self.target_accuracy <= 1,
@@ -156,7 +159,7 @@ class Config:
         """How many clients are sampled each round (--clients-per-round, --fraction, or all)."""
         total = self.num_clients(size)
         if self.fraction:
-            return max(1, round(self.fraction * total))
+            return max(1, math.floor(self.fraction * total + 0.5))
         return self.clients_per_round or total
 
     def server_learning_rate(self):
@@ -165,13 +168,15 @@ class Config:
             return self.server_lr
         return 1.0 if self.server_opt in ("avg", "avgm") else 0.01
 
-    def validate_data(self, dataset):
-        """Checks that need the data set (its size and task)."""
+    def validate_data(self, dataset, size=1):
+        """Checks that need the data set (its size and task) and the number of ranks."""
         if self.mode != "federated":
             return self
-        n, clients = len(dataset.y_train), self.clients or 1
+        n, clients = len(dataset.y_train), self.num_clients(size)
         _check(clients <= n, f"--clients {clients} is more than the {n} training samples; "
                              "every client needs at least one")
+        _check(self.target_accuracy is None or dataset.task == "classification",
+               "--target-accuracy needs a classification data set (regression reports test_mse)")
         if self.partition != "iid":
             _check(dataset.task == "classification",
                    f"--partition {self.partition} splits by label and needs a classification data set")

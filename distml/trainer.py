@@ -50,7 +50,7 @@ def run(cfg, comm=None):
 
     # -- set-up: every usage error surfaces here, on all ranks, before training --
     agree(comm, lambda: cfg.validate(writes_outputs=comm.is_root).validate_world(comm.size))
-    dataset, model = agree(comm, lambda: _load(cfg))
+    dataset, model = agree(comm, lambda: _load(cfg, comm.size))
     check_same(comm, "settings, data or model", fingerprint(cfg, dataset, model))
     default = default_threads(comm)  # a collective: every rank calls it
     threads = cfg.threads or default
@@ -136,9 +136,9 @@ def _record(epoch, stats, timer, model, dataset, comm, *, share_model):
             "samples_per_s": samples_all / elapsed}
 
 
-def _load(cfg):
+def _load(cfg, size):
     dataset = load_dataset(cfg)
-    cfg.validate_data(dataset)
+    cfg.validate_data(dataset, size)
     return dataset, build_model(cfg.model, dataset, cfg.hidden_sizes(), cfg.seed)
 
 
@@ -215,7 +215,8 @@ def _epoch_line(record, epochs):
 
 def _round_line(record, rounds):
     clients = f"{record['clients_participating']}/{record['clients_sampled']} clients"
-    return (f"round {record['round']:>4}/{rounds}  {clients}  train_loss {record['train_loss']:.4f}  "
+    loss = "n/a" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
+    return (f"round {record['round']:>4}/{rounds}  {clients}  train_loss {loss}  "
             f"{_score(record)}  {record['round_time_s'] * 1000:.1f} ms")
 
 

@@ -66,6 +66,8 @@ def test_summary_and_round_records_carry_the_accounting(tmp_path):
     (["--server-opt", "sgd"], "--server-opt must be one of"),
     (["--clients", 800, "--partition", "shards", "--shards-per-client", 2], "more shards"),
     (["--clients-per-round", 3], "more than the 1 clients"),
+    (["--algorithm", "scaffold"], "add --momentum 0"),
+    (["--dataset", "diabetes", "--model", "linear", "--target-accuracy", 0.9], "needs a classification"),
 ])
 def test_bad_federated_input_is_one_line_and_exit_2(tmp_path, flags, expected):
     done = launch(0, "train", "--mode", "federated", "--metrics", tmp_path / "m.jsonl", *flags, timeout=60)

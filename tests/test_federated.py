@@ -26,13 +26,24 @@ def _strategy(**settings):
 
 @pytest.mark.parametrize("ranks", [1, 2, 3, 4, 7])
 def test_clients_are_spread_over_ranks_evenly(ranks):
-    sizes = [72] * 17 + [71] * 3 + [500]
+    sizes = [72] * 17 + [71] * 3 + [30, 200]
 
     owner = assign_clients(sizes, ranks)
 
     loads = [sum(s for s, o in zip(sizes, owner) if o == r) for r in range(ranks)]
-    assert sorted(set(owner)) == list(range(min(ranks, len(sizes))))
-    assert max(loads) - min(loads) <= max(max(sizes[1:]), 0) or max(loads) == 500
+    assert sorted(set(owner)) == list(range(ranks))
+    assert max(loads) - min(loads) <= 72  # greedy, largest first: within one ordinary client
+    assert assign_clients(sizes, ranks) == owner  # the same on every rank
+
+
+def test_each_round_deals_its_stateless_clients_evenly_over_ranks():
+    strategy = _strategy(clients=10)
+    strategy.comm = type("FourRanks", (), {"size": 4, "rank": 0})()
+
+    trainers = strategy._trainers(list(range(10)))
+
+    assert sorted(trainers) == list(range(10))
+    assert sorted(list(trainers.values()).count(r) for r in range(4)) == [2, 2, 3, 3]
 
 
 def test_sampling_and_dropout_are_seeded_and_independent_of_ranks():
@@ -87,7 +98,7 @@ def test_a_round_without_survivors_keeps_the_model():
 
 
 def test_scaffold_doubles_the_bytes_each_way():
-    plain, scaffold = _strategy(clients=4), _strategy(clients=4, algorithm="scaffold")
+    plain, scaffold = _strategy(clients=4, momentum=0), _strategy(clients=4, algorithm="scaffold", momentum=0)
 
     a, b = plain.train_round(0), scaffold.train_round(0)
 
@@ -97,7 +108,8 @@ def test_scaffold_doubles_the_bytes_each_way():
 
 def test_fedavg_one_local_step_equals_minibatch_sgd_on_the_union_of_client_batches():
     # 5 clients of uneven size (dirichlet), every client every round, plain SGD, server lr 1.
-    settings = dict(clients=5, partition="dirichlet", alpha=0.5, local_steps=1, batch_size=8,
+    # Batch 256 is more than some clients hold: their weight is their size, the others' 256.
+    settings = dict(clients=5, partition="dirichlet", alpha=0.5, local_steps=1, batch_size=256,
                     momentum=0.0, lr=0.1, rounds=4, seed=3)
     strategy = _strategy(**settings)
     cfg, data = strategy.cfg, strategy.dataset
@@ -105,9 +117,10 @@ def test_fedavg_one_local_step_equals_minibatch_sgd_on_the_union_of_client_batch
     optimizer = torch.optim.SGD(reference.parameters(), lr=cfg.lr)
     parts = partition(data.y_train, 5, "dirichlet", alpha=0.5, seed=3)
 
+    assert min(len(p) for p in parts) < 256 < max(len(p) for p in parts)  # uneven weights
     for round_ in range(cfg.rounds):
         strategy.train_round(round_)
-        union = np.concatenate([parts[c][client_batches(len(parts[c]), 8, seed=3, round_=round_, client=c,
+        union = np.concatenate([parts[c][client_batches(len(parts[c]), 256, seed=3, round_=round_, client=c,
                                                        steps=1)[0]] for c in range(5)])
         optimizer.zero_grad()
         x, y = torch.from_numpy(data.X_train[union]), torch.from_numpy(data.y_train[union])
@@ -117,6 +130,73 @@ def test_fedavg_one_local_step_equals_minibatch_sgd_on_the_union_of_client_batch
     strategy.load_global()
     for mine, theirs in zip(strategy.model.parameters(), reference.parameters()):
         assert (mine - theirs).abs().max().item() <= 1e-5
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@torch.no_grad()
+def _set_flat(model, vector):
+    """Copy (not view: vector_to_parameters would make the parameters views of `vector`)."""
+    offset = 0
+    for p in model.parameters():
+        p.copy_(vector[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def _gradient(model, data, indices, at):
+    """The mean-loss gradient at weights `at`, flat."""
+    _set_flat(model, at)
+    model.zero_grad()
+    x, y = torch.from_numpy(data.X_train[indices]), torch.from_numpy(data.y_train[indices])
+    nn.functional.cross_entropy(model(x), y).backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def test_fedprox_client_follows_the_proximal_gradient():
+    strategy = _strategy(clients=3, algorithm="fedprox", prox_mu=0.5, momentum=0, lr=0.05, batch_size=16,
+                         local_epochs=2)
+    data, x = strategy.dataset, strategy.global_params.clone()
+    reference = build_model("mlp", data, (16,), 0)
+    own = strategy.parts[1]
+
+    strategy._train_client(1, round_=2)
+
+    w = x.clone()
+    for positions in client_batches(len(own), 16, seed=0, round_=2, client=1, epochs=2):
+        w -= 0.05 * (_gradient(reference, data, own[positions], w) + 0.5 * (w - x))
+    assert (strategy.flat.data - w).abs().max().item() <= 1e-5
+    assert (w - x).abs().max().item() > 1e-3  # it moved
+
+
+def test_scaffold_matches_a_reference_loop_over_two_rounds():
+    # 3 clients, all every round, 3 local steps of plain SGD, server lr 1 (Karimireddy et al., option II).
+    strategy = _strategy(clients=3, algorithm="scaffold", momentum=0, lr=0.05, batch_size=16, local_steps=3)
+    data, parts = strategy.dataset, strategy.parts
+    reference = build_model("mlp", data, (16,), 0)
+    x, c = strategy.global_params.clone(), torch.zeros_like(strategy.global_params)
+    c_i = [torch.zeros_like(c) for _ in parts]
+
+    for round_ in range(2):
+        strategy.train_round(round_)
+        update, weight, control = torch.zeros_like(x), 0, torch.zeros_like(x)
+        for i, own in enumerate(parts):
+            y = x.clone()
+            batches = client_batches(len(own), 16, seed=0, round_=round_, client=i, steps=3)
+            for positions in batches:
+                y -= 0.05 * (_gradient(reference, data, own[positions], y) - c_i[i] + c)
+            new_c_i = c_i[i] - c + (x - y) / (3 * 0.05)
+            control += new_c_i - c_i[i]
+            c_i[i] = new_c_i
+            trained = sum(len(b) for b in batches)
+            update, weight = update + trained * (y - x), weight + trained
+        x, c = x + update / weight, c + control / len(parts)
+
+    assert (strategy.global_params - x).abs().max().item() <= 1e-5
+    assert (strategy.control - c).abs().max().item() <= 1e-4
+    assert all((strategy.client_control[i] - c_i[i]).abs().max().item() <= 1e-4 for i in range(3))
+    assert c.abs().max().item() > 1e-3  # the control variates are not trivially zero
 
 
 def test_fedavg_reaches_90_percent_on_iid_digits():

@@ -53,12 +53,16 @@ def client_batches(num_samples, batch_size, *, seed, round_, client, epochs=1, s
 
     `epochs` reshuffled passes, or exactly `steps` batches (passing over the
     data as often as needed) when steps > 0. batch_size 0: the whole data.
+    A last batch of one sample joins the one before it.
     """
     size = batch_size or num_samples
     batches, epoch = [], 0
     while (len(batches) < steps) if steps else (epoch < epochs):
         order = rng(seed, "client", round_, client, epoch).permutation(num_samples)
-        batches += [order[i:i + size] for i in range(0, num_samples, size)]
+        cuts = list(range(0, num_samples, size)) + [num_samples]
+        if len(cuts) > 2 and cuts[-1] - cuts[-2] == 1:  # no 1-sample batch (BatchNorm cannot train on one)
+            del cuts[-2]
+        batches += [order[a:b] for a, b in zip(cuts, cuts[1:])]
         epoch += 1
     return batches[:steps] if steps else batches
 
@@ -89,10 +93,10 @@ class FederatedStrategy(Strategy):
             self.client_control = {}
         end = self.slices.get("control", self.slices["buffers"]).stop
         self.slices["totals"] = slice(end, end + 2)  # samples trained, summed loss
-        self.sums = _zeros(end + 2, self.global_params.dtype)
+        self.sums = _zeros(end + 2, torch.float64)  # float64: rank counts change the order of summing
         make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])  # the first costs ~1 s of imports: not in round 1
-        model_bytes = (p + b) * self.global_params.element_size()
-        self.bytes_per_client = model_bytes * (2 if self.scaffold else 1)  # SCAFFOLD ships c and c_i too
+        control = p if self.scaffold else 0  # SCAFFOLD ships c down and c_i's change up, one per parameter
+        self.bytes_per_client = (p + b + control) * self.global_params.element_size()
 
     # -- one round ----------------------------------------------------------------
     def train_round(self, round_):
@@ -108,7 +112,8 @@ class FederatedStrategy(Strategy):
         if samples > 0:  # a round without survivors keeps the model
             self._apply(samples, len(survivors))
         return {"clients_sampled": len(sampled), "clients_participating": len(survivors),
-                "clients_dropped": len(sampled) - len(survivors), "train_loss": loss / max(samples, 1),
+                "clients_dropped": len(sampled) - len(survivors),
+                "train_loss": loss / samples if samples else None,
                 "samples": int(samples), "bytes_down": len(sampled) * self.bytes_per_client,
                 "bytes_up": len(survivors) * self.bytes_per_client}
 
@@ -124,7 +129,16 @@ class FederatedStrategy(Strategy):
         return dict(zip(clients, assign_clients([len(self.parts[c]) for c in clients], self.comm.size)))
 
     def _train_client(self, client, round_):
-        """Local training from the global model; adds the weighted update to self.sums."""
+        """Local training from the global model; adds the weighted update to self.sums.
+
+        torch's global generator (dropout layers in a user's model) is seeded
+        per (round, client), so it does not matter which rank trains whom.
+        """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(rng(self.cfg.seed, "torch", round_, client).integers(2**63)))
+            self._train_client_seeded(client, round_)
+
+    def _train_client_seeded(self, client, round_):
         cfg, data, flat = self.cfg, self.dataset, self.flat
         self.load_global()
         self.model.train()
@@ -147,10 +161,11 @@ class FederatedStrategy(Strategy):
             optimizer.step()
             trained, loss_total = trained + len(positions), loss_total + loss.item()
         with torch.no_grad():
-            self.sums[self.slices["params"]].add_(flat.data - self.global_params, alpha=trained)
-            self.sums[self.slices["buffers"]].add_(self._buffer_vector() - self.global_buffers, alpha=trained)
+            self.sums[self.slices["params"]].add_((flat.data - self.global_params).double(), alpha=trained)
+            self.sums[self.slices["buffers"]].add_((self._buffer_vector() - self.global_buffers).double(),
+                                                   alpha=trained)
             if self.scaffold:
-                self.sums[self.slices["control"]].add_(self._update_control(client, len(batches)))
+                self.sums[self.slices["control"]].add_(self._update_control(client, len(batches)).double())
             self.sums[self.slices["totals"]] += torch.tensor([trained, loss_total], dtype=self.sums.dtype)
 
     def _update_control(self, client, steps):
@@ -161,11 +176,11 @@ class FederatedStrategy(Strategy):
 
     def _apply(self, samples, survivors):
         """Server step with the weighted average update; buffers are plainly averaged."""
-        sums = self.sums
-        self.server.step(self.global_params, sums[self.slices["params"]] / samples)
-        self.global_buffers.add_(sums[self.slices["buffers"]] / samples)
+        sums, dtype = self.sums, self.global_params.dtype
+        self.server.step(self.global_params, (sums[self.slices["params"]] / samples).to(dtype))
+        self.global_buffers.add_((sums[self.slices["buffers"]] / samples).to(dtype))
         if self.scaffold:  # c += (1 / N) sum over participants of (c_i+ - c_i)
-            self.control.add_(sums[self.slices["control"]] / self.num_clients)
+            self.control.add_((sums[self.slices["control"]] / self.num_clients).to(dtype))
 
     # -- the global model ---------------------------------------------------------
     def load_global(self):
