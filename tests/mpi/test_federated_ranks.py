@@ -19,10 +19,12 @@ def _strategy(communicator, **settings):
 
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("algorithm,server_opt", [("fedavg", "avg"), ("scaffold", "adam"), ("fedprox", "yogi")])
-def test_rounds_on_the_world_equal_rounds_on_one_process(algorithm, server_opt):
+@pytest.mark.parametrize("algorithm,server_opt,momentum", [
+    ("fedavg", "avg", 0.9), ("scaffold", "adam", 0.0), ("fedprox", "yogi", 0.9)])
+def test_rounds_on_the_world_equal_rounds_on_one_process(algorithm, server_opt, momentum):
     settings = dict(clients=7, clients_per_round=5, partition="dirichlet", alpha=0.3, dropout=0.2,
-                    local_epochs=2, lr=0.05, algorithm=algorithm, server_opt=server_opt, seed=4)
+                    local_epochs=2, lr=0.05, algorithm=algorithm, server_opt=server_opt, seed=4,
+                    momentum=momentum)
     world = _strategy(comm.world(), **settings)
     alone = _strategy(comm.Comm(MPI.COMM_SELF), **settings)
 
