@@ -1,4 +1,5 @@
 """End-to-end: `distml train --mode federated` under mpirun, as a user runs it."""
+import time
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,26 @@ def test_bad_federated_input_is_one_line_and_exit_2(tmp_path, flags, expected):
     ours = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(ours) == 1 and ours[0].startswith("distml: error:") and expected in ours[0], done.stderr
     assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_an_exception_in_one_ranks_client_ends_the_job_promptly(tmp_path):
+    model_file = tmp_path / "fails.py"
+    model_file.write_text(
+        "import torch, distml\n"
+        "class Fails(torch.nn.Module):\n"
+        "    def __init__(self, n):\n"
+        "        super().__init__(); self.lin = torch.nn.Linear(64, n); self.calls = 0\n"
+        "    def forward(self, x):\n"
+        "        self.calls += 1\n"
+        "        if self.training and self.calls > 20 and distml.rank() == 1:\n"
+        "            raise RuntimeError('client blew up')\n"
+        "        return self.lin(x.flatten(1))\n"
+        "def make(shape, n):\n    return Fails(n)\n")
+    start = time.monotonic()
+
+    done = launch(2, "train", "--quiet", "--mode", "federated", "--clients", 6, "--model", f"{model_file}:make",
+                  timeout=60)
+
+    assert time.monotonic() - start < 30
+    assert done.returncode != 0
+    assert "distml: rank 1 of 2 failed: RuntimeError: client blew up" in done.stderr
