@@ -37,24 +37,9 @@ sys.path.insert(0, str(ROOT))
 ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
        "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe", "PYTHONPATH": str(ROOT)}
 
-from distml.config import Config  # noqa: E402
-from distml.trainer import run  # noqa: E402
+from bench_fl_algorithms import to_target  # noqa: E402  (this directory is on sys.path)
 
 CLIENT = {"batch_size": 16, "lr": 0.05, "momentum": 0.0}  # FedAvg and sync alike
-
-
-def to_target(settings, target, max_rounds, first=25):
-    """(rounds to target or None, bytes to target, best accuracy, rounds run) of one federated setting."""
-    rounds, previous = min(first, max_rounds), []
-    while True:
-        result = run(Config(mode="federated", quiet=True, rounds=rounds, eval_every=1, target_accuracy=target,
-                            threads=1, **settings))
-        accuracy = [r["test_accuracy"] for r in result.history]
-        assert accuracy[:len(previous)] == previous, "a shorter run is not a prefix of a longer one"
-        s = result.summary
-        if s["rounds_to_target"] is not None or rounds == max_rounds:
-            return s["rounds_to_target"], s["bytes_to_target"], max(accuracy), rounds
-        previous, rounds = accuracy, min(2 * rounds, max_rounds)
 
 
 def sync_run(epochs, seed, workdir):
@@ -101,17 +86,15 @@ def main():
     grid = []
     for lr in map(float, args.fedsgd_lrs.split(",")):
         settings = {**common, "local_steps": 1, "batch_size": 0, "lr": lr, "momentum": 0.0}
-        grid.append(dict(zip(("rounds", "bytes", "best_accuracy", "rounds_run"),
-                             to_target(settings, args.target, args.max_rounds)), setting="FedSGD", lr=lr))
+        grid.append({**to_target(settings, args.target, args.max_rounds), "setting": "FedSGD", "lr": lr})
     best = min(grid, key=lambda r: (r["rounds"] is None, r["rounds"] or 0, -r["best_accuracy"]))
     rows = [{**r, "setting": "FedSGD" + (" (tuned)" if r is best else "")} for r in grid]
 
     # -- FedAvg with 1, 5, 20 local epochs; then sync SGD through the real CLI --
     for epochs in (1, 5, 20):
         settings = {**common, **CLIENT, "local_epochs": epochs}
-        rows.append(dict(zip(("rounds", "bytes", "best_accuracy", "rounds_run"),
-                             to_target(settings, args.target, args.max_rounds)),
-                         setting=f"FedAvg E={epochs}", lr=CLIENT["lr"]))
+        rows.append({**to_target(settings, args.target, args.max_rounds), "setting": f"FedAvg E={epochs}",
+                     "lr": CLIENT["lr"]})
     sync, per_epoch, fixed = sync_to_target(args)
     rows.append(sync)
     print_table(rows, best, sync, args)
