@@ -170,6 +170,10 @@ class Config:
 
     def validate_data(self, dataset, size=1):
         """Checks that need the data set (its size and task) and the number of ranks."""
+        if self.mode == "async":
+            workers = size - self.servers
+            _check(len(dataset.y_train) >= workers, f"--mode async: {workers} workers but only "
+                   f"{len(dataset.y_train)} training samples; every worker needs at least one")
         if self.mode != "federated":
             return self
         n, clients = len(dataset.y_train), self.num_clients(size)

@@ -132,7 +132,7 @@ class AsyncStrategy(Strategy):
             received = self._post_param_recvs()
         comm.waitall(sends)
         # Server 0 said STOP; the others sent a range too and wait for a gradient: say DONE.
-        comm.waitall([comm.isend(self.flat.grad[a:b], dest=s, tag=TAG_DONE)
+        comm.waitall([comm.isend(self.flat.grad[a:a], dest=s, tag=TAG_DONE)  # an empty message
                       for s, (a, b) in enumerate(self.ranges) if s > 0])
         self.samples_per_s = stats.samples / (time.perf_counter() - started)  # this worker's own pace
         self.samples = stats.samples
@@ -177,11 +177,13 @@ class AsyncStrategy(Strategy):
         gathered = self.comm.allgather_object(mine)
         histogram = {int(k): v for k, v in sorted(gathered[0][0].items())}
         updates = sum(histogram.values())
+        samples = [w[1] for _, w in gathered[self.cfg.servers:]]
         return {"updates_applied": updates, "updates_per_s": updates / train_time,
+                "samples_per_s": sum(samples) / train_time,  # workers' passes differ: count, do not assume
                 "staleness_mean": sum(k * v for k, v in histogram.items()) / max(updates, 1),
                 "staleness_max": max(histogram, default=0), "staleness_histogram": histogram,
                 "worker_samples_per_s": [w[0] for _, w in gathered[self.cfg.servers:]],
-                "worker_samples": [w[1] for _, w in gathered[self.cfg.servers:]]}
+                "worker_samples": samples}
 
 
 class _Server:
