@@ -44,7 +44,7 @@ HELP = {
     "bucket_mb": "size of the fused gradient buckets reduced with one Allreduce each",
     "servers": "async: the first N ranks are parameter servers, each holding a range of the parameters",
     "staleness": "async: bound on update staleness in versions (-1: no bound; 0: sequential SGD)",
-    "staleness_lr": "async: divide the learning rate by (staleness + 1)",
+    "staleness_lr": "async: divide the learning rate by (staleness + 1) (on by default; --no-staleness-lr: off)",
     "timeout": "async: a server that hears from no worker for this many seconds aborts the job",
     "slow_rank": "benchmark aid: this rank's compute is slowed down (-1: none)",
     "slow_factor": "benchmark aid: the slow rank's compute takes this many times as long",
@@ -111,8 +111,9 @@ def build_parser():
 def _add_flag(parser, f, text, default):
     """--flag-name for Config field `f`; a flag not given is left out, so files and defaults apply."""
     flag = "--" + f.name.replace("_", "-")
-    if f.type is bool:
-        parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
+    if f.type is bool:  # a switch that is on by default also gets its --no- form
+        action = argparse.BooleanOptionalAction if default else "store_true"
+        parser.add_argument(flag, action=action, default=argparse.SUPPRESS, help=text)
     else:
         parser.add_argument(flag, type=_scalar_type(f), default=argparse.SUPPRESS, metavar=_metavar(f),
                             help=text + (f" (default: {default})" if default is not None else ""))

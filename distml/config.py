@@ -50,7 +50,7 @@ class Config:
     bucket_mb: float = 25.0
     servers: int = 1
     staleness: int = -1
-    staleness_lr: bool = False
+    staleness_lr: bool = True
     timeout: float = 300.0
     slow_rank: int = -1
     slow_factor: float = 1.0
