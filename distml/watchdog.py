@@ -13,9 +13,12 @@ __all__ = ["Watchdog"]
 
 
 class Watchdog:
-    def __init__(self, comm, timeout, waiting_for, role):
+    def __init__(self, comm, timeout, waiting_for, role, *, suspects=None):
+        """`suspects()`, if given, names the ranks to blame more precisely than `waiting_for`
+        (e.g. only the workers the server is waiting on, not those it holds back)."""
         self.comm, self.timeout, self.role = comm, timeout, role
         self.waiting_for = set(waiting_for)
+        self.suspects = suspects
         self.last = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="distml-watchdog", daemon=True)
@@ -34,7 +37,7 @@ class Watchdog:
         while not self._stop.wait(min(1.0, self.timeout / 4)):
             silent = time.monotonic() - self.last
             if silent > self.timeout:
-                ranks = ", ".join(map(str, sorted(self.waiting_for)))
+                ranks = ", ".join(map(str, sorted(self.suspects() if self.suspects else self.waiting_for)))
                 print(f"distml: rank {self.comm.rank} ({self.role}) heard nothing from rank(s) {ranks} "
                       f"for {silent:.0f} s (--timeout {self.timeout:g}); aborting all ranks",
                       file=sys.stderr, flush=True)

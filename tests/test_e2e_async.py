@@ -102,6 +102,15 @@ def test_silent_workers_make_the_server_abort_after_timeout():
     assert "rank 0 (parameter server) heard nothing from rank(s) 1" in done.stderr
 
 
+def test_the_timeout_names_only_the_worker_being_waited_on():
+    # Staleness 0: one worker computes at a time; the other is held back, not silent.
+    done = launch(3, "train", "--quiet", "--mode", "async", "--staleness", 0, "--slow-rank", 1,
+                  "--slow-factor", 3000, "--timeout", 1, timeout=60)
+
+    assert done.returncode != 0
+    assert "rank 0 (parameter server) heard nothing from rank(s) 1 for" in done.stderr
+
+
 def test_killing_one_worker_ends_the_job_promptly(tmp_path):
     model_file = tmp_path / "dies.py"
     model_file.write_text(

@@ -207,7 +207,8 @@ class _Server:
 
     def serve(self, ticks):
         """Apply gradients as they arrive until every worker has stopped; returns the histogram."""
-        self.watchdog = Watchdog(self.comm, self.cfg.timeout, self.workers, role="parameter server")
+        self.watchdog = Watchdog(self.comm, self.cfg.timeout, self.workers, role="parameter server",
+                                 suspects=self._computing)
         try:
             self._advance(ticks)
             while self.active:
@@ -269,6 +270,14 @@ class _Server:
                 self.budget -= 1
             self.recvs[w] = self.comm.irecv(self.grads[w], source=self.workers[w])
         return retired
+
+    def _computing(self):
+        """Ranks of the workers this server waits on: released, gradient not yet here.
+
+        Read by the watchdog thread: list() snapshots the dict in one step under the GIL.
+        """
+        arrived = list(self.scheduler.arrived)
+        return [self.workers[w] for w in list(self.scheduler.base) if w not in arrived]
 
     def _retire(self, w):
         """Worker w computes no more: off the schedule and off the watchdog's list."""
