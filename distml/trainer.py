@@ -142,16 +142,20 @@ def _load(cfg, size):
     return dataset, build_model(cfg.model, dataset, cfg.hidden_sizes(), cfg.seed)
 
 
+def _run_facts(cfg, comm, dataset, threads, wall):
+    """What every mode's summary says about the run itself (a collective: the byte count)."""
+    return {"summary": True, "mode": cfg.mode, "world_size": comm.size, "dataset": dataset.name,
+            "model": cfg.model, "batch_size": cfg.batch_size, "threads": threads,
+            "wall_time_s": wall.elapsed(),
+            "bytes_communicated": int(comm.allreduce_array([comm.bytes_sent])[0])}
+
+
 def _summary(cfg, comm, dataset, history, threads, wall):
-    bytes_communicated = comm.allreduce_array([comm.bytes_sent])[0]
     train_time = sum(r["epoch_time_s"] for r in history)
     last = {k: v for k, v in history[-1].items() if k not in ("epoch", "epoch_time_s", "samples_per_s")}
-    return {"summary": True, "mode": cfg.mode, "world_size": comm.size, "dataset": dataset.name,
-            "model": cfg.model, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
-            "global_batch_size": cfg.batch_size * comm.size, "threads": threads, **last,
-            "train_time_s": train_time, "wall_time_s": wall.elapsed(),
-            "samples_per_s": cfg.epochs * len(dataset.y_train) / train_time,
-            "bytes_communicated": int(bytes_communicated)}
+    return {**_run_facts(cfg, comm, dataset, threads, wall), "epochs": cfg.epochs,
+            "global_batch_size": cfg.batch_size * comm.size, **last, "train_time_s": train_time,
+            "samples_per_s": cfg.epochs * len(dataset.y_train) / train_time}
 
 
 def _rounds_summary(cfg, comm, dataset, history, threads, wall):
@@ -165,16 +169,13 @@ def _rounds_summary(cfg, comm, dataset, history, threads, wall):
         if reached is None and cfg.target_accuracy is not None \
                 and r.get("test_accuracy", -1) >= cfg.target_accuracy:
             reached = {"rounds_to_target": r["round"], "bytes_to_target": sent}
-    return {"summary": True, "mode": cfg.mode, "world_size": comm.size, "dataset": dataset.name,
-            "model": cfg.model, "rounds": len(history), "batch_size": cfg.batch_size,
-            "threads": threads, "train_loss": history[-1]["train_loss"], **scores,
-            "train_time_s": train_time, "wall_time_s": wall.elapsed(),
+    return {**_run_facts(cfg, comm, dataset, threads, wall), "rounds": len(history),
+            "train_loss": history[-1]["train_loss"], **scores, "train_time_s": train_time,
             "round_time_s": train_time / len(history),
             "samples_per_s": sum(r["samples"] for r in history) / train_time,
             "bytes_up": sum(r["bytes_up"] for r in history),
             "bytes_down": sum(r["bytes_down"] for r in history),
-            "rounds_to_target": None, "bytes_to_target": None, **(reached or {}),
-            "bytes_communicated": int(comm.allreduce_array([comm.bytes_sent])[0])}
+            "rounds_to_target": None, "bytes_to_target": None, **(reached or {})}
 
 
 @torch.no_grad()

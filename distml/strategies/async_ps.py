@@ -207,8 +207,7 @@ class _Server:
 
     def serve(self, ticks):
         """Apply gradients as they arrive until every worker has stopped; returns the histogram."""
-        self.watchdog = Watchdog(self.comm, self.cfg.timeout, self.workers, role="parameter server",
-                                 suspects=self._computing)
+        self.watchdog = Watchdog(self.comm, self.cfg.timeout, self._computing, role="parameter server")
         try:
             self._advance(ticks)
             while self.active:
@@ -218,7 +217,7 @@ class _Server:
                 elif (tag - 1) != self.scheduler.base[w] % TAG_SPAN:
                     raise RuntimeError(f"worker {w} sent version {tag - 1}, expected {self.scheduler.base[w]}")
                 else:
-                    self.watchdog.heard_from(self.workers[w])
+                    self.watchdog.heard_from()
                     self.scheduler.arrive(w)
                 self._advance(ticks)
         finally:
@@ -280,8 +279,8 @@ class _Server:
         return [self.workers[w] for w in list(self.scheduler.base) if w not in arrived]
 
     def _retire(self, w):
-        """Worker w computes no more: off the schedule and off the watchdog's list."""
+        """Worker w computes no more: off the schedule (and so off the watchdog's suspects)."""
         self.scheduler.retire(w)
         self.active.discard(w)
         self.recvs[w] = self.comm.request_null
-        self.watchdog.heard_from(self.workers[w], finished=True)
+        self.watchdog.heard_from()
