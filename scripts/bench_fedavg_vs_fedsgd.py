@@ -23,34 +23,23 @@ are measured from two run lengths and printed). Prints one table and writes
 results/bench_fedavg_vs_fedsgd.csv.
 """
 import argparse
-import csv
-import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-       "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe", "PYTHONPATH": str(ROOT)}
-
-from bench_fl_algorithms import to_target  # noqa: E402  (this directory is on sys.path)
+from bench_fl_algorithms import to_target  # this directory is on sys.path
+from benchlib import train_records, write_csv
 
 CLIENT = {"batch_size": 16, "lr": 0.05, "momentum": 0.0}  # FedAvg and sync alike
+RATIOS = ("fedsgd_rounds_ratio", "sync_bytes_ratio")
 
 
 def sync_run(epochs, seed, workdir):
     """Per-epoch records and summary of `mpirun -n 2 distml train` (sync, batch 16 per rank)."""
-    metrics = Path(workdir) / f"sync{epochs}.jsonl"
-    mpirun = Path(sys.executable).parent / "mpirun"
-    command = [str(mpirun), "-n", "2", sys.executable, "-m", "distml", "train", "--quiet", "--threads", "1",
-               "--batch-size", CLIENT["batch_size"], "--lr", CLIENT["lr"], "--momentum", CLIENT["momentum"],
-               "--epochs", epochs, "--seed", seed, "--metrics", metrics]
-    subprocess.run(list(map(str, command)), check=True, env=ENV, timeout=600, capture_output=True)
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    flags = ["--threads", 1, "--batch-size", CLIENT["batch_size"], "--lr", CLIENT["lr"],
+             "--momentum", CLIENT["momentum"], "--epochs", epochs, "--seed", seed]
+    records = train_records(2, flags, Path(workdir) / f"sync{epochs}.jsonl")
     return records[:-1], records[-1]
 
 
@@ -102,7 +91,8 @@ def main():
           f"per epoch (gradient Allreduces, metric sums) + {fixed:,.0f} once (initial weight broadcast, "
           f"{fixed / per_epoch:.3f} epoch's worth): linear")
     print(f"# total {time.perf_counter() - start:.0f} s; load avg {os.getloadavg()[0]:.2f}")
-    write_csv(rows, best, sync, args.csv)
+    write_csv([{**r, **dict(zip(RATIOS, _ratios(r, best, sync)))} for r in rows], args.csv,
+              ["setting", "lr", "rounds", "rounds_run", "bytes", "best_accuracy", *RATIOS])
 
 
 def _ratios(row, best, sync):
@@ -129,17 +119,6 @@ def print_table(rows, best, sync, args):
 
 def _fmt(ratio):
     return f"{ratio:.2f}x" if ratio else "-"
-
-
-def write_csv(rows, best, sync, path):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", newline="") as f:
-        out = csv.DictWriter(f, fieldnames=["setting", "lr", "rounds", "rounds_run", "bytes", "best_accuracy",
-                                            "fedsgd_rounds_ratio", "sync_bytes_ratio"])
-        out.writeheader()
-        for r in rows:
-            fedsgd_per_row, sync_per_row = _ratios(r, best, sync)
-            out.writerow({**r, "fedsgd_rounds_ratio": fedsgd_per_row, "sync_bytes_ratio": sync_per_row})
 
 
 if __name__ == "__main__":

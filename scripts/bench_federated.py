@@ -14,11 +14,8 @@ distml's 1-rank run. Prints medians over --repeats runs of the median round
 time, and writes results/bench_federated.csv.
 """
 import argparse
-import csv
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,24 +25,18 @@ import numpy as np
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchlib import ROOT, train_records, write_csv
+
 sys.path.insert(0, str(ROOT))
-ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-       "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe", "PYTHONPATH": str(ROOT)}
 TASK = dict(per_round=10, batch=16, lr=0.05, hidden=(128, 64))
 
 
 def distml_round_times(ranks, clients, rounds, workdir):
     """Per-round training times (s) of one `mpirun -n ranks distml train --mode federated` run."""
-    metrics = Path(workdir) / "m.jsonl"
-    command = [str(Path(sys.executable).parent / "mpirun"), "-n", str(ranks), sys.executable, "-m", "distml",
-               "train", "--quiet", "--mode", "federated", "--clients", str(clients),
-               "--clients-per-round", str(TASK["per_round"]), "--local-epochs", "1",
-               "--batch-size", str(TASK["batch"]), "--lr", str(TASK["lr"]), "--momentum", "0",
-               "--hidden", ",".join(map(str, TASK["hidden"])), "--rounds", str(rounds),
-               "--eval-every", str(rounds), "--metrics", str(metrics)]
-    subprocess.run(command, check=True, env=ENV, timeout=600, capture_output=True)
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    flags = ["--mode", "federated", "--clients", clients, "--clients-per-round", TASK["per_round"],
+             "--local-epochs", 1, "--batch-size", TASK["batch"], "--lr", TASK["lr"], "--momentum", 0,
+             "--hidden", ",".join(map(str, TASK["hidden"])), "--rounds", rounds, "--eval-every", rounds]
+    records = train_records(ranks, flags, Path(workdir) / "m.jsonl")
     return [r["round_time_s"] for r in records if "round" in r]
 
 
@@ -113,11 +104,7 @@ def main():
     print(f"{'clients':>7}  {'runner':<20} {'ms/round':>9} {'vs plain':>8}")
     for r in rows:
         print(f"{r['clients']:>7}  {r['runner']:<20} {r['ms_per_round']:>9.1f} {r['vs_plain']:>8.2f}")
-    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-    with open(args.csv, "w", newline="") as f:
-        out = csv.DictWriter(f, fieldnames=list(rows[0]))
-        out.writeheader()
-        out.writerows(rows)
+    write_csv(rows, args.csv)
 
 
 if __name__ == "__main__":

@@ -20,15 +20,14 @@ it ships control variates too). Prints one table and writes
 results/bench_fl_algorithms.csv (one row per run).
 """
 import argparse
-import csv
 import math
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchlib import ROOT, write_csv
+
 sys.path.insert(0, str(ROOT))
 
 from distml.config import Config  # noqa: E402
@@ -116,7 +115,8 @@ def main():
             cells[part, algo] = (_cell(seen, args.max_rounds), chosen)
     print_table(cells, notes, args)
     print(f"# total {time.perf_counter() - start:.0f} s; load avg {os.getloadavg()[0]:.2f}")
-    write_csv(rows, args.csv)
+    write_csv(rows, args.csv, ["partition", "algorithm", "label", "seed", "chosen", "rounds", "bytes",
+                               "best_accuracy", "rounds_run"])
 
 
 def _rounds(r):
@@ -148,15 +148,6 @@ def print_table(cells, notes, args):
           f"Grid, rounds to target on seed {args.seed} (later points capped at the best so far):")
     for note in notes:
         print(f"#   {note}")
-
-
-def write_csv(rows, path):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", newline="") as f:
-        out = csv.DictWriter(f, fieldnames=["partition", "algorithm", "label", "seed", "chosen", "rounds", "bytes",
-                                            "best_accuracy", "rounds_run"])
-        out.writeheader()
-        out.writerows(rows)
 
 
 if __name__ == "__main__":

@@ -12,28 +12,17 @@ medians over --repeats runs (setups interleaved, so drift hits all alike)
 and writes results/bench_straggler.csv.
 """
 import argparse
-import csv
-import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-       "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe", "PYTHONPATH": str(ROOT)}
+from benchlib import train_records, write_csv
 
 
 def run_once(ranks, flags, workdir, env=None):
     """The summary of one `mpirun -n ranks distml train flags` run."""
-    metrics = Path(workdir) / "m.jsonl"
-    mpirun = Path(sys.executable).parent / "mpirun"
-    command = [str(mpirun), "-n", str(ranks), sys.executable, "-m", "distml", "train", "--quiet",
-               "--metrics", str(metrics), *map(str, flags)]
-    subprocess.run(command, check=True, env={**ENV, **(env or {})}, timeout=600, capture_output=True)
-    return json.loads(metrics.read_text().splitlines()[-1])
+    return train_records(ranks, flags, Path(workdir) / "m.jsonl", env)[-1]
 
 
 def main():
@@ -74,11 +63,7 @@ def main():
               f"{r['train_time_s'] / rows[0]['train_time_s']:>7.2f} {r['test_accuracy']:>8.4f} "
               f"{r['slow_worker_share']:>10.2f}")
     print("# 'slow share': the slow worker's part of the samples trained on (sync: 1/workers)")
-    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-    with open(args.csv, "w", newline="") as f:
-        out = csv.DictWriter(f, fieldnames=list(rows[0]))
-        out.writeheader()
-        out.writerows(rows)
+    write_csv(rows, args.csv)
 
 
 if __name__ == "__main__":
