@@ -12,9 +12,9 @@ import numpy as np
 
 from .config import UsageError
 
-__all__ = ["RankFailure", "agree", "check_same", "fingerprint"]
+__all__ = ["RankFailure", "agree", "check_same", "fingerprint", "data_fingerprint"]
 
-_RANK_LOCAL_FIELDS = ("save_model", "metrics", "quiet", "config", "threads")
+_RANK_LOCAL_FIELDS = ("save_model", "metrics", "quiet", "config", "threads", "checkpoint_dir", "resume")
 
 
 class RankFailure(Exception):
@@ -65,8 +65,14 @@ def check_same(comm, what, value):
 def fingerprint(cfg, dataset, model):
     """A short digest of what must be identical on every rank: settings, data, model shapes."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RANK_LOCAL_FIELDS}
-    parts = [repr(sorted(settings.items())), dataset.task, str(dataset.num_classes),
+    parts = [repr(sorted(settings.items())), data_fingerprint(dataset),
              repr([tuple(p.shape) for p in model.parameters()])]
+    return "%08x" % zlib.crc32("|".join(parts).encode())
+
+
+def data_fingerprint(dataset):
+    """A short digest of the data's task, shapes and first and last rows (cheap for memory-mapped files)."""
+    parts = [dataset.task, str(dataset.num_classes)]
     for array in (dataset.X_train, dataset.y_train, dataset.X_test, dataset.y_test):
         parts += [str(array.shape), str(array.dtype), _sample_crc(array)]
     return "%08x" % zlib.crc32("|".join(parts).encode())

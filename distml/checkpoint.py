@@ -1,17 +1,134 @@
-"""Saving and loading model weights safely.
+"""Checkpoints (one dataclass is the format) and model files, written and read safely.
 
 Files are written atomically (temporary file in the same directory, fsync,
-rename), so an interrupted job never leaves a half-written file or destroys
-the previous one. Loading uses `weights_only=True`: a checkpoint cannot run code.
+rename, directory fsync), so an interrupted job, a crash or a second signal
+never leaves a half-written file or destroys the previous one; old
+checkpoints are pruned only after the new one is in place. A checkpoint file
+is `torch.save({"distml_checkpoint": version, "sha256": ..., "payload": bytes})`
+where the payload is the torch.save of a `Checkpoint`'s fields; the checksum
+is verified before the payload is read. Everything is loaded with
+`weights_only=True`: a file cannot run code.
 """
+import dataclasses
+import hashlib
+import io
 import os
+import re
 import tempfile
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 
 from .config import UsageError
 
-__all__ = ["atomic_write", "save_state_dict", "load_state_dict"]
+__all__ = ["Checkpoint", "FORMAT_VERSION", "write_checkpoint", "read_checkpoint", "newest_checkpoint",
+           "list_checkpoints", "atomic_write", "save_state_dict", "load_state_dict"]
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
+
+
+@dataclass
+class Checkpoint:
+    """Everything needed to continue a run exactly where it stopped.
+
+    `position`: {"epoch", "step"} (steps done in that epoch; federated: rounds
+    as epochs of one step) and "units" (units of work done in all, the file's
+    number). `ranks`: each rank's own state (torch RNG, BatchNorm buffers,
+    a worker's place in its data), indexed by rank. `config` and `history`
+    are JSON text (plain data, whatever the records hold).
+    """
+    mode: str
+    world_size: int
+    config: str
+    data: str
+    position: dict
+    model: dict
+    strategy: dict
+    ranks: list
+    history: str = "[]"
+    metrics_bytes: int = 0
+    version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)
+
+
+def write_checkpoint(ckpt, directory, keep):
+    """Write `ckpt` as DIR/checkpoint-<units>.pt atomically, then keep only the newest `keep`; returns the path."""
+    os.makedirs(directory, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save({f.name: getattr(ckpt, f.name) for f in dataclasses.fields(ckpt)}, buffer)
+    payload = buffer.getvalue()
+    wrapper = {"distml_checkpoint": ckpt.version, "sha256": hashlib.sha256(payload).hexdigest(),
+               "payload": payload}
+    path = os.path.join(directory, f"checkpoint-{ckpt.position['units']:09d}.pt")
+    atomic_write(path, lambda f: torch.save(wrapper, f))
+    for old in list_checkpoints(directory)[:-keep]:
+        os.unlink(old)
+    for name in os.listdir(directory):  # what a killed writer left (only root writes here)
+        if name.startswith(".tmp-") and "-checkpoint-" in name:
+            os.unlink(os.path.join(directory, name))
+    return path
+
+
+def list_checkpoints(directory):
+    """Checkpoint files in `directory`, oldest first (by the number in their name)."""
+    if not os.path.isdir(directory):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(directory) if (m := _NAME.match(name))]
+    return [os.path.join(directory, name) for _, name in sorted(found)]
+
+
+def read_checkpoint(path):
+    """The Checkpoint in `path`, verified; UsageError (one line) if it is not a good distml checkpoint."""
+    try:
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns of pickle protocols before refusing: one line only
+            wrapper = torch.load(f, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"--resume: no such checkpoint: {path}")
+    except IsADirectoryError:
+        raise UsageError(f"--resume: {path} is a directory; give a checkpoint file")
+    except Exception as e:  # truncated, empty, random bytes, or a pickle of arbitrary objects
+        raise UsageError(f"--resume: {path} is not a readable distml checkpoint "
+                         f"({type(e).__name__}: {_first_line(e)})")
+    if not isinstance(wrapper, dict) or "distml_checkpoint" not in wrapper:
+        raise UsageError(f"--resume: {path} is not a distml checkpoint (a plain state_dict such as "
+                         f"--save-model writes has no optimizer state or position to resume from)")
+    version = wrapper["distml_checkpoint"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UsageError(f"--resume: {path} has checkpoint format {version!r}; this distml reads "
+                         f"format {FORMAT_VERSION} and older: upgrade distml")
+    payload = wrapper.get("payload")
+    if not isinstance(payload, bytes) or hashlib.sha256(payload).hexdigest() != wrapper.get("sha256"):
+        raise UsageError(f"--resume: {path} fails its checksum (damaged or incompletely copied)")
+    try:
+        fields = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        return Checkpoint(**fields)
+    except Exception as e:
+        raise UsageError(f"--resume: {path} has an unreadable payload ({type(e).__name__}: {_first_line(e)})")
+
+
+def newest_checkpoint(directory, warn):
+    """(path, Checkpoint) of the newest checkpoint in `directory` that reads and verifies, or (None, None).
+
+    A newer one that fails is skipped with one `warn(line)`; if every one fails, the newest's error is raised.
+    """
+    paths = list_checkpoints(directory)
+    first_error = None
+    for path in reversed(paths):
+        try:
+            return path, read_checkpoint(path)
+        except UsageError as e:
+            first_error = first_error or e
+            warn(f"distml: warning: skipping {path}: {str(e).removeprefix('--resume: ' + path + ' ')}")
+    if first_error is not None:
+        raise UsageError(f"--resume: no valid checkpoint in {directory}; the newest: {first_error}")
+    return None, None
+
+
+def _first_line(error):
+    return (str(error).strip().splitlines() or [""])[0][:200]
 
 
 def atomic_write(path, write):
@@ -62,7 +179,9 @@ def save_state_dict(model, path):
 def load_state_dict(path):
     """A state_dict saved by distml (or any tensors-only torch.save file)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UsageError(f"no such checkpoint: {path}")
     except Exception as e:

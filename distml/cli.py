@@ -19,57 +19,8 @@ import typing
 from . import __version__
 from . import comm as _comm
 from .agreement import RankFailure
-from .config import (ALGORITHMS, MODES, OPTIMIZERS, PARTITIONS, SERVER_OPTS, Config, UsageError,
-                     _check_output_path, load_toml)
-
-HELP = {
-    "mode": f"training mode ({', '.join(MODES)})",
-    "model": "mlp, cnn, logreg, linear, or module:function / path/to/file.py:function",
-    "hidden": "hidden layer sizes for mlp (and cnn's dense layer), e.g. 128,64",
-    "dataset": "digits, diabetes, synthetic, or a .npz / .csv file",
-    "target": "target column of a .csv file (default: the last)",
-    "test_fraction": "share held out for testing when the data has no test split",
-    "samples": "synthetic: number of samples",
-    "features": "synthetic: number of features",
-    "classes": "synthetic: number of classes (0 = regression)",
-    "epochs": "passes over the training set",
-    "batch_size": "samples per rank per step (global batch = ranks x this); federated: per client step, "
-                  "0 = a client's whole data",
-    "lr": "learning rate",
-    "optimizer": f"optimizer ({', '.join(OPTIMIZERS)})",
-    "momentum": "SGD momentum",
-    "weight_decay": "L2 weight decay",
-    "seed": "seed for data split, shuffling and initial weights",
-    "threads": "torch threads per rank (0 = cores on the node / ranks on the node)",
-    "bucket_mb": "size of the fused gradient buckets reduced with one Allreduce each",
-    "servers": "async: the first N ranks are parameter servers, each holding a range of the parameters",
-    "staleness": "async: bound on update staleness in versions (-1: no bound; 0: sequential SGD)",
-    "staleness_lr": "async: divide the learning rate by (staleness + 1) (on by default; --no-staleness-lr: off)",
-    "timeout": "async: a server that hears from no worker for this many seconds aborts the job",
-    "slow_rank": "benchmark aid: this rank's compute is slowed down (-1: none)",
-    "slow_factor": "benchmark aid: the slow rank's compute takes this many times as long",
-    "rounds": "federated: rounds of local training and averaging",
-    "local_epochs": "federated: passes of each sampled client over its own data per round",
-    "local_steps": "federated: local steps per round instead of --local-epochs (0: use epochs)",
-    "clients": "federated: simulated clients, spread over the ranks (0: one per rank)",
-    "clients_per_round": "federated: clients sampled each round (0: all, or --fraction)",
-    "fraction": "federated: share of the clients sampled each round (0: use --clients-per-round)",
-    "partition": f"federated: how the training set is split over clients ({', '.join(PARTITIONS)})",
-    "alpha": "federated: Dirichlet concentration for --partition dirichlet (small: skewed labels)",
-    "shards_per_client": "federated: label-sorted shards dealt to each client for --partition shards",
-    "algorithm": f"federated: {', '.join(ALGORITHMS)}",
-    "prox_mu": "federated: FedProx proximal weight mu (--algorithm fedprox)",
-    "server_opt": f"federated: server optimizer applied to the averaged update ({', '.join(SERVER_OPTS)})",
-    "server_lr": "federated: server learning rate (default: 1 for avg/avgm, 0.01 for adam/yogi/adagrad)",
-    "server_momentum": "federated: server momentum (avgm) or beta1 (adam, yogi, adagrad)",
-    "dropout": "federated: chance that a sampled client fails to report in a round",
-    "eval_every": "federated: evaluate the global model every this many rounds (and after the last)",
-    "target_accuracy": "federated: report the first round whose test accuracy reaches this",
-    "save_model": "rank 0 writes the final state_dict here (torch.save, atomic)",
-    "metrics": "rank 0 writes JSON lines here: one object per epoch and a summary",
-    "quiet": "no progress bar or epoch lines",
-    "config": "TOML file with the same keys as these flags (flags win)",
-}
+from .signals import EXIT_PREEMPTED, Preempted
+from .config import GROUPS, Config, UsageError, _check_output_path, load_toml
 
 # `distml partition`: the Config fields that decide the split, with the same meaning as for train.
 PARTITION_FLAGS = ("dataset", "target", "test_fraction", "samples", "features", "classes", "seed",
@@ -95,12 +46,13 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,partition,info}")
     train = sub.add_parser("train", help="train a model on all ranks",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups = {name: train.add_argument_group(what) for name, what in GROUPS.items()}
     for f in dataclasses.fields(Config):
-        _add_flag(train, f, HELP[f.name], f.default)
+        _add_flag(groups[f.metadata["group"]], f, f.metadata["help"], f.default)
     part = sub.add_parser("partition", help="print (and plot) the label histogram of each federated client")
     fields = {f.name: f for f in dataclasses.fields(Config)}
     for name in PARTITION_FLAGS:
-        _add_flag(part, fields[name], PARTITION_HELP.get(name, HELP[name]),
+        _add_flag(part, fields[name], PARTITION_HELP.get(name, fields[name].metadata["help"]),
                   PARTITION_DEFAULTS.get(name, fields[name].default))
     part.add_argument("--plot", metavar="PNG", default=None,
                       help="also draw the histograms to this PNG (needs matplotlib)")
@@ -114,6 +66,9 @@ def _add_flag(parser, f, text, default):
     if f.type is bool:  # a switch that is on by default also gets its --no- form
         action = argparse.BooleanOptionalAction if default else "store_true"
         parser.add_argument(flag, action=action, default=argparse.SUPPRESS, help=text)
+    elif "const" in f.metadata:  # the flag alone means something: --resume (newest) or --resume PATH
+        parser.add_argument(flag, nargs="?", const=f.metadata["const"], default=argparse.SUPPRESS,
+                            metavar=_metavar(f), help=text)
     else:
         parser.add_argument(flag, type=_scalar_type(f), default=argparse.SUPPRESS, metavar=_metavar(f),
                             help=text + (f" (default: {default})" if default is not None else ""))
@@ -224,8 +179,11 @@ def main(argv=None):
         if command == "partition":
             return agree(comm, lambda: show_partition(args) if comm.is_root else 0)
         from .trainer import run
-        run(agree(comm, lambda: train_config(args)), comm)
+        cfg = agree(comm, lambda: train_config(args))
+        run(cfg, comm)
         return 0
+    except Preempted as e:
+        return preempted(comm, e, cfg)
     except UsageError as e:
         if comm.is_root:
             print(f"distml: error: {e}", file=sys.stderr, flush=True)
@@ -234,6 +192,19 @@ def main(argv=None):
         return e.code or 0
     except BaseException as e:  # noqa: BLE001  (anything else ends the whole job)
         abort_on_error(comm, e)
+
+
+def preempted(comm, error, cfg):
+    """After the agreed stop and its checkpoint: one line from root, --requeue, and exit 75 everywhere."""
+    if comm.is_root:
+        print(f"distml: {error}; exit {EXIT_PREEMPTED}"
+              + ("; continue with the same command and --resume" if error.checkpoint else ""),
+              file=sys.stderr, flush=True)
+        if cfg.requeue:
+            from .cluster import requeue_job
+            ok, message = requeue_job()
+            print(f"distml: {message}", file=sys.stderr, flush=True)
+    return EXIT_PREEMPTED
 
 
 def abort_on_error(comm, error):

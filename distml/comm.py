@@ -125,6 +125,18 @@ class Comm:
             return [obj]
         return self.mpi_comm.allgather(obj)
 
+    def bcast_object(self, obj, root=0):
+        """Root's `obj` on every rank (pickled). For rare control messages such as a checkpoint."""
+        if self.size == 1:
+            return obj
+        return self.mpi_comm.bcast(obj, root=root)
+
+    def gather_object(self, obj, root=0):
+        """Every rank's `obj` in rank order on root (None elsewhere). For rare control messages only."""
+        if self.size == 1:
+            return [obj]
+        return self.mpi_comm.gather(obj, root=root)
+
     def abort(self, code=1):
         """End the whole job now; never returns. Safe to call from any rank."""
         sys.stdout.flush()

@@ -13,14 +13,16 @@ import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = ["UsageError", "Config", "load_toml", "MODES", "OPTIMIZERS", "PARTITIONS", "ALGORITHMS",
-           "SERVER_OPTS"]
+__all__ = ["UsageError", "Config", "load_toml", "setting", "GROUPS", "MODES", "OPTIMIZERS", "PARTITIONS",
+           "ALGORITHMS", "SERVER_OPTS", "SCHEDULES", "RESUME_NEWEST"]
 
 MODES = ("sync", "async", "federated")
 OPTIMIZERS = ("sgd", "adam")
 PARTITIONS = ("iid", "dirichlet", "shards")
 ALGORITHMS = ("fedavg", "fedprox", "scaffold")
 SERVER_OPTS = ("avg", "avgm", "adam", "yogi", "adagrad")
+SCHEDULES = ("constant", "cosine", "step")
+RESUME_NEWEST = "newest"  # --resume without a path
 MAX_THREADS = 1024
 
 
@@ -28,53 +30,121 @@ class UsageError(Exception):
     """A mistake the user can fix: printed once, in one line, exit code 2."""
 
 
+GROUPS = {  # --help shows the settings in these groups, in this order
+    "training": "training: mode, length, batch",
+    "data": "data",
+    "model": "model",
+    "optimisation": "optimizer and learning-rate schedule",
+    "sync": "sync mode",
+    "async": "async mode (parameter servers)",
+    "federated": "federated mode",
+    "checkpoints": "checkpoints, resume and preemption",
+    "outputs": "outputs",
+    "benchmark": "benchmark aids",
+}
+
+
+def setting(group, default, help, **extra):
+    """A Config field with its group and its help beside it (the CLI and README use both)."""
+    assert group in GROUPS, group
+    return field(default=default, metadata={"group": group, "help": help, **extra})
+
+
 @dataclass
 class Config:
-    mode: str = "sync"
-    model: str = "mlp"
-    hidden: str = "128,64"
-    dataset: str = "digits"
-    target: Optional[str] = None
-    test_fraction: float = 0.2
-    samples: int = 1000
-    features: int = 20
-    classes: int = 2
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 0.1
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    seed: int = 0
-    threads: int = 0
-    bucket_mb: float = 25.0
-    servers: int = 1
-    staleness: int = -1
-    staleness_lr: bool = True
-    timeout: float = 300.0
-    slow_rank: int = -1
-    slow_factor: float = 1.0
-    rounds: int = 50
-    local_epochs: int = 1
-    local_steps: int = 0
-    clients: int = 0
-    clients_per_round: int = 0
-    fraction: float = 0.0
-    partition: str = "iid"
-    alpha: float = 0.5
-    shards_per_client: int = 2
-    algorithm: str = "fedavg"
-    prox_mu: float = 0.01
-    server_opt: str = "avg"
-    server_lr: Optional[float] = None
-    server_momentum: float = 0.9
-    dropout: float = 0.0
-    eval_every: int = 1
-    target_accuracy: Optional[float] = None
-    save_model: Optional[str] = None
-    metrics: Optional[str] = None
-    quiet: bool = False
-    config: Optional[str] = field(default=None, metadata={"toml": False})
+    # -- training -------------------------------------------------------------
+    mode: str = setting("training", "sync", f"training mode ({', '.join(MODES)})")
+    epochs: int = setting("training", 20, "passes over the training set (async: a budget of gradients "
+                                          "for the whole job, see the README)")
+    batch_size: int = setting("training", 32, "samples per rank per step (global batch = ranks x this); "
+                                              "federated: per client step, 0 = a client's whole data")
+    seed: int = setting("training", 0, "seed for data split, shuffling, initial weights and dropout")
+    eval_every: int = setting("training", 1, "evaluate the model every this many epochs (federated: "
+                                             "rounds), and after the last")
+    threads: int = setting("training", 0, "torch threads per rank (0: SLURM_CPUS_PER_TASK, or cores on the "
+                                          "node / ranks on the node)")
+    # -- data -------------------------------------------------------------------
+    dataset: str = setting("data", "digits", "digits, diabetes, synthetic, or a .npz / .csv file")
+    target: Optional[str] = setting("data", None, "target column of a .csv file (default: the last)")
+    test_fraction: float = setting("data", 0.2, "share held out for testing when the data has no test split")
+    samples: int = setting("data", 1000, "synthetic: number of samples")
+    features: int = setting("data", 20, "synthetic: number of features")
+    classes: int = setting("data", 2, "synthetic: number of classes (0 = regression)")
+    # -- model ------------------------------------------------------------------
+    model: str = setting("model", "mlp", "mlp, cnn, logreg, linear, or module:function / "
+                                         "path/to/file.py:function")
+    hidden: str = setting("model", "128,64", "hidden layer sizes for mlp (and cnn's dense layer), e.g. 128,64")
+    # -- optimisation -----------------------------------------------------------
+    lr: float = setting("optimisation", 0.1, "learning rate (the peak of --lr-schedule)")
+    optimizer: str = setting("optimisation", "sgd", f"optimizer ({', '.join(OPTIMIZERS)})")
+    momentum: float = setting("optimisation", 0.9, "SGD momentum")
+    weight_decay: float = setting("optimisation", 0.0, "L2 weight decay")
+    lr_schedule: Optional[str] = setting("optimisation", None, f"learning rate over the run, set every step "
+                                         f"({', '.join(SCHEDULES)}; step: x0.1 at 1/2 and 3/4 of the run; "
+                                         f"default: cosine, federated: constant)")
+    warmup_epochs: float = setting("optimisation", 0.0, "linear warm-up from 0 to --lr over this many "
+                                                        "epochs (federated: rounds)")
+    # -- sync -------------------------------------------------------------------
+    bucket_mb: float = setting("sync", 25.0, "size of the fused gradient buckets reduced with one "
+                                             "Allreduce each")
+    # -- async ------------------------------------------------------------------
+    servers: int = setting("async", 1, "the first N ranks are parameter servers, each holding a range "
+                                       "of the parameters")
+    staleness: int = setting("async", -1, "bound on update staleness in versions (-1: no bound; "
+                                          "0: sequential SGD)")
+    staleness_lr: bool = setting("async", True, "divide the learning rate by (staleness + 1) "
+                                                "(--no-staleness-lr: off)")
+    timeout: float = setting("async", 300.0, "a server that hears from no worker for this many seconds "
+                                             "aborts the job")
+    # -- federated --------------------------------------------------------------
+    rounds: int = setting("federated", 50, "rounds of local training and averaging")
+    local_epochs: int = setting("federated", 1, "passes of each sampled client over its own data per round")
+    local_steps: int = setting("federated", 0, "local steps per round instead of --local-epochs "
+                                               "(0: use epochs)")
+    clients: int = setting("federated", 0, "simulated clients, spread over the ranks (0: one per rank)")
+    clients_per_round: int = setting("federated", 0, "clients sampled each round (0: all, or --fraction)")
+    fraction: float = setting("federated", 0.0, "share of the clients sampled each round "
+                                                "(0: use --clients-per-round)")
+    partition: str = setting("federated", "iid", f"how the training set is split over clients "
+                                                 f"({', '.join(PARTITIONS)})")
+    alpha: float = setting("federated", 0.5, "Dirichlet concentration for --partition dirichlet "
+                                             "(small: skewed labels)")
+    shards_per_client: int = setting("federated", 2, "label-sorted shards dealt to each client for "
+                                                     "--partition shards")
+    algorithm: str = setting("federated", "fedavg", ", ".join(ALGORITHMS))
+    prox_mu: float = setting("federated", 0.01, "FedProx proximal weight mu (--algorithm fedprox)")
+    server_opt: str = setting("federated", "avg", f"server optimizer applied to the averaged update "
+                                                  f"({', '.join(SERVER_OPTS)})")
+    server_lr: Optional[float] = setting("federated", None, "server learning rate (default: 1 for avg/avgm, "
+                                                            "0.01 for adam/yogi/adagrad)")
+    server_momentum: float = setting("federated", 0.9, "server momentum (avgm) or beta1 (adam, yogi, adagrad)")
+    dropout: float = setting("federated", 0.0, "chance that a sampled client fails to report in a round")
+    target_accuracy: Optional[float] = setting("federated", None, "report the first round whose test "
+                                                                  "accuracy reaches this")
+    # -- checkpoints ------------------------------------------------------------
+    checkpoint_dir: Optional[str] = setting("checkpoints", None, "rank 0 writes checkpoints here "
+                                            "(checkpoint-<position>.pt, atomically)")
+    checkpoint_every: int = setting("checkpoints", 1, "checkpoint every this many epochs (federated: rounds); "
+                                                      "0: only on preemption and at the end")
+    checkpoint_every_s: float = setting("checkpoints", 0.0, "also checkpoint when this many seconds have "
+                                                            "passed since the last one (0: off)")
+    keep: int = setting("checkpoints", 2, "keep the newest K checkpoints, delete older ones")
+    resume: Optional[str] = setting("checkpoints", None, "continue from a checkpoint: --resume alone takes "
+                                    "the newest valid one in --checkpoint-dir (none yet: start afresh), "
+                                    "--resume PATH that file", const=RESUME_NEWEST)
+    requeue: bool = setting("checkpoints", False, "after a preemption checkpoint under SLURM, rank 0 runs "
+                                                  "scontrol requeue $SLURM_JOB_ID")
+    # -- outputs ----------------------------------------------------------------
+    save_model: Optional[str] = setting("outputs", None, "rank 0 writes the final state_dict here "
+                                                         "(torch.save, atomic)")
+    metrics: Optional[str] = setting("outputs", None, "rank 0 appends JSON lines here: one object per "
+                                                      "epoch or round, and a summary")
+    quiet: bool = setting("outputs", False, "no progress bar or epoch lines")
+    config: Optional[str] = setting("outputs", None, "TOML file with the same keys as these flags "
+                                                     "(flags win)", toml=False)
+    # -- benchmark aids ---------------------------------------------------------
+    slow_rank: int = setting("benchmark", -1, "this rank's compute is slowed down (-1: none)")
+    slow_factor: float = setting("benchmark", 1.0, "the slow rank's compute takes this many times as long")
 
     def hidden_sizes(self):
         """(128, 64) from "128,64"; () from "" (no hidden layer)."""
@@ -87,11 +157,13 @@ class Config:
         """
         _check(self.mode in MODES, f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         for name, allowed in (("optimizer", OPTIMIZERS), ("partition", PARTITIONS),
-                              ("algorithm", ALGORITHMS), ("server_opt", SERVER_OPTS)):
+                              ("algorithm", ALGORITHMS), ("server_opt", SERVER_OPTS),
+                              ("lr_schedule", SCHEDULES + (None,))):
             _check(getattr(self, name) in allowed,
-                   f"--{_flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                   f"--{_flag(name)} must be one of {', '.join(a for a in allowed if a)}, got {getattr(self, name)!r}")
         self._check_numbers()
         self._check_federated()
+        self._check_checkpoints()
         try:
             sizes = self.hidden_sizes()
         except ValueError:
@@ -151,6 +223,24 @@ class Config:
         _check(self.target_accuracy is None or 0 < self.target_accuracy <= 1,
                f"--target-accuracy must be in (0, 1], got {self.target_accuracy}")
 
+    def _check_checkpoints(self):
+        units = self.rounds if self.mode == "federated" else self.epochs
+        _check(0 <= self.warmup_epochs < units, f"--warmup-epochs must be in [0, {units}) (the "
+               f"{'rounds' if self.mode == 'federated' else 'epochs'} of the run), got {self.warmup_epochs}")
+        _check(self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        _check(self.checkpoint_every_s >= 0, f"--checkpoint-every-s must be >= 0, got {self.checkpoint_every_s}")
+        _check(self.keep >= 1, f"--keep must be >= 1, got {self.keep}")
+        _check(self.resume != RESUME_NEWEST or self.checkpoint_dir,
+               "--resume without a path takes the newest checkpoint in --checkpoint-dir: give "
+               "--checkpoint-dir DIR (or --resume PATH)")
+        _check(not self.requeue or self.checkpoint_dir,
+               "--requeue needs --checkpoint-dir: the requeued job resumes from there (add --resume)")
+
+    def schedule(self):
+        """--lr-schedule, or its default: cosine (decay to 0 over the run), constant for federated
+        (FedAvg's fixed client step size, with which the federated tables were measured)."""
+        return self.lr_schedule or ("constant" if self.mode == "federated" else "cosine")
+
     def num_clients(self, size):
         """--clients, or one client per rank."""
         return self.clients or size
@@ -204,6 +294,8 @@ class Config:
         return self
 
     def _check_outputs(self):
+        if self.checkpoint_dir is not None:
+            _check_checkpoint_dir(self.checkpoint_dir)
         outputs = {"save-model": self.save_model, "metrics": self.metrics}
         inputs = {"dataset": self.dataset, "config": self.config}
         seen = {}
@@ -261,6 +353,19 @@ def _check_output_path(path, flag):
             pass
     except OSError as e:
         raise UsageError(f"--{flag}: cannot write in {parent}: {e.strerror}")
+
+
+def _check_checkpoint_dir(path):
+    """An existing, writable directory, or one that can be made in an existing directory."""
+    _check(not os.path.exists(path) or os.path.isdir(path),
+           f"--checkpoint-dir: {path} exists and is not a directory")
+    target = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    _check(os.path.isdir(target), f"--checkpoint-dir: directory {target} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as e:
+        raise UsageError(f"--checkpoint-dir: cannot write in {target}: {e.strerror}")
 
 
 def _check(condition, message):

@@ -6,8 +6,7 @@ into the buffers MPI reduces, and one in-place Allreduce per bucket averages
 every gradient in it. A gather-copy-scatter reducer spends most of MPI's
 advantage on the copies.
 """
-import numpy as np
-import torch
+from .flat import Bucket
 
 __all__ = ["plan_buckets", "GradientReducer"]
 
@@ -32,54 +31,17 @@ def plan_buckets(params, bucket_bytes):
     return buckets
 
 
-def _zeros(numel, dtype):
-    """A zeroed flat buffer, allocated by numpy where it can be.
-
-    numpy asks the kernel for transparent huge pages on large arrays and torch
-    does not; measured here, MPI's Allreduce over a 16 MiB torch-allocated
-    buffer ran about 30% slower than over a numpy-allocated one.
-    """
-    try:
-        return torch.from_numpy(np.zeros(numel, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
-    except TypeError:  # a dtype numpy lacks, such as bfloat16
-        return torch.zeros(numel, dtype=dtype)
-
-
-class _Bucket:
-    """One flat buffer and the parameters whose gradients live inside it."""
-
-    def __init__(self, params):
-        self.params = params
-        total = sum(p.numel() for p in params)
-        self.buffer = _zeros(total, params[0].dtype)
-        self.views, offset = [], 0
-        for p in params:
-            self.views.append(self.buffer[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
-        self.attach_grads()
-
-    def attach_grads(self):
-        """Point every `.grad` at its slice of the buffer, keeping current values."""
-        for p, view in zip(self.params, self.views):
-            if p.grad is None:
-                view.zero_()
-            elif p.grad.data_ptr() != view.data_ptr():
-                view.copy_(p.grad)
-            p.grad = view
-
-    def grads_attached(self):
-        return all(p.grad is not None and p.grad.data_ptr() == v.data_ptr()
-                   for p, v in zip(self.params, self.views))
-
-
 class GradientReducer:
     """Sums or averages the gradients of `params` over `comm`, one Allreduce per bucket.
 
     op="average" divides by the world size (Horovod's default); op="sum" leaves
     the sum, for callers that already scaled their loss by the global batch size.
+    `control` extra elements ride at the end of the last bucket (`self.control`):
+    a caller writes per-rank values there before `allreduce_grads()` and reads
+    their sum after, with no message of its own (the trainer's stop flag).
     """
 
-    def __init__(self, params, comm, *, bucket_mb=25.0, op="average"):
+    def __init__(self, params, comm, *, bucket_mb=25.0, op="average", control=0):
         if bucket_mb <= 0:
             raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
         if op not in ("average", "sum"):
@@ -89,7 +51,9 @@ class GradientReducer:
             raise ValueError("distml reduces CPU tensors; move the model to the CPU")
         self.comm = comm
         self.op = op
-        self.buckets = [_Bucket(b) for b in plan_buckets(params, int(bucket_mb * 2**20))]
+        plan = plan_buckets(params, int(bucket_mb * 2**20))
+        self.buckets = [Bucket(b, extra=control if i == len(plan) - 1 else 0) for i, b in enumerate(plan)]
+        self.control = self.buckets[-1].extra
 
     def zero_grad(self):
         """Zero the buckets in place (set_to_none would detach the grads from them)."""
@@ -104,4 +68,4 @@ class GradientReducer:
                 bucket.attach_grads()
             self.comm.allreduce_(bucket.buffer)
             if self.op == "average" and self.comm.size > 1:
-                bucket.buffer.div_(self.comm.size)
+                bucket.grads.div_(self.comm.size)

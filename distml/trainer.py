@@ -1,28 +1,41 @@
-"""The training run, top to bottom: set-up, epochs, summary.
+"""The training run, top to bottom: set-up, units of work, summary.
 
     mpirun -n 2 distml train                       # digits, mlp, 2 ranks
     python -m distml train --dataset diabetes --model linear
+    mpirun -n 2 distml train --checkpoint-dir ckpt --resume   # continue where a stopped run left off
 
 `run(cfg)` is a pure function of the config and the world size; where
-mathematics allows (sync mode), of the config alone.
+mathematics allows (sync, federated), of the config alone. Every mode goes
+through the same loop: epochs of units of work (see `strategies.base`),
+between any two units a point where the job may stop or checkpoint, and
+after each epoch a record (and every --eval-every epochs an evaluation).
 """
+import json
 import os
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
 from . import comm as _comm
-from .agreement import agree, check_same, fingerprint
-from .api import broadcast_buffers
-from .checkpoint import save_state_dict
+from .agreement import agree, check_same, data_fingerprint, fingerprint
+from .checkpoint import Checkpoint, newest_checkpoint, read_checkpoint, save_state_dict, write_checkpoint
+from .config import RESUME_NEWEST, UsageError
 from .data import load_dataset
 from .metrics import Reporter, Timer
 from .models import build_model
+from .sharding import rng
+from .signals import Preempted, StopFlag
 from .strategies import STRATEGIES
-from .strategies.base import batch_tensors, loss_sum
+from .strategies.base import Flags, batch_tensors, loss_sum
 
-__all__ = ["run", "Result", "default_threads"]
+__all__ = ["run", "Result", "default_threads", "evaluate"]
+
+# Settings that do not change what is computed: a resumed run may give them anew.
+_FREE_ON_RESUME = ("threads", "save_model", "metrics", "quiet", "config", "checkpoint_dir", "checkpoint_every",
+                   "checkpoint_every_s", "keep", "resume", "requeue", "timeout", "slow_rank", "slow_factor",
+                   "bucket_mb", "eval_every", "dataset", "batch_size")  # data: by content; batch: per mode
 
 
 @dataclass
@@ -43,7 +56,10 @@ def default_threads(comm):
 
 
 def run(cfg, comm=None):
-    """Train as `cfg` says on every rank of `comm`; returns the same Result on every rank."""
+    """Train as `cfg` says on every rank of `comm`; returns the same Result on every rank.
+
+    Raises signals.Preempted on every rank after a stop signal (and the checkpoint).
+    """
     comm = comm or _comm.world()
     wall = Timer()
     report = Reporter(enabled=comm.is_root, quiet=cfg.quiet, metrics_path=cfg.metrics)
@@ -57,83 +73,57 @@ def run(cfg, comm=None):
     torch.set_num_threads(threads)
     strategy = STRATEGIES[cfg.mode](cfg, dataset, model, comm)
     strategy.setup()
+    _seed_rank(cfg, comm, work_done=0)  # dropout masks differ by rank (the initial weights do not)
+    path, ckpt = agree(comm, lambda: _find_resume(cfg, comm, strategy, dataset, model, report))
+    path, ckpt = comm.bcast_object((path, ckpt))  # rare and small next to training: pickled
+    epoch, step, history = _restore(ckpt, cfg, comm, strategy, model) if ckpt else (0, 0, [])
+    report.open_metrics(keep_bytes=ckpt.metrics_bytes if ckpt else 0)
     report.say(f"distml: {cfg.mode} on {comm.size} rank(s), {dataset.name} ({len(dataset.y_train)} train / "
                f"{len(dataset.y_test)} test, {dataset.task}), model {cfg.model} "
                f"({sum(p.numel() for p in model.parameters()):,} parameters), {threads} thread(s) per rank")
+    if path:
+        report.say(f"distml: resumed from {path} at {strategy.unit} {epoch + 1}, unit {step}")
 
-    # -- epochs or rounds ------------------------------------------------------
-    if cfg.mode == "federated":
-        history = _train_rounds(strategy, model, dataset, comm, report, cfg)
-    elif hasattr(strategy, "run"):  # async: every worker runs all its epochs at its own pace
-        history = [_train_whole(strategy, model, dataset, comm, report, cfg)]
-        report.say(_epoch_line(history[0], cfg.epochs))
-    else:
-        history = _train_epochs(strategy, model, dataset, comm, report, cfg)
+    # -- units of work; between any two, the job may stop or checkpoint ----------
+    epochs, saver = strategy.epochs(), _Saver(cfg, comm, strategy, model, dataset, report)
+    if ckpt:
+        saver.resumed_elapsed[epoch] = ckpt.position["elapsed_s"]
+    with StopFlag() as signals:
+        wants = lambda: Flags(signals.requested, comm.is_root and saver.due())  # noqa: E731
+        bar = report.progress(total=sum(strategy.units_in(e) for e in range(epochs)),
+                              done=sum(strategy.units_in(e) for e in range(epoch)) + step, desc=f"{strategy.unit}s")
+        while epoch < epochs:
+            timer = Timer()
+            while step < strategy.units_in(epoch):
+                flags, finished = strategy.run_unit(epoch, step, wants)
+                step += finished
+                bar.update(finished)
+                if flags.stop or flags.checkpoint:
+                    written = saver.save(epoch, step, history, timer)
+                    if flags.stop:
+                        bar.close()
+                        raise Preempted(signals.requested or "a signal on another rank",
+                                        f"{strategy.unit} {epoch + 1} (unit {step} of {strategy.units_in(epoch)})",
+                                        written)
+            record = _end_epoch(epoch, strategy, model, dataset, comm, cfg, timer, saver)
+            history.append(record)
+            report.record(**record)
+            if any(k.startswith("test_") for k in record):
+                report.say(_epoch_line(record, strategy.unit, epochs))
+            epoch, step = epoch + 1, 0
+            if cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or epoch == epochs):
+                saver.save(epoch, step, history)
+        bar.close()
 
     # -- summary and outputs (root only writes) ---------------------------------
-    if cfg.mode == "federated":
-        summary = _rounds_summary(cfg, comm, dataset, history, threads, wall)
-    else:
-        summary = _summary(cfg, comm, dataset, history, threads, wall)
-    summary.update(strategy.extra_metrics(summary["train_time_s"]))
+    strategy.share_model()
+    summary = _summary(cfg, comm, dataset, strategy, history, threads, wall)
     if comm.is_root and cfg.save_model:
         save_state_dict(model, cfg.save_model)
     report.record(**summary)
-    report.say(_summary_line(summary))
+    report.close()
+    report.say(_summary_line(summary, strategy.unit))
     return Result(summary, history, model)
-
-
-def _train_epochs(strategy, model, dataset, comm, report, cfg):
-    """Ranks move through the epochs together; evaluate after each."""
-    history = []
-    for epoch in range(cfg.epochs):
-        timer = Timer()
-        stats = strategy.train_epoch(
-            epoch, lambda it, total: report.progress(it, total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}"))
-        # BatchNorm statistics and the like: evaluate and save rank 0's
-        record = _record(epoch + 1, stats, timer, model, dataset, comm,
-                         share_model=lambda: broadcast_buffers(model, comm=comm))
-        history.append(record)
-        report.record(**record)
-        report.say(_epoch_line(record, cfg.epochs))
-    return history
-
-
-def _train_whole(strategy, model, dataset, comm, report, cfg):
-    """The whole training in one go; evaluate the model assembled from the servers."""
-    timer = Timer()
-    stats = strategy.run(lambda it, total: report.progress(it, total=total, desc="training"))
-    record = _record(cfg.epochs, stats, timer, model, dataset, comm, share_model=strategy.finish)
-    report.record(**record)
-    return record
-
-
-def _train_rounds(strategy, model, dataset, comm, report, cfg):
-    """Federated rounds; the global model is evaluated every --eval-every rounds and after the last."""
-    history = []
-    for round_ in report.progress(range(cfg.rounds), total=cfg.rounds, desc="rounds"):
-        timer = Timer()
-        record = {"round": round_ + 1, **strategy.train_round(round_)}
-        record["round_time_s"] = timer.elapsed()
-        if (round_ + 1) % cfg.eval_every == 0 or round_ + 1 == cfg.rounds:
-            strategy.load_global()
-            record.update(evaluate(model, dataset, comm))
-            record.update(strategy.client_scores())
-            report.say(_round_line(record, cfg.rounds))
-        history.append(record)
-        report.record(**record)
-    strategy.load_global()  # what is saved is the global model
-    return history
-
-
-def _record(epoch, stats, timer, model, dataset, comm, *, share_model):
-    """Totals over ranks, the time since `timer`, then the test scores of the shared model."""
-    loss_sum_all, samples_all = comm.allreduce_array([stats.loss_sum, stats.samples])
-    elapsed = timer.elapsed()
-    share_model()  # every rank must evaluate the same model
-    return {"epoch": epoch, "train_loss": loss_sum_all / max(samples_all, 1),
-            **evaluate(model, dataset, comm), "epoch_time_s": elapsed,
-            "samples_per_s": samples_all / elapsed}
 
 
 def _load(cfg, size):
@@ -142,42 +132,126 @@ def _load(cfg, size):
     return dataset, build_model(cfg.model, dataset, cfg.hidden_sizes(), cfg.seed)
 
 
-def _run_facts(cfg, comm, dataset, threads, wall):
-    """What every mode's summary says about the run itself (a collective: the byte count)."""
-    return {"summary": True, "mode": cfg.mode, "world_size": comm.size, "dataset": dataset.name,
-            "model": cfg.model, "batch_size": cfg.batch_size, "threads": threads,
-            "wall_time_s": wall.elapsed(),
-            "bytes_communicated": int(comm.allreduce_array([comm.bytes_sent])[0])}
+def _seed_rank(cfg, comm, work_done):
+    """This rank's torch generator from (seed, rank, position): its own dropout masks."""
+    seed = int(rng(cfg.seed, "torch", comm.rank, work_done).integers(2**63))
+    torch.default_generator.manual_seed(seed)  # the CPU generator only (manual_seed also queues CUDA's)
 
 
-def _summary(cfg, comm, dataset, history, threads, wall):
-    train_time = sum(r["epoch_time_s"] for r in history)
-    last = {k: v for k, v in history[-1].items() if k not in ("epoch", "epoch_time_s", "samples_per_s")}
-    return {**_run_facts(cfg, comm, dataset, threads, wall), "epochs": cfg.epochs,
-            "global_batch_size": cfg.batch_size * comm.size, **last, "train_time_s": train_time,
-            "samples_per_s": cfg.epochs * len(dataset.y_train) / train_time}
+def _end_epoch(epoch, strategy, model, dataset, comm, cfg, timer, saver):
+    """The epoch's record: training totals, its time, and, every --eval-every epochs, test scores."""
+    unit = strategy.unit
+    record = {unit: epoch + 1, **strategy.end_epoch(epoch)}
+    elapsed = timer.elapsed() - saver.spent(timer) + saver.carried(epoch)
+    record[f"{unit}_time_s"] = elapsed
+    record["samples_per_s"] = record["samples"] / elapsed if elapsed > 0 else None
+    if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == strategy.epochs():
+        strategy.share_model()  # every rank must evaluate the same model
+        record.update(evaluate(model, dataset, comm))
+        record.update(strategy.evaluate_extra())
+    return record
 
 
-def _rounds_summary(cfg, comm, dataset, history, threads, wall):
-    """The sync-style summary, plus rounds, bytes and the round that reached --target-accuracy."""
-    train_time = sum(r["round_time_s"] for r in history)
-    last_eval = history[-1]  # the last round is always evaluated
-    scores = {k: last_eval[k] for k in last_eval if k.startswith(("test_", "client_acc"))}
-    reached, sent = None, 0
-    for r in history:
-        sent += r["bytes_up"] + r["bytes_down"]
-        if reached is None and cfg.target_accuracy is not None \
-                and r.get("test_accuracy", -1) >= cfg.target_accuracy:
-            reached = {"rounds_to_target": r["round"], "bytes_to_target": sent}
-    return {**_run_facts(cfg, comm, dataset, threads, wall), "rounds": len(history),
-            "train_loss": history[-1]["train_loss"], **scores, "train_time_s": train_time,
-            "round_time_s": train_time / len(history),
-            "samples_per_s": sum(r["samples"] for r in history) / train_time,
-            "bytes_up": sum(r["bytes_up"] for r in history),
-            "bytes_down": sum(r["bytes_down"] for r in history),
-            "rounds_to_target": None, "bytes_to_target": None, **(reached or {})}
+# -- checkpoints ------------------------------------------------------------------
+class _Saver:
+    """Writes checkpoints (a collective; root writes) and keeps root's --checkpoint-every-s clock."""
+
+    def __init__(self, cfg, comm, strategy, model, dataset, report):
+        self.cfg, self.comm, self.strategy, self.model, self.report = cfg, comm, strategy, model, report
+        self.data = data_fingerprint(dataset)
+        self.last = time.monotonic()
+        self.writing_s = {}  # id(timer) -> seconds spent writing during that epoch
+        self.resumed_elapsed = {}  # epoch -> seconds it had run before the checkpoint we resumed from
+
+    def due(self):
+        every = self.cfg.checkpoint_every_s
+        return bool(self.cfg.checkpoint_dir and every and time.monotonic() - self.last >= every)
+
+    def save(self, epoch, step, history, timer=None):
+        """A checkpoint at (epoch, step); returns its path (None without --checkpoint-dir)."""
+        if not self.cfg.checkpoint_dir:
+            return None
+        started = time.perf_counter()
+        model_state, state = self.strategy.model_state(), self.strategy.state_dict()
+        own = {"torch_rng": torch.get_rng_state(), "buffers": [b.detach().clone() for b in self.model.buffers()],
+               **self.strategy.rank_state()}
+        ranks = self.comm.gather_object(own)
+        path = None
+        if self.comm.is_root:
+            self.report.sync()  # the metrics up to here are on disk before the checkpoint points at them
+            elapsed = timer.elapsed() - self.spent(timer) + self.carried(epoch) if timer else 0.0
+            ckpt = Checkpoint(
+                mode=self.cfg.mode, world_size=self.comm.size, config=json.dumps(asdict(self.cfg)),
+                data=self.data, model=model_state, strategy=state, ranks=ranks,
+                position={"epoch": epoch, "step": step, "units": self.strategy.work_done(epoch, step),
+                          "elapsed_s": elapsed},
+                history=json.dumps(history), metrics_bytes=self.report.bytes_written())
+            path = write_checkpoint(ckpt, self.cfg.checkpoint_dir, self.cfg.keep)
+        self.last = time.monotonic()
+        if timer is not None:
+            self.writing_s[id(timer)] = self.spent(timer) + time.perf_counter() - started
+        return path
+
+    def spent(self, timer):
+        return self.writing_s.get(id(timer), 0.0)
+
+    def carried(self, epoch):
+        """Seconds `epoch` had already run before the checkpoint this run resumed from."""
+        return self.resumed_elapsed.get(epoch, 0.0)
 
 
+def _find_resume(cfg, comm, strategy, dataset, model, report):
+    """(path, Checkpoint) to resume from, checked against this run, or (None, None); root reads it."""
+    if not cfg.resume or not comm.is_root:
+        return None, None
+    if cfg.resume == RESUME_NEWEST:
+        path, ckpt = newest_checkpoint(cfg.checkpoint_dir, warn=report.warn)
+        if path is None:
+            report.say(f"distml: no checkpoint in {cfg.checkpoint_dir} yet: starting from the beginning")
+            return None, None
+    else:
+        path, ckpt = cfg.resume, read_checkpoint(cfg.resume)
+    problem = _resume_problem(ckpt, cfg, strategy, dataset, model)
+    if problem:
+        raise UsageError(f"--resume: {path} {problem}")
+    return path, ckpt
+
+
+def _resume_problem(ckpt, cfg, strategy, dataset, model):
+    """Why `ckpt` cannot continue this run (mode, model, data, settings, world), or None."""
+    if ckpt.mode != cfg.mode:
+        return f"is from a --mode {ckpt.mode} run; this run is --mode {cfg.mode}"
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in ckpt.model.items()} if isinstance(ckpt.model, dict) else None
+    if theirs != mine:
+        return f"holds another model ({len(theirs or {})} tensors, not the {len(mine)} of --model {cfg.model})"
+    if ckpt.data != data_fingerprint(dataset):
+        return f"was made on another data set than --dataset {cfg.dataset}"
+    saved = json.loads(ckpt.config)
+    for name, value in asdict(cfg).items():
+        if name not in _FREE_ON_RESUME and saved.get(name) != value:
+            flag = "--" + name.replace("_", "-")
+            return (f"was made with {flag} {saved.get(name)}, this run has {flag} {value} "
+                    f"(a resumed run must train as the one it continues)")
+    return strategy.check_resume(saved, ckpt.world_size)
+
+
+def _restore(ckpt, cfg, comm, strategy, model):
+    """Load `ckpt` into the model, the strategy and this rank's generators; returns (epoch, step, history)."""
+    model.load_state_dict(ckpt.model)
+    own = ckpt.ranks[comm.rank] if ckpt.world_size == comm.size else None
+    if own is None:  # another world size: ranks are new, their generators start from the position
+        _seed_rank(cfg, comm, work_done=ckpt.position["units"])
+    else:
+        torch.set_rng_state(own["torch_rng"])
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), own["buffers"]):
+                buffer.copy_(saved)
+    strategy.load_state_dict(ckpt.strategy, own)
+    return ckpt.position["epoch"], ckpt.position["step"], json.loads(ckpt.history)
+
+
+# -- evaluation and summary -------------------------------------------------------
 @torch.no_grad()
 def evaluate(model, dataset, comm, batch_size=1024):
     """Test loss and accuracy (or MSE and R^2), each rank scoring its slice of the test set."""
@@ -202,6 +276,21 @@ def evaluate(model, dataset, comm, batch_size=1024):
             "test_r2": 1 - correct_or_sse / y_deviation if y_deviation > 0 else None}
 
 
+def _summary(cfg, comm, dataset, strategy, history, threads, wall):
+    """What every mode's summary says (a collective: the byte count), then the mode's own fields."""
+    unit = strategy.unit
+    train_time = sum(r[f"{unit}_time_s"] for r in history)
+    last_eval = next(r for r in reversed(history) if "test_loss" in r)  # the last epoch is always evaluated
+    scores = {k: v for k, v in last_eval.items() if k.startswith(("test_", "client_acc"))}
+    return {"summary": True, "mode": cfg.mode, "world_size": comm.size, "dataset": dataset.name,
+            "model": cfg.model, "batch_size": cfg.batch_size, "threads": threads,
+            "wall_time_s": wall.elapsed(),
+            "bytes_communicated": int(comm.allreduce_array([comm.bytes_sent])[0]),
+            "train_loss": history[-1]["train_loss"], **scores, "train_time_s": train_time,
+            "samples_per_s": sum(r["samples"] for r in history) / train_time,
+            **strategy.summary(history, train_time)}
+
+
 def _score(record):
     if "test_accuracy" in record:
         return f"test_loss {record['test_loss']:.4f}  test_acc {record['test_accuracy']:.4f}"
@@ -209,22 +298,17 @@ def _score(record):
     return f"test_mse {record['test_mse']:.4f}  test_r2 {'n/a' if r2 is None else f'{r2:.4f}'}"
 
 
-def _epoch_line(record, epochs):
-    return (f"epoch {record['epoch']:>3}/{epochs}  train_loss {record['train_loss']:.4f}  {_score(record)}  "
-            f"{record['epoch_time_s']:.2f}s  {record['samples_per_s']:,.0f} samples/s")
-
-
-def _round_line(record, rounds):
-    clients = f"{record['clients_participating']}/{record['clients_sampled']} clients"
+def _epoch_line(record, unit, total):
+    clients = (f"  {record['clients_participating']}/{record['clients_sampled']} clients"
+               if "clients_sampled" in record else "")
     loss = "n/a" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
-    return (f"round {record['round']:>4}/{rounds}  {clients}  train_loss {loss}  "
-            f"{_score(record)}  {record['round_time_s'] * 1000:.1f} ms")
+    speed = f"  {record['samples_per_s']:,.0f} samples/s" if record.get("samples_per_s") else ""
+    return (f"{unit} {record[unit]:>3}/{total}{clients}  train_loss {loss}  {_score(record)}  "
+            f"{record[f'{unit}_time_s']:.2f}s{speed}")
 
 
-def _summary_line(s):
-    if s["mode"] == "federated":
-        return (f"done: federated, {s['world_size']} rank(s), {s['rounds']} rounds in {s['train_time_s']:.2f}s  "
-                f"{_score(s)}  {s['bytes_up'] + s['bytes_down']:,} model bytes moved, "
-                f"{s['bytes_communicated']:,} bytes via MPI")
-    return (f"done: {s['mode']}, {s['world_size']} rank(s), {s['epochs']} epochs in {s['train_time_s']:.2f}s  "
-            f"{_score(s)}  {s['samples_per_s']:,.0f} samples/s  {s['bytes_communicated']:,} bytes via MPI")
+def _summary_line(s, unit):
+    moved = (f"  {s['bytes_up'] + s['bytes_down']:,} model bytes moved," if "bytes_up" in s else "")
+    count = s.get("epochs", s.get("rounds"))
+    return (f"done: {s['mode']}, {s['world_size']} rank(s), {count} {unit}s in {s['train_time_s']:.2f}s  "
+            f"{_score(s)}  {s['samples_per_s']:,.0f} samples/s{moved}  {s['bytes_communicated']:,} bytes via MPI")

@@ -42,18 +42,35 @@ def launch_mpmd(*per_rank_args, timeout=120, cwd=None):
     return _run(command, timeout, cwd)
 
 
-def _run(command, timeout, cwd):
+def start(n, *args, cwd=None):
+    """A running `distml args` on n ranks (n=0: plain python), in a session of its own; see finish()."""
+    command = [sys.executable, "-m", "distml", *map(str, args)]
+    if n:
+        command = [mpirun_path(), "-n", str(n), *command]
     env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(ROOT)}
     # A session of its own, so a timeout kills mpirun *and* every rank, leaving no orphans.
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          cwd=cwd, env=env, start_new_session=True) as proc:
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=cwd, env=env, start_new_session=True)
+
+
+def finish(proc, timeout=120):
+    """CompletedProcess of a process from start(), killing its whole session after `timeout` s."""
+    with proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
             raise
-    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _run(command, timeout, cwd):
+    env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(ROOT)}
+    # A session of its own, so a timeout kills mpirun *and* every rank, leaving no orphans.
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=cwd, env=env, start_new_session=True)
+    return finish(proc, timeout)
 
 
 def summary(metrics_path):

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from distml.strategies.async_ps import FlatModel, server_ranges
+from distml.flat import FlatModel
+from distml.strategies.async_ps import server_ranges
 
 
 @pytest.mark.parametrize("numel,servers", [(10, 1), (10, 3), (7, 7), (100, 4)])

@@ -1,4 +1,4 @@
-"""Unit tests for `distml.checkpoint`: atomic writes and weights-only loading."""
+"""Unit tests for `distml.checkpoint`: the checkpoint format, atomic writes and weights-only loading."""
 import os
 import pickle
 import stat
@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from distml.checkpoint import atomic_write, load_state_dict, save_state_dict
+from distml.checkpoint import (FORMAT_VERSION, Checkpoint, atomic_write, list_checkpoints, load_state_dict,
+                               newest_checkpoint, read_checkpoint, save_state_dict, write_checkpoint)
 from distml.config import UsageError
 
 CALLS = []
@@ -160,4 +161,125 @@ def test_a_pickle_holding_an_arbitrary_object_is_refused_without_running_it(tmp_
     # Execute / Assert
     with pytest.raises(UsageError, match="not a readable weights-only checkpoint"):
         load_state_dict(path)
+    assert CALLS == []
+
+
+# -- the checkpoint format --------------------------------------------------------
+def _checkpoint(units, seed=0):
+    model = _model(seed)
+    return Checkpoint(mode="sync", world_size=2, config='{"lr": 0.1}', data="abcd1234",
+                      position={"epoch": units // 10, "step": units % 10, "units": units, "elapsed_s": 0.5},
+                      model=model.state_dict(), strategy={"optimizer": {"state": {}, "param_groups": []}},
+                      ranks=[{"torch_rng": torch.get_rng_state()}, {"torch_rng": torch.get_rng_state()}],
+                      history='[{"epoch": 1}]', metrics_bytes=17)
+
+
+def test_a_written_checkpoint_reads_back_field_for_field(tmp_path):
+    # Prepare
+    ckpt = _checkpoint(units=12)
+
+    # Execute
+    path = write_checkpoint(ckpt, tmp_path, keep=2)
+    back = read_checkpoint(path)
+
+    # Assert
+    assert os.path.basename(path) == "checkpoint-000000012.pt"
+    assert back.position == ckpt.position and back.config == ckpt.config and back.version == FORMAT_VERSION
+    assert all(torch.equal(back.model[k], ckpt.model[k]) for k in ckpt.model)
+    assert torch.equal(back.ranks[1]["torch_rng"], ckpt.ranks[1]["torch_rng"])
+    assert (back.history, back.metrics_bytes, back.mode, back.world_size) == ('[{"epoch": 1}]', 17, "sync", 2)
+
+
+def test_only_the_newest_k_checkpoints_are_kept(tmp_path):
+    # Execute: numbers out of order on purpose (9 < 10 as numbers, not as strings)
+    for units in (3, 9, 10, 25):
+        write_checkpoint(_checkpoint(units), tmp_path, keep=2)
+
+    # Assert
+    assert [os.path.basename(p) for p in list_checkpoints(tmp_path)] == [
+        "checkpoint-000000010.pt", "checkpoint-000000025.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-000000010.pt", "checkpoint-000000025.pt"]
+
+
+def _flip_one_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the payload (the stored bytes of the zip)
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_with_one_warning(tmp_path):
+    # Prepare
+    write_checkpoint(_checkpoint(5), tmp_path, keep=3)
+    newest = write_checkpoint(_checkpoint(6, seed=1), tmp_path, keep=3)
+    _flip_one_byte(__import__("pathlib").Path(newest))
+    warnings = []
+
+    # Execute
+    path, ckpt = newest_checkpoint(tmp_path, warn=warnings.append)
+
+    # Assert
+    assert os.path.basename(path) == "checkpoint-000000005.pt" and ckpt.position["units"] == 5
+    assert len(warnings) == 1 and "checkpoint-000000006.pt" in warnings[0]
+
+
+def test_no_valid_checkpoint_at_all_is_a_usage_error_and_an_empty_directory_is_none(tmp_path):
+    assert newest_checkpoint(tmp_path, warn=print) == (None, None)
+    (tmp_path / "checkpoint-000000001.pt").write_bytes(b"")
+    with pytest.raises(UsageError, match="no valid checkpoint"):
+        newest_checkpoint(tmp_path, warn=lambda line: None)
+
+
+def _write_newer_version(path):
+    write_checkpoint(_checkpoint(1), path.parent, keep=5)
+    wrapper = torch.load(path.parent / "checkpoint-000000001.pt", weights_only=True)
+    wrapper["distml_checkpoint"] = FORMAT_VERSION + 1
+    torch.save(wrapper, path)
+
+
+def _write_truncated(path):
+    good = write_checkpoint(_checkpoint(1), path.parent, keep=5)
+    data = open(good, "rb").read()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _write_flipped(path):
+    good = write_checkpoint(_checkpoint(1), path.parent, keep=5)
+    path.write_bytes(open(good, "rb").read())
+    _flip_one_byte(path)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p.write_bytes(b""), "not a readable distml checkpoint"),
+    (lambda p: p.write_bytes(os.urandom(4096)), "not a readable distml checkpoint"),
+    (_write_truncated, "not a readable distml checkpoint"),
+    (_write_flipped, "checksum"),
+    (_write_newer_version, "format 2; this distml reads format 1"),
+    (lambda p: torch.save(_model().state_dict(), p), "plain state_dict"),
+    (lambda p: torch.save({"distml_checkpoint": 1, "sha256": "0", "payload": "x"}, p), "checksum"),
+], ids=["empty", "random-bytes", "truncated", "one-flipped-byte", "newer-format", "plain-state-dict",
+        "wrong-payload-type"])
+def test_bad_checkpoint_files_are_one_line_usage_errors(tmp_path, make, message):
+    # Prepare
+    path = tmp_path / "bad.pt"
+    make(path)
+
+    # Execute / Assert
+    with pytest.raises(UsageError, match=message) as error:
+        read_checkpoint(path)
+    assert "\n" not in str(error.value) and str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("save", [
+    lambda obj, path: torch.save({"distml_checkpoint": 1, "sha256": "0", "payload": obj}, path),
+    lambda obj, path: path.write_bytes(pickle.dumps(obj, protocol=2)),
+], ids=["inside-the-wrapper", "plain-pickle"])
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path, save):
+    # Prepare
+    path = tmp_path / "evil.pt"
+    save(Payload(), path)
+    CALLS.clear()
+
+    # Execute / Assert
+    with pytest.raises(UsageError, match="not a readable distml checkpoint"):
+        read_checkpoint(path)
     assert CALLS == []

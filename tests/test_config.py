@@ -302,3 +302,42 @@ def test_bad_toml_named_by_config_flag_raises_usage_error(tmp_path):
     # Execute / Assert
     with pytest.raises(UsageError, match="unknown key 'epochz'"):
         parse_config(["train", "--config", path])
+
+
+# -- the README's flag table ----------------------------------------------------------
+def _readme_train_flags():
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = text.split("### `distml train` reference", 1)[1].split("\n\n", 2)[1]
+    rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `--")]
+    return [flag for cell in rows for flag in re.findall(r"--[a-z][a-z-]*", cell)]
+
+
+def _parser_train_flags():
+    from distml.cli import build_parser
+    (train,) = [a for a in build_parser()._subparsers._group_actions[0].choices.values()
+                if a.prog.endswith(" train")]
+    return {s for action in train._actions for s in action.option_strings
+            if s.startswith("--") and s not in ("--help", "--no-staleness-lr")}
+
+
+def test_readme_flag_table_lists_every_train_flag_once_and_no_other():
+    readme = _readme_train_flags()
+
+    assert len(readme) == len(set(readme)), "a flag listed twice"
+    assert set(readme) == _parser_train_flags()
+
+
+def test_help_shows_the_flags_in_their_groups(capsys):
+    from distml.cli import build_parser
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    out = capsys.readouterr().out
+    sections = ["training:", "data:", "model:", "optimizer and learning-rate schedule:", "sync mode:",
+                "async mode (parameter servers):", "federated mode:", "checkpoints, resume and preemption:",
+                "outputs:", "benchmark aids:"]
+    positions = [out.index("\n" + s) for s in sections]
+    assert positions == sorted(positions)
+    body = out.split("\n\n", 1)[1]  # after the usage line
+    assert body.index("--resume") > body.index("checkpoints, resume and preemption:") > body.index("--rounds")

@@ -54,7 +54,7 @@ def test_summary_and_round_records_carry_the_accounting(tmp_path):
     s = summary(metrics)
     assert s["bytes_up"] == sum(r["bytes_up"] for r in rounds)
     assert s["rounds"] == 4 and s["clients"] == 6 and s["clients_per_round"] == 3
-    assert "round    2/4" in done.stdout and "done: federated, 2 rank(s)" in done.stdout
+    assert "round   2/4" in done.stdout and "done: federated, 2 rank(s)" in done.stdout
 
 
 @pytest.mark.parametrize("flags,expected", [

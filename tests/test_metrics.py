@@ -20,6 +20,7 @@ def test_each_record_is_one_json_line(tmp_path):
     # Prepare
     path = tmp_path / "m.jsonl"
     report = Reporter(enabled=True, metrics_path=str(path))
+    report.open_metrics()
 
     # Execute
     report.record(epoch=1, train_loss=0.5)
@@ -35,6 +36,7 @@ def test_non_finite_values_are_written_as_null(tmp_path, value):
     # Prepare: a diverged run: its loss is NaN or infinite
     path = tmp_path / "m.jsonl"
     report = Reporter(enabled=True, metrics_path=str(path))
+    report.open_metrics()
 
     # Execute
     report.record(epoch=1, train_loss=value, test_r2=0.25)

@@ -5,7 +5,7 @@ Every rank is simulated in one process by passing rank= and size= explicitly.
 import numpy as np
 import pytest
 
-from distml.sharding import shard_batches
+from distml.sharding import num_steps, shard_batches
 
 SIZES = [1, 2, 3, 4]
 BATCH_SIZES = [1, 3, 8]
@@ -38,7 +38,10 @@ def test_all_ranks_take_the_same_number_of_steps(size, batch_size, num_samples):
 
     # Assert
     steps = {len(batches) for batches in ranks}
-    assert steps == {-(-num_samples // (size * batch_size))}
+    assert steps == {num_steps(num_samples, size * batch_size)}
+    last = num_samples % (size * batch_size)
+    merged = last == 1 and size * batch_size > 1 and num_samples > 1  # a 1-sample last batch joins the one before
+    assert steps == {-(-num_samples // (size * batch_size)) - merged}
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -52,7 +55,7 @@ def test_global_size_is_the_sum_of_the_ranks_counts_each_step(size, batch_size, 
     for step in zip(*ranks):
         total = sum(len(b.indices) for b in step)
         assert all(b.global_size == total for b in step)
-        assert total <= size * batch_size
+        assert total <= size * batch_size + 1  # + 1: a 1-sample last batch joins the one before
 
 
 @pytest.mark.parametrize("size", [2, 3, 4])
@@ -73,21 +76,40 @@ def test_ranks_parts_in_rank_order_equal_one_rank_order(size, batch_size, num_sa
 
 
 def test_uneven_last_batch_is_split_as_evenly_as_possible():
-    # Prepare / Execute: 10 samples, 3 ranks x 2 -> steps of 6 and 4
-    ranks = _all_ranks(10, 2, 3, epoch=0)
+    # Prepare / Execute: 22 samples, 3 ranks x 4 -> steps of 12 and 10
+    ranks = _all_ranks(22, 4, 3, epoch=0)
 
     # Assert
-    assert [len(batches[-1].indices) for batches in ranks] == [2, 1, 1]
+    assert [len(batches[-1].indices) for batches in ranks] == [4, 3, 3]
+    assert {batches[-1].global_size for batches in ranks} == {10}
+
+
+def test_small_last_batch_gives_no_rank_a_single_sample():
+    # Prepare / Execute: 10 samples, 3 ranks x 2 -> steps of 6 and 4; an even split would give 2, 1, 1
+    ranks = _all_ranks(10, 2, 3, epoch=0)
+
+    # Assert: BatchNorm cannot train on one sample, so the 4 go out in twos
+    assert [len(batches[-1].indices) for batches in ranks] == [2, 2, 0]
     assert {batches[-1].global_size for batches in ranks} == {4}
 
 
-def test_rank_without_samples_in_last_step_still_gets_an_empty_batch():
-    # Prepare / Execute: 5 samples, 4 ranks x 1 -> last step has 1 sample for 4 ranks
-    ranks = _all_ranks(5, 1, 4, epoch=0)
+def test_last_batch_of_one_sample_joins_the_batch_before():
+    # Prepare / Execute: 9 samples, 4 ranks x 2 -> 8 and a lone 1, which joins: one step of 9
+    ranks = _all_ranks(9, 2, 4, epoch=0)
 
     # Assert
-    assert [len(batches[-1].indices) for batches in ranks] == [1, 0, 0, 0]
-    assert all(batches[-1].global_size == 1 for batches in ranks)
+    assert [len(batches) for batches in ranks] == [1, 1, 1, 1]
+    assert [len(batches[-1].indices) for batches in ranks] == [3, 2, 2, 2]
+    assert all(batches[-1].global_size == 9 for batches in ranks)
+
+
+def test_rank_without_samples_in_last_step_still_gets_an_empty_batch():
+    # Prepare / Execute: 7 samples, 4 ranks x 1 -> steps of 4 and 3; 3 go out as one batch of 3
+    ranks = _all_ranks(7, 1, 4, epoch=0)
+
+    # Assert
+    assert [len(batches[-1].indices) for batches in ranks] == [3, 0, 0, 0]
+    assert all(batches[-1].global_size == 3 for batches in ranks)
 
 
 def _order(epoch, seed, num_samples=64):

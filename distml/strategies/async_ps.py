@@ -9,15 +9,20 @@ applies each gradient as it arrives with its own optimizer, subject to the
 staleness bound (see `staleness.py`), and answers with its current range.
 
 `--epochs` is a budget for the whole job: epochs x (batches of every shard)
-gradients. Server 0 keeps the count and asks for exactly that many; a worker
-cycles over its own shard until server 0 answers with STOP instead of
-parameters, then tells the other servers DONE instead of sending a gradient.
-So a fast worker makes more passes over its shard than a slow one and a
-straggler does not hold the job up (with equal workers each makes about
-`--epochs` passes). Every send is matched by a receive: nothing is left pending.
+gradients, served in one *segment* per epoch. Server 0 keeps the count and
+asks for exactly a segment's share; a worker cycles over its own shard until
+server 0 answers with STOP instead of parameters, then tells the other servers
+DONE instead of sending a gradient. So a fast worker makes more passes over
+its shard than a slow one and a straggler does not hold the job up (with
+equal workers each makes about `--epochs` passes). Every send is matched by a
+receive: at a segment's end nothing is pending, which is where the trainer
+evaluates and checkpoints.
+
+A stop signal travels in the tags: a server's reply carries its stop bit to
+the worker, and the worker's next gradient carries its own or any server's to
+every server; server 0 then ends the segment early (so does root's
+checkpoint clock), and the segment's closing reduction tells every rank.
 """
-import itertools
-import math
 import os
 import time
 from collections import Counter
@@ -26,18 +31,19 @@ import numpy as np
 import torch
 
 from ..api import broadcast_parameters
-from ..reducer import _Bucket, _zeros
-from ..sharding import shard_batches
+from ..flat import FlatModel
+from ..schedule import lr_at, set_lr
+from ..sharding import num_steps, shard_batches
 from ..watchdog import Watchdog
-from .base import EpochStats, Strategy, batch_tensors, compute_phase, loss_sum, make_optimizer
+from .base import EpochStats, Flags, Strategy, batch_tensors, compute_phase, loss_sum, make_optimizer
 from .staleness import StalenessScheduler
 
-__all__ = ["AsyncStrategy", "FlatModel", "server_ranges"]
+__all__ = ["AsyncStrategy", "server_ranges"]
 
 _POLL_SLEEP = float(os.environ.get("DISTML_PS_SLEEP", "0"))  # experiment knob, see README
-TAG_SPAN = 30000  # versions travel as tags 1..TAG_SPAN (MPI guarantees tags up to 32767)
-TAG_STOP = TAG_SPAN + 1  # server 0 -> worker: the budget is spent, compute no more
-TAG_DONE = TAG_SPAN + 2  # worker -> other servers: stopped, no gradient follows
+TAG_SPAN = 15000  # versions travel as tags 1..TAG_SPAN, plus TAG_SPAN with the stop bit (MPI: up to 32767)
+TAG_STOP = 2 * TAG_SPAN + 1  # server 0 -> worker: the segment's share is asked for, compute no more
+TAG_DONE = 2 * TAG_SPAN + 2  # worker -> other servers: stopped, no gradient follows
 
 
 def server_ranges(numel, servers):
@@ -46,29 +52,8 @@ def server_ranges(numel, servers):
     return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
 
 
-class FlatModel:
-    """The model's trainable parameters and gradients as views into two flat buffers.
-
-    The gradients are one reducer bucket (`.grad` views into its buffer); the
-    parameters get the same layout in `data`, so a server's range of one is
-    the same range of the other.
-    """
-
-    def __init__(self, model):
-        params = [p for p in model.parameters() if p.requires_grad]
-        bucket = _Bucket(params)
-        self.grad = bucket.buffer
-        self.data = _zeros(self.grad.numel(), self.grad.dtype)
-        offset = 0
-        for p in params:  # the bucket's order and offsets
-            view = self.data[offset:offset + p.numel()].view_as(p)
-            view.copy_(p.detach())
-            p.data = view
-            offset += p.numel()
-
-
 class AsyncStrategy(Strategy):
-    """Runs the whole training in `run()`; the trainer evaluates the assembled model after."""
+    """One trainer unit is one segment (an epoch's share of the budget); the servers count updates."""
 
     def setup(self):
         cfg, comm = self.cfg, self.comm
@@ -78,21 +63,57 @@ class AsyncStrategy(Strategy):
         self.workers = list(range(cfg.servers, comm.size))
         n = len(self.dataset.y_train)
         self.shards = np.array_split(np.arange(n), len(self.workers))
-        self.budget = cfg.epochs * sum(math.ceil(len(s) / cfg.batch_size) for s in self.shards)
+        self.per_epoch = sum(num_steps(len(s), cfg.batch_size) for s in self.shards)
+        self.budget = cfg.epochs * self.per_epoch
+        self.asked = 0  # server 0: gradients asked for so far (the job's position in updates)
+        self.stats = EpochStats()
         self.is_server = comm.rank < cfg.servers
-        if self.is_server:  # built here, not in run(): the first optimizer costs ~1 s of imports
+        if self.is_server:  # built here: the first optimizer costs ~1 s of imports
             start, stop = self.ranges[comm.rank]
             self.param = torch.nn.Parameter(self.flat.data[start:stop].clone())
             self.optimizer = make_optimizer(cfg, [self.param])
+            self.applied, self.histogram = 0, Counter()  # this server's updates, by staleness
+        else:
+            self.consumed = 0  # batches this worker has trained on: its place in its batch stream
+            self.trained = 0  # samples in those batches
+            self.busy_s = 0.0  # time spent in segments, for the worker's own pace
 
-    def run(self, progress):
-        """Serve or work until the budget of gradients is spent; returns local stats."""
-        if self.is_server:  # the bar (shown on rank 0, a server) counts updates applied
-            return self._serve(iter(progress(range(self.budget), total=self.budget)))
-        return self._work(progress)
+    def units_in(self, epoch):
+        return 1
 
-    def finish(self):
-        """Give every rank the final parameters, each server broadcasting its range.
+    def run_unit(self, epoch, index, wants):
+        """Serve or work until server 0 has asked for this epoch's share (or stops early)."""
+        started = time.perf_counter()
+        target = min((epoch + 1) * self.per_epoch, self.budget)
+        if self.is_server:
+            stop_seen = self._serve(target, wants)
+        else:
+            stop_seen = self._work(wants)
+            self.busy_s += time.perf_counter() - started
+        mine = wants()
+        asked = self.asked if self.comm.rank == 0 else 0
+        stop, checkpoint, asked = self.comm.allreduce_array(  # the segment's closing agreement
+            [float(stop_seen or mine.stop), float(self.comm.is_root and mine.checkpoint), asked])
+        self.asked = int(asked)
+        return Flags(stop > 0, checkpoint > 0), self.asked == target
+
+    def work_done(self, epoch, step):
+        return self.asked
+
+    def check_resume(self, saved, world_size):
+        """Servers, workers and shards must be the same: the same world size and --servers."""
+        if world_size != self.comm.size or saved["servers"] != self.cfg.servers:
+            return (f"was made by {saved['servers']} server(s) on {world_size} ranks; async resumes only on the "
+                    f"same layout (mpirun -n {world_size} ... --servers {saved['servers']})")
+        return super().check_resume(saved, world_size)
+
+    def end_epoch(self, epoch):
+        loss, samples = self.comm.allreduce_array([self.stats.loss_sum, self.stats.samples])
+        self.stats = EpochStats()
+        return {"train_loss": loss / max(samples, 1), "samples": int(samples)}
+
+    def share_model(self):
+        """Give every rank the current parameters, each server broadcasting its range.
 
         Buffers (BatchNorm statistics) are not served: floating-point ones are
         averaged over the workers (servers add zeros), others (counters) are
@@ -109,76 +130,127 @@ class AsyncStrategy(Strategy):
                     buffer.zero_()
                 self.comm.allreduce_(buffer).div_(len(self.workers))
 
+    # -- checkpoints: taken between segments, when no message is in flight ----------
+    def model_state(self):
+        """The servers' ranges assembled on root (workers' own buffers travel in rank_state)."""
+        ranges = self.comm.allgather_object(self.param.detach().clone() if self.is_server else None)
+        state = self.model.state_dict()
+        if self.comm.is_root:
+            flat = torch.cat(ranges[:self.cfg.servers])
+            params = [name for name, p in self.model.named_parameters() if p.requires_grad]
+            offset = 0
+            for name in params:
+                numel = state[name].numel()
+                state[name] = flat[offset:offset + numel].view_as(state[name]).clone()
+                offset += numel
+        return state
+
+    def state_dict(self):
+        servers = self.comm.allgather_object(
+            (self.optimizer.state_dict(), self.applied, dict(self.histogram)) if self.is_server else None)
+        return {"asked": self.asked, "servers": servers[:self.cfg.servers]}
+
+    def rank_state(self):
+        if self.is_server:
+            return {}
+        return {"consumed": self.consumed, "trained": self.trained, "busy_s": self.busy_s,
+                "loss_sum": self.stats.loss_sum, "samples": self.stats.samples}
+
+    def load_state_dict(self, state, own):
+        """Same world size only (the trainer checks): each rank takes its own part back."""
+        self.asked = state["asked"]
+        if self.is_server:
+            optimizer, self.applied, histogram = state["servers"][self.comm.rank]
+            self.optimizer.load_state_dict(optimizer)
+            self.histogram = Counter(histogram)
+            start, stop = self.ranges[self.comm.rank]
+            with torch.no_grad():
+                self.param.copy_(self.flat.data[start:stop])
+        else:
+            self.consumed, self.trained, self.busy_s = own["consumed"], own["trained"], own["busy_s"]
+            self.stats.loss_sum, self.stats.samples = own["loss_sum"], own["samples"]
+
     # -- worker -------------------------------------------------------------------
-    def _work(self, progress):
+    def _work(self, wants):
+        """Compute gradients until server 0 says STOP; returns whether any stop bit was seen."""
         cfg, comm, data = self.cfg, self.comm, self.dataset
-        index = comm.rank - cfg.servers
-        shard, stats, started = self.shards[index], EpochStats(), time.perf_counter()
+        self.model.train()  # evaluation after the last segment left it in eval mode
         versions = [0] * cfg.servers
-        received = self._post_param_recvs()
-        sends = []
-        for indices in self._batches(shard, index):
-            if self._wait_params(received, versions):
+        received, sends, stop_seen = self._post_param_recvs(), [], False
+        while True:
+            stop, flagged = self._wait_params(received, versions)
+            stop_seen |= flagged
+            if stop:
                 break
+            indices = self._batch(self.consumed)
             comm.waitall(sends)  # the gradient buffer is about to be overwritten
             self.flat.grad.zero_()
             with compute_phase(cfg, comm.rank):
                 x, y = batch_tensors(data.X_train, data.y_train, indices)
                 loss = loss_sum(self.model(x), y, data.task)
                 (loss / len(indices)).backward()
-            stats.loss_sum, stats.samples = stats.loss_sum + loss.item(), stats.samples + len(indices)
-            sends = [comm.isend(self.flat.grad[a:b], dest=s, tag=1 + versions[s] % TAG_SPAN)
+            self.consumed, self.trained = self.consumed + 1, self.trained + len(indices)
+            self.stats.loss_sum, self.stats.samples = self.stats.loss_sum + loss.item(), self.stats.samples + len(indices)
+            stop_seen |= wants().stop
+            sends = [comm.isend(self.flat.grad[a:b], dest=s, tag=_tag(versions[s], stop_seen))
                      for s, (a, b) in enumerate(self.ranges)]
             received = self._post_param_recvs()
         comm.waitall(sends)
         # Server 0 said STOP; the others sent a range too and wait for a gradient: say DONE.
         comm.waitall([comm.isend(self.flat.grad[a:a], dest=s, tag=TAG_DONE)  # an empty message
                       for s, (a, b) in enumerate(self.ranges) if s > 0])
-        self.samples_per_s = stats.samples / (time.perf_counter() - started)  # this worker's own pace
-        self.samples = stats.samples
-        return stats
+        return stop_seen
 
-    def _batches(self, shard, index):
-        """This worker's batches, pass after pass over its shard, until told to stop."""
-        stream = () if len(self.workers) == 1 else (index,)  # one worker: the sync order
-        for epoch in itertools.count():
-            for b in shard_batches(len(shard), self.cfg.batch_size, epoch=epoch, seed=self.cfg.seed,
-                                   rank=0, size=1, stream=stream):
-                yield shard[b.indices]
+    def _batch(self, k):
+        """This worker's k-th batch: pass k // (batches per pass) over its shard, reshuffled each pass."""
+        index = self.comm.rank - self.cfg.servers
+        shard = self.shards[index]
+        per_pass = num_steps(len(shard), self.cfg.batch_size)
+        epoch, position = divmod(k, per_pass)
+        if getattr(self, "_pass", (None,))[0] != epoch:
+            stream = () if len(self.workers) == 1 else (index,)  # one worker: the sync order
+            self._pass = (epoch, shard_batches(len(shard), self.cfg.batch_size, epoch=epoch, seed=self.cfg.seed,
+                                               rank=0, size=1, stream=stream))
+        return shard[self._pass[1][position].indices]
 
     def _post_param_recvs(self):
         return [self.comm.irecv(self.flat.data[a:b], source=s) for s, (a, b) in enumerate(self.ranges)]
 
     def _wait_params(self, requests, versions):
-        """Wait for every server's range; the tags carry the servers' versions (mod TAG_SPAN).
+        """Wait for every server's range; the tags carry the servers' versions and stop bits.
 
-        Returns True when server 0 said STOP.
+        Returns (server 0 said STOP, some server's stop bit was set).
         """
-        stop = False
+        stop = flagged = False
         for _ in requests:
             index, tag = self.comm.waitany(requests)
-            stop |= tag == TAG_STOP
-            versions[index] = tag - 1
-        return stop
+            if tag == TAG_STOP:
+                stop = True
+                continue
+            versions[index], bit = _untag(tag)
+            flagged |= bit
+        return stop, flagged
 
     # -- server -------------------------------------------------------------------
-    def _serve(self, ticks):
-        budget = self.budget if self.comm.rank == 0 else None
-        server = _Server(self.comm, self.cfg, self.param, self.optimizer, self.workers, budget)
-        self.histogram = server.serve(ticks)
+    def _serve(self, target, wants):
+        server = _Server(self, target if self.comm.rank == 0 else None, wants)
+        stop_seen = server.serve()
+        if self.comm.rank == 0:
+            self.asked = server.asked
         start, stop = self.ranges[self.comm.rank]
         self.flat.data[start:stop].copy_(self.param.detach())
-        return EpochStats()
+        return stop_seen
 
-    def extra_metrics(self, train_time):
+    def summary(self, history, train_time):
         """Server-side counts (from server 0) and every worker's speed; a collective."""
         mine = (dict(self.histogram) if self.is_server else None,
-                None if self.is_server else (self.samples_per_s, self.samples))
+                None if self.is_server else (self.trained / max(self.busy_s, 1e-9), self.trained))
         gathered = self.comm.allgather_object(mine)
         histogram = {int(k): v for k, v in sorted(gathered[0][0].items())}
         updates = sum(histogram.values())
         samples = [w[1] for _, w in gathered[self.cfg.servers:]]
-        return {"updates_applied": updates, "updates_per_s": updates / train_time,
+        return {"epochs": self.cfg.epochs, "global_batch_size": self.cfg.batch_size * len(self.workers),
+                "updates_applied": updates, "updates_per_s": updates / train_time,
                 "samples_per_s": sum(samples) / train_time,  # workers' passes differ: count, do not assume
                 "staleness_mean": sum(k * v for k, v in histogram.items()) / max(updates, 1),
                 "staleness_max": max(histogram, default=0), "staleness_histogram": histogram,
@@ -186,87 +258,105 @@ class AsyncStrategy(Strategy):
                 "worker_samples": samples}
 
 
-class _Server:
-    """One parameter server's state: its range's optimizer, the scheduler, one buffer pair per worker.
+def _tag(version, stop_bit):
+    """A gradient's or a range's tag: its version (mod TAG_SPAN) and a stop bit."""
+    return 1 + version % TAG_SPAN + TAG_SPAN * bool(stop_bit)
 
-    `budget`: on server 0, the number of gradients to ask for in all; the
-    other servers (None) learn that a worker stopped from its DONE message.
+
+def _untag(tag):
+    """(version mod TAG_SPAN, stop bit) of a tag made by _tag."""
+    return (tag - 1) % TAG_SPAN, (tag - 1) >= TAG_SPAN
+
+
+class _Server:
+    """One parameter server's segment: the scheduler and one buffer pair per worker.
+
+    `target`: on server 0, the count of gradients asked for at which this
+    segment ends (lowered to "now" by a stop bit or root's checkpoint clock);
+    the other servers (None) learn that a worker stopped from its DONE message.
     """
 
-    def __init__(self, comm, cfg, param, optimizer, workers, budget):
-        self.comm, self.cfg, self.param, self.optimizer = comm, cfg, param, optimizer
-        self.workers, self.budget = workers, budget
-        self.active = set(range(len(workers)))
-        self.scheduler = StalenessScheduler(len(workers), None if cfg.staleness < 0 else cfg.staleness)
-        self.grads = [torch.zeros_like(param) for _ in workers]
-        self.outbox = [torch.zeros_like(param) for _ in workers]
-        self.recvs = [comm.request_null] * len(workers)
-        self.sends = [comm.request_null] * len(workers)
-        self.histogram = Counter()
+    def __init__(self, strategy, target, wants):
+        self.s, self.cfg, self.comm = strategy, strategy.cfg, strategy.comm
+        self.param, self.optimizer, self.workers = strategy.param, strategy.optimizer, strategy.workers
+        self.target, self.asked, self.wants = target, strategy.asked, wants
+        self.stop_seen = False
+        self.active = set(range(len(self.workers)))
+        self.scheduler = StalenessScheduler(len(self.workers), None if self.cfg.staleness < 0 else self.cfg.staleness)
+        self.scheduler.version = strategy.applied
+        self.grads = [torch.zeros_like(self.param) for _ in self.workers]
+        self.outbox = [torch.zeros_like(self.param) for _ in self.workers]
+        self.recvs = [self.comm.request_null] * len(self.workers)
+        self.sends = [self.comm.request_null] * len(self.workers)
         self.watchdog = None
 
-    def serve(self, ticks):
-        """Apply gradients as they arrive until every worker has stopped; returns the histogram."""
+    def serve(self):
+        """Apply gradients as they arrive until every worker has stopped; returns whether a stop bit came."""
         self.watchdog = Watchdog(self.comm, self.cfg.timeout, self._computing, role="parameter server")
         try:
-            self._advance(ticks)
+            self._advance()
             while self.active:
                 w, tag = self.comm.waitany(self.recvs, sleep=_POLL_SLEEP)
                 if tag == TAG_DONE:
                     self._retire(w)
-                elif (tag - 1) != self.scheduler.base[w] % TAG_SPAN:
-                    raise RuntimeError(f"worker {w} sent version {tag - 1}, expected {self.scheduler.base[w]}")
                 else:
+                    version, bit = _untag(tag)
+                    if version != self.scheduler.base[w] % TAG_SPAN:
+                        raise RuntimeError(f"worker {w} sent version {version}, expected {self.scheduler.base[w]}")
+                    self.stop_seen |= bit
                     self.watchdog.heard_from()
                     self.scheduler.arrive(w)
-                self._advance(ticks)
+                self._advance()
         finally:
             self.watchdog.stop()
-        for _ in ticks:  # let the progress bar finish and clear itself
-            pass
         self.comm.waitall(self.sends)
-        return self.histogram
+        return self.stop_seen
 
-    def _advance(self, ticks):
+    def _advance(self):
         """Apply what the bound allows and release who may compute, until neither changes anything.
 
         (A retired worker loosens the bound, which can free held gradients and waiting workers.)
         """
-        self._apply_ready(ticks)
+        self._apply_ready()
         while self._release():
-            self._apply_ready(ticks)
+            self._apply_ready()
 
-    def _apply_ready(self, ticks):
+    def _apply_ready(self):
         """Apply every held or arrived gradient the staleness bound allows now."""
+        cfg, s = self.cfg, self.s
         while (w := self.scheduler.next_to_apply()) is not None:
             staleness = self.scheduler.apply(w)
-            self.histogram[staleness] += 1
-            if self.cfg.staleness_lr:
-                for group in self.optimizer.param_groups:
-                    group["lr"] = self.cfg.lr / (staleness + 1)
+            s.histogram[staleness] += 1
+            lr = lr_at(cfg.lr, cfg.schedule(), min(s.applied, s.budget - 1), s.budget,
+                       cfg.warmup_epochs * s.per_epoch)
+            set_lr(self.optimizer, lr / (staleness + 1) if cfg.staleness_lr else lr)
             self.param.grad = self.grads[w]
             self.optimizer.step()
-            next(ticks, None)
+            s.applied += 1
 
     def _release(self):
         """Send the current range to every worker the scheduler lets compute, and listen for its reply.
 
-        Server 0 sends STOP instead once it has asked for the whole budget.
+        Server 0 sends STOP instead once it has asked for the segment's share
+        (or at once after a stop bit or root's checkpoint clock).
         Returns whether it retired a worker (so more may be released now).
         """
+        mine = self.wants()
+        self.stop_seen |= mine.stop
+        if self.target is not None and (self.stop_seen or mine.checkpoint):
+            self.target = min(self.target, self.asked)  # end the segment now
         retired = False
         for w in self.scheduler.release():
             self.comm.waitall([self.sends[w]])  # the previous answer to w has left this buffer
             self.outbox[w].copy_(self.param.detach())
-            stop = self.budget is not None and self.budget == 0
-            tag = TAG_STOP if stop else 1 + self.scheduler.version % TAG_SPAN
+            stop = self.target is not None and self.asked >= self.target
+            tag = TAG_STOP if stop else _tag(self.scheduler.version, self.stop_seen)
             self.sends[w] = self.comm.isend(self.outbox[w], dest=self.workers[w], tag=tag)
             if stop:
                 self._retire(w)
                 retired = True
                 continue
-            if self.budget is not None:
-                self.budget -= 1
+            self.asked += 1
             self.recvs[w] = self.comm.irecv(self.grads[w], source=self.workers[w])
         return retired
 

@@ -1,4 +1,4 @@
-"""The small interface every mode implements, and what modes share."""
+"""The interface every mode implements, and the small pieces modes share."""
 import time
 from contextlib import contextmanager
 
@@ -6,11 +6,11 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["Strategy", "EpochStats", "loss_sum", "make_optimizer", "batch_tensors", "compute_phase"]
+__all__ = ["Strategy", "EpochStats", "Flags", "loss_sum", "make_optimizer", "batch_tensors", "compute_phase"]
 
 
 class EpochStats:
-    """This rank's share of an epoch: summed loss and samples."""
+    """This rank's share of an epoch so far: summed loss and samples."""
 
     __slots__ = ("loss_sum", "samples")
 
@@ -18,29 +18,94 @@ class EpochStats:
         self.loss_sum, self.samples = 0.0, 0
 
 
+class Flags:
+    """What ranks agree on between units of work: stop (a signal) and checkpoint now (root's clock)."""
+
+    __slots__ = ("stop", "checkpoint")
+
+    def __init__(self, stop=False, checkpoint=False):
+        self.stop, self.checkpoint = bool(stop), bool(checkpoint)
+
+    def values(self):
+        return [float(self.stop), float(self.checkpoint)]
+
+    @classmethod
+    def summed(cls, values):
+        """The agreement from the flags' sums over ranks (any rank's stop; root's checkpoint)."""
+        return cls(values[0] > 0, values[1] > 0)
+
+
 class Strategy:
-    """One mode of training. The trainer calls setup() once, then train_epoch() per epoch.
+    """One mode of training, driven by the one loop in `trainer.run`:
+
+        setup()                              once, a collective (e.g. broadcast the initial weights)
+        units_in(epoch)                      units of work in an epoch: sync steps, one async
+                                             segment of updates, one federated round
+        run_unit(epoch, index, wants)        one unit; returns (agreed Flags, whether it finished).
+                                             `wants()` gives this rank's Flags now; they travel
+                                             inside the unit's own communication
+        end_epoch(epoch)                     the epoch's training record (a collective)
+        share_model()                        every rank holds the model to evaluate and save
+        model_state(), state_dict(),         collectives that give root what a checkpoint needs to
+        rank_state()                         continue exactly (rank_state: this rank's own part)
+        load_state_dict(state, own)          the reverse, on every rank (own: this rank's part, or
+                                             None on another world size)
+        summary(history, train_time)         mode-specific summary fields (may be a collective)
 
     A strategy never parses flags and never prints: it gets the config, data,
     model and communicator, and hands back numbers.
     """
 
+    unit = "epoch"  # what the trainer calls an epoch of this mode in its lines and summary
+
     def __init__(self, cfg, dataset, model, comm):
         self.cfg, self.dataset, self.model, self.comm = cfg, dataset, model, comm
 
     def setup(self):
-        """Collective start-up (e.g. broadcast the initial weights)."""
-
-    def train_epoch(self, epoch, progress):
-        """Train one epoch; `progress(iterable, total)` wraps the step loop. Returns EpochStats.
-
-        A mode whose ranks do not move through epochs together (async) defines
-        run(progress) for the whole training and finish() to share the result instead.
-        """
         raise NotImplementedError
 
-    def extra_metrics(self, train_time):
-        """Mode-specific summary fields (called on every rank; may be a collective)."""
+    def epochs(self):
+        """How many of the trainer's epochs the run has."""
+        return self.cfg.epochs
+
+    def work_done(self, epoch, step):
+        """Units of work done in all at (epoch, step): a checkpoint's number."""
+        return sum(self.units_in(e) for e in range(epoch)) + step
+
+    def check_resume(self, saved, world_size):
+        """Why a checkpoint made with config dict `saved` on `world_size` ranks cannot continue here, or None."""
+        return None if saved["batch_size"] == self.cfg.batch_size else \
+            f"was made with --batch-size {saved['batch_size']}, this run has {self.cfg.batch_size}"
+
+    def evaluate_extra(self):
+        """Mode-specific scores of the shared model (a collective)."""
+        return {}
+
+    def units_in(self, epoch):
+        raise NotImplementedError
+
+    def run_unit(self, epoch, index, wants):
+        raise NotImplementedError
+
+    def end_epoch(self, epoch):
+        raise NotImplementedError
+
+    def share_model(self):
+        """By default the replicas already agree."""
+
+    def model_state(self):
+        return self.model.state_dict()
+
+    def state_dict(self):
+        return {}
+
+    def rank_state(self):
+        return {}
+
+    def load_state_dict(self, state, own):
+        """Restore from `state` (the model is already loaded); `own` is rank_state() or None."""
+
+    def summary(self, history, train_time):
         return {}
 
 

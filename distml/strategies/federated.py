@@ -21,10 +21,10 @@ import torch
 
 from ..api import broadcast_parameters
 from ..partition import partition
-from ..reducer import _zeros
+from ..flat import FlatModel, zeros
+from ..schedule import lr_at, set_lr
 from ..sharding import rng
-from .async_ps import FlatModel
-from .base import Strategy, batch_tensors, loss_sum, make_optimizer
+from .base import Flags, Strategy, batch_tensors, loss_sum, make_optimizer
 from .server_opt import ServerOptimizer
 
 __all__ = ["FederatedStrategy", "assign_clients", "sample_clients", "client_batches"]
@@ -68,7 +68,9 @@ def client_batches(num_samples, batch_size, *, seed, round_, client, epochs=1, s
 
 
 class FederatedStrategy(Strategy):
-    """The trainer calls train_round() per round; evaluate after load_global()."""
+    """Each of the trainer's epochs is one round (one unit of work); evaluate after share_model()."""
+
+    unit = "round"
 
     def setup(self):
         cfg, comm, data = self.cfg, self.comm, self.dataset
@@ -93,25 +95,47 @@ class FederatedStrategy(Strategy):
             self.client_control = {}
         end = self.slices.get("control", self.slices["buffers"]).stop
         self.slices["totals"] = slice(end, end + 2)  # samples trained, summed loss
-        self.sums = _zeros(end + 2, torch.float64)  # float64: rank counts change the order of summing
+        self.slices["flags"] = slice(end + 2, end + 4)  # stop, checkpoint: agreed in the same Allreduce
+        self.sums = zeros(end + 4, torch.float64)  # float64: rank counts change the order of summing
         self.optimizer = make_optimizer(cfg, self.model.parameters())  # reset for each client, see _train_client
+        self.lr = cfg.lr  # this round's client learning rate (--lr-schedule), set by run_unit
         control = p if self.scaffold else 0  # SCAFFOLD ships c down and c_i's change up, one per parameter
         self.bytes_per_client = (p + b + control) * self.global_params.element_size()
 
     # -- one round ----------------------------------------------------------------
-    def train_round(self, round_):
-        """Train the sampled clients and apply the averaged update; returns the round's record."""
+    def units_in(self, round_):
+        return 1
+
+    def run_unit(self, round_, index, wants):
+        """Train the sampled clients and apply the averaged update (the round's record: end_epoch)."""
         sampled, survivors = sample_clients(self.cfg.seed, round_, self.num_clients, self.per_round,
                                             self.cfg.dropout)
+        self.lr = lr_at(self.cfg.lr, self.cfg.schedule(), round_, self.cfg.rounds, self.cfg.warmup_epochs)
         self.sums.zero_()
         self.model.train()
         for client, rank in self._trainers(survivors).items():
             if rank == self.comm.rank:
                 self._train_client(client, round_)
+        self.sums[self.slices["flags"]] = torch.tensor(wants().values(), dtype=self.sums.dtype)
         self.comm.allreduce_(self.sums)  # the only collective of a round
         samples, loss = self.sums[self.slices["totals"]].tolist()
         if samples > 0:  # a round without survivors keeps the model
             self._apply(samples, len(survivors))
+        self.record = self._round_record(sampled, survivors, samples, loss)
+        return Flags.summed(self.sums[self.slices["flags"]].tolist()), True
+
+    def end_epoch(self, round_):
+        return self.record
+
+    def train_round(self, round_):
+        """One round outside the trainer's loop (tests, experiments); returns its record."""
+        self.run_unit(round_, 0, Flags)
+        return self.record
+
+    def epochs(self):
+        return self.cfg.rounds
+
+    def _round_record(self, sampled, survivors, samples, loss):
         return {"clients_sampled": len(sampled), "clients_participating": len(survivors),
                 "clients_dropped": len(sampled) - len(survivors),
                 "train_loss": loss / samples if samples else None,
@@ -146,6 +170,7 @@ class FederatedStrategy(Strategy):
         self.load_global()
         optimizer = self.optimizer
         optimizer.state.clear()  # a fresh client optimizer (momentum, Adam moments) each round
+        set_lr(optimizer, self.lr)
         own = self.parts[client]
         batches = client_batches(len(own), cfg.batch_size, seed=cfg.seed, round_=round_, client=client,
                                  epochs=cfg.local_epochs, steps=cfg.local_steps)
@@ -173,7 +198,7 @@ class FederatedStrategy(Strategy):
 
     def _update_control(self, client, steps):
         """SCAFFOLD option II: c_i+ = c_i - c + (x - y) / (K lr); returns c_i+ - c_i."""
-        delta = (self.global_params - self.flat.data) / (steps * self.cfg.lr) - self.control
+        delta = (self.global_params - self.flat.data) / (steps * self.lr) - self.control
         self.client_control[client] = self.client_control.get(client, 0) + delta
         return delta
 
@@ -201,6 +226,37 @@ class FederatedStrategy(Strategy):
             return torch.zeros(0, dtype=self.global_params.dtype)
         return torch.cat([b.detach().reshape(-1).to(self.global_params.dtype) for b in self.buffers])
 
+    def share_model(self):
+        self.load_global()
+
+    def model_state(self):
+        self.load_global()
+        return self.model.state_dict()
+
+    def state_dict(self):
+        """The global model, the server optimizer's moments, SCAFFOLD's c and every client's c_i."""
+        owned = self.comm.allgather_object(getattr(self, "client_control", {}))  # rare: checkpoints only
+        return {"global_params": self.global_params, "global_buffers": self.global_buffers,
+                "server_m": self.server.m, "server_v": self.server.v,
+                "control": getattr(self, "control", None),
+                "client_control": {c: v for part in owned for c, v in part.items()}}
+
+    def load_state_dict(self, state, own):
+        """Also on another world size: each rank takes the client variates of the clients it owns now."""
+        with torch.no_grad():
+            for name in ("global_params", "global_buffers"):
+                getattr(self, name).copy_(state[name])
+            self.server.m.copy_(state["server_m"])
+            self.server.v.copy_(state["server_v"])
+            if self.scaffold:
+                self.control.copy_(state["control"])
+                self.client_control = {c: v for c, v in state["client_control"].items()
+                                       if self.owner[c] == self.comm.rank}
+        self.load_global()
+
+    def evaluate_extra(self):
+        return self.client_scores()
+
     @torch.no_grad()
     def client_scores(self):
         """Accuracy of the global model on each client's own data: mean, min, 10th percentile.
@@ -220,8 +276,18 @@ class FederatedStrategy(Strategy):
         return {"client_acc_mean": float(scores.mean()), "client_acc_min": float(scores.min()),
                 "client_acc_p10": float(np.percentile(scores, 10))}
 
-    def extra_metrics(self, train_time):
-        return {"clients": self.num_clients, "clients_per_round": self.per_round,
+    def summary(self, history, train_time):
+        """Rounds, bytes, and the first round (and bytes) at --target-accuracy."""
+        reached, sent = {}, 0
+        for r in history:
+            sent += r["bytes_up"] + r["bytes_down"]
+            if not reached and self.cfg.target_accuracy is not None \
+                    and r.get("test_accuracy", -1) >= self.cfg.target_accuracy:
+                reached = {"rounds_to_target": r["round"], "bytes_to_target": sent}
+        return {"rounds": len(history), "round_time_s": train_time / max(len(history), 1),
+                "bytes_up": sum(r["bytes_up"] for r in history),
+                "bytes_down": sum(r["bytes_down"] for r in history),
+                "rounds_to_target": None, "bytes_to_target": None, **reached,
+                "clients": self.num_clients, "clients_per_round": self.per_round,
                 "algorithm": self.cfg.algorithm, "server_opt": self.cfg.server_opt,
                 "partition": self.cfg.partition}
-

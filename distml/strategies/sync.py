@@ -3,32 +3,91 @@
 Each rank's loss is summed over its samples and divided by the *global*
 batch size, and the reducer sums those gradients with Allreduce. The result is
 the gradient of single-process training on the whole global batch, also for
-the last, partial batch where ranks hold different sample counts.
+the last, partial batch where ranks hold different sample counts. Two spare
+elements at the end of the last gradient bucket carry the ranks' stop and
+checkpoint flags, so agreeing on them costs 8 bytes a step and no message.
+
+Nothing here depends on the world size but the split of each global batch,
+so a checkpoint resumes on any number of ranks with the same global batch.
 """
-from ..api import DistributedOptimizer, broadcast_parameters
-from ..sharding import shard_batches
-from .base import EpochStats, Strategy, batch_tensors, compute_phase, loss_sum, make_optimizer
+import torch
+
+from ..api import broadcast_buffers, broadcast_parameters
+from ..reducer import GradientReducer
+from ..schedule import lr_at, set_lr
+from ..sharding import num_steps, shard_batches
+from .base import EpochStats, Flags, Strategy, batch_tensors, compute_phase, loss_sum, make_optimizer
 
 
 class SyncStrategy(Strategy):
     def setup(self):
-        broadcast_parameters(self.model, comm=self.comm)  # distributed: all start from root's weights
-        self.optimizer = DistributedOptimizer(make_optimizer(self.cfg, self.model.parameters()),
-                                              bucket_mb=self.cfg.bucket_mb, op="sum", comm=self.comm)
+        cfg, comm = self.cfg, self.comm
+        broadcast_parameters(self.model, comm=comm)  # distributed: all start from root's weights
+        self.optimizer = make_optimizer(cfg, self.model.parameters())
+        self.reducer = GradientReducer(self.model.parameters(), comm, bucket_mb=cfg.bucket_mb, op="sum",
+                                       control=2)
+        self.steps_per_epoch = num_steps(len(self.dataset.y_train), cfg.batch_size * comm.size)
+        self.stats = EpochStats()
+        self._batches = (None, None)  # (epoch, this rank's batches of it)
 
-    def train_epoch(self, epoch, progress):
-        cfg, data, stats = self.cfg, self.dataset, EpochStats()
-        batches = shard_batches(len(data.y_train), cfg.batch_size, epoch=epoch, seed=cfg.seed,
-                                rank=self.comm.rank, size=self.comm.size)
+    def units_in(self, epoch):
+        return self.steps_per_epoch
+
+    def run_unit(self, epoch, step, wants):
+        """One step: gradients of this rank's part of global batch `step`, summed over ranks."""
+        cfg, data = self.cfg, self.dataset
+        batch = self._epoch_batches(epoch)[step]
         self.model.train()
-        for batch in progress(batches, total=len(batches)):
-            self.optimizer.zero_grad()
-            if len(batch.indices):  # the last global batch can leave a rank with none
-                with compute_phase(cfg, self.comm.rank):
-                    x, y = batch_tensors(data.X_train, data.y_train, batch.indices)
-                    loss = loss_sum(self.model(x), y, data.task)
-                    (loss / batch.global_size).backward()
-                stats.loss_sum += loss.item()
-                stats.samples += len(batch.indices)
-            self.optimizer.step()  # distributed: Allreduce (sum) of the fused gradient buckets
-        return stats
+        self.reducer.zero_grad()
+        if len(batch.indices):  # the last global batch can leave a rank with none
+            with compute_phase(cfg, self.comm.rank):
+                x, y = batch_tensors(data.X_train, data.y_train, batch.indices)
+                loss = loss_sum(self.model(x), y, data.task)
+                (loss / batch.global_size).backward()
+            self.stats.loss_sum += loss.item()
+            self.stats.samples += len(batch.indices)
+        self.reducer.control.copy_(torch.tensor(wants().values()))
+        self.reducer.allreduce_grads()  # distributed: Allreduce (sum) of the buckets, flags included
+        total = cfg.epochs * self.steps_per_epoch
+        set_lr(self.optimizer, lr_at(cfg.lr, cfg.schedule(), epoch * self.steps_per_epoch + step, total,
+                                     cfg.warmup_epochs * self.steps_per_epoch))
+        self.optimizer.step()
+        return Flags.summed(self.reducer.control.tolist()), True
+
+    def _epoch_batches(self, epoch):
+        if self._batches[0] != epoch:
+            self._batches = (epoch, shard_batches(len(self.dataset.y_train), self.cfg.batch_size, epoch=epoch,
+                                                  seed=self.cfg.seed, rank=self.comm.rank, size=self.comm.size))
+        return self._batches[1]
+
+    def end_epoch(self, epoch):
+        loss, samples = self._totals()
+        self.stats = EpochStats()
+        return {"train_loss": loss / max(samples, 1), "samples": int(samples)}
+
+    def _totals(self):
+        return self.comm.allreduce_array([self.stats.loss_sum, self.stats.samples])
+
+    def share_model(self):
+        broadcast_buffers(self.model, comm=self.comm)  # BatchNorm statistics: evaluate and save rank 0's
+
+    def state_dict(self):
+        loss, samples = self._totals()  # the epoch so far, so its record comes out the same
+        return {"optimizer": self.optimizer.state_dict(), "epoch_loss": float(loss), "epoch_samples": int(samples)}
+
+    def load_state_dict(self, state, own):
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.comm.is_root:  # the epoch's totals so far count once, on root
+            self.stats.loss_sum, self.stats.samples = state["epoch_loss"], state["epoch_samples"]
+
+    def check_resume(self, saved, world_size):
+        """Any world size with the same global batch: the result does not depend on the split."""
+        then, now = saved["batch_size"] * world_size, self.cfg.batch_size * self.comm.size
+        if then != now:
+            return (f"has global batch {then} ({world_size} ranks x --batch-size {saved['batch_size']}); this run "
+                    f"has {now}: resume with --batch-size {then // self.comm.size if then % self.comm.size == 0 else '?'} "
+                    f"on {self.comm.size} ranks, or on a rank count that divides {then}")
+        return None
+
+    def summary(self, history, train_time):
+        return {"epochs": self.cfg.epochs, "global_batch_size": self.cfg.batch_size * self.comm.size}

@@ -1,0 +1,87 @@
+"""End-to-end: every kind of bad checkpoint is one line and exit 2, before training, writing nothing."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from launch import launch
+
+from distml.checkpoint import list_checkpoints
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A real sync checkpoint and a plain --save-model file, from one short run."""
+    where = tmp_path_factory.mktemp("made")
+    done = launch(0, "train", "--quiet", "--epochs", 1, "--checkpoint-dir", where / "ckpt",
+                  "--save-model", where / "plain.pt")
+    assert done.returncode == 0, done.stderr
+    (checkpoint,) = list_checkpoints(where / "ckpt")
+    return where, checkpoint
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _copy_with(path, source, change):
+    data = bytearray(open(source, "rb").read())
+    path.write_bytes(bytes(change(data)))
+
+
+def _flip(data):
+    data[len(data) // 2] ^= 0x01
+    return data
+
+
+def _newer(path, source):
+    wrapper = torch.load(source, weights_only=True)
+    wrapper["distml_checkpoint"] += 1
+    torch.save(wrapper, path)
+
+
+CASES = {  # name: (make the file from (path, good checkpoint, plain file, marker), extra flags, message)
+    "truncated": (lambda p, c, m, x: _copy_with(p, c, lambda d: d[:len(d) // 3]), [], "not a readable"),
+    "empty": (lambda p, c, m, x: p.write_bytes(b""), [], "not a readable"),
+    "random-bytes": (lambda p, c, m, x: p.write_bytes(os.urandom(10000)), [], "not a readable"),
+    "one-flipped-byte": (lambda p, c, m, x: _copy_with(p, c, _flip), [], "fails its checksum"),
+    "newer-format": (lambda p, c, m, x: _newer(p, c), [], "upgrade distml"),
+    "plain-save-model-file": (lambda p, c, m, x: _copy_with(p, m, lambda d: d), [], "plain state_dict"),
+    "code-running-pickle": (lambda p, c, m, x: p.write_bytes(pickle.dumps(RunsCode(x))), [], "not a readable"),
+    "another-model": (lambda p, c, m, x: _copy_with(p, c, lambda d: d), ["--model", "logreg"], "another model"),
+    "another-data-set": (lambda p, c, m, x: _copy_with(p, c, lambda d: d), ["--test-fraction", 0.3],
+                         "another data set"),
+    "another-mode": (lambda p, c, m, x: _copy_with(p, c, lambda d: d), ["--mode", "federated"],
+                     "from a --mode sync run"),
+    "another-setting": (lambda p, c, m, x: _copy_with(p, c, lambda d: d), ["--lr", 0.2],
+                        "was made with --lr 0.1, this run has --lr 0.2"),
+    "missing": (lambda p, c, m, x: None, [], "no such checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_checkpoint_is_one_line_exit_2_and_nothing_is_written(tmp_path, made, case):
+    where, checkpoint = made
+    make, flags, message = CASES[case]
+    bad, marker = tmp_path / "bad.pt", tmp_path / "code-ran"
+    make(bad, checkpoint, where / "plain.pt", marker)
+    before = open(checkpoint, "rb").read()
+
+    done = launch(0, "train", "--epochs", 1, *flags, "--resume", bad, "--metrics", tmp_path / "m.jsonl",
+                  "--save-model", tmp_path / "w.pt")
+
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distml: error: --resume:"), done.stderr
+    assert message in lines[0]
+    assert "epoch" not in done.stdout  # nothing trained
+    assert not (tmp_path / "m.jsonl").exists() and not (tmp_path / "w.pt").exists()
+    assert not marker.exists()
+    assert open(checkpoint, "rb").read() == before
