@@ -19,8 +19,9 @@ import typing
 from . import __version__
 from . import comm as _comm
 from .agreement import RankFailure
-from .signals import EXIT_PREEMPTED, Preempted
+from .cluster import format_launch_table, launch_info
 from .config import GROUPS, Config, UsageError, _check_output_path, load_toml
+from .signals import EXIT_PREEMPTED, Preempted
 
 # `distml partition`: the Config fields that decide the split, with the same meaning as for train.
 PARTITION_FLAGS = ("dataset", "target", "test_fraction", "samples", "features", "classes", "seed",
@@ -108,6 +109,7 @@ def info(comm):
     import torch
     from .trainer import default_threads
     on_node, threads = comm.node_size(), default_threads(comm)  # collectives: all ranks call them
+    launches = comm.allgather_object(launch_info())  # what each rank's launcher told it
     if comm.is_root:
         print(f"distml        {__version__}")
         print(f"MPI library   {comm.library_version()} (MPI {comm.mpi_standard()})")
@@ -115,6 +117,8 @@ def info(comm):
         print(f"python        {platform.python_version()} on {platform.node()}")
         print(f"torch         {torch.__version__}, {threads} thread(s) per rank by default")
         print(f"CUDA-aware    {_comm.cuda_aware_mpi()}")
+        print("launch, as each rank sees it:")
+        print("\n".join("  " + line for line in format_launch_table(launches, comm.size)))
     return 0
 
 

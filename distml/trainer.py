@@ -46,11 +46,14 @@ class Result:
 
 
 def default_threads(comm):
-    """Cores of this node divided by the ranks on it, within this rank's CPU set (>= 1).
+    """SLURM_CPUS_PER_TASK where SLURM set it, else the cores of this node divided by the ranks
+    on it; within this rank's CPU set (>= 1).
 
     A collective (it counts the ranks on the node): call it on every rank.
     """
-    per_rank = (os.cpu_count() or 1) // comm.node_size()
+    from .cluster import cpus_per_task
+    on_node = comm.node_size()  # called on every rank, also where SLURM's answer makes it moot
+    per_rank = cpus_per_task() or (os.cpu_count() or 1) // on_node
     affinity = getattr(os, "sched_getaffinity", None)  # Linux only
     return max(1, min(per_rank, len(affinity(0)) if affinity else per_rank))
 

@@ -110,11 +110,20 @@ def test_federated_scaffold_with_a_server_optimizer_resumes_exactly_on_any_rank_
     _ok(launch(2, *FEDERATED, "--save-model", tmp_path / "full.pt"))
     _ok(launch(2, *FEDERATED, "--checkpoint-dir", tmp_path / "ckpt", "--keep", 10))
     after_3 = tmp_path / "ckpt" / "checkpoint-000000003.pt"
+    _ok(launch(2, *FEDERATED, "--checkpoint-dir", tmp_path / "timed", "--keep", 100, "--checkpoint-every", 0,
+               "--checkpoint-every-s", 0.005))
+    unrecorded = [path for path, p in _positions(tmp_path / "timed") if p["step"] == 1]  # round done, not recorded
+    assert unrecorded
 
     _ok(launch(2, *FEDERATED, "--resume", after_3, "--save-model", tmp_path / "two.pt"))
     _ok(launch(3, *FEDERATED, "--resume", after_3, "--save-model", tmp_path / "three.pt"))
+    _ok(launch(2, *FEDERATED, "--resume", unrecorded[0], "--save-model", tmp_path / "timed.pt",
+               "--metrics", tmp_path / "timed.jsonl"))
 
     assert _max_diff(tmp_path / "full.pt", tmp_path / "two.pt") == 0.0
+    assert _max_diff(tmp_path / "full.pt", tmp_path / "timed.pt") == 0.0
+    rounds = [json.loads(line).get("round") for line in (tmp_path / "timed.jsonl").read_text().splitlines()]
+    assert rounds[:-1] == list(range(read_checkpoint(unrecorded[0]).position["epoch"] + 1, 7))
     # float64 round sums: another rank count only changes their order
     assert _max_diff(tmp_path / "full.pt", tmp_path / "three.pt") <= 1e-6
     state = read_checkpoint(after_3).strategy

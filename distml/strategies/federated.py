@@ -237,7 +237,7 @@ class FederatedStrategy(Strategy):
         """The global model, the server optimizer's moments, SCAFFOLD's c and every client's c_i."""
         owned = self.comm.allgather_object(getattr(self, "client_control", {}))  # rare: checkpoints only
         return {"global_params": self.global_params, "global_buffers": self.global_buffers,
-                "server_m": self.server.m, "server_v": self.server.v,
+                "server_m": self.server.m, "server_v": self.server.v, "record": getattr(self, "record", None),
                 "control": getattr(self, "control", None),
                 "client_control": {c: v for part in owned for c, v in part.items()}}
 
@@ -248,6 +248,7 @@ class FederatedStrategy(Strategy):
                 getattr(self, name).copy_(state[name])
             self.server.m.copy_(state["server_m"])
             self.server.v.copy_(state["server_v"])
+            self.record = state["record"]  # a round done but not yet recorded (checkpoint inside the epoch)
             if self.scaffold:
                 self.control.copy_(state["control"])
                 self.client_control = {c: v for c, v in state["client_control"].items()
