@@ -4,7 +4,7 @@ Files are written atomically (temporary file in the same directory, fsync,
 rename, directory fsync), so an interrupted job, a crash or a second signal
 never leaves a half-written file or destroys the previous one; old
 checkpoints are pruned only after the new one is in place. A checkpoint file
-is `torch.save({"distml_checkpoint": version, "sha256": ..., "payload": bytes})`
+is `torch.save({"distml_checkpoint": version, "sha256": ..., "payload": uint8 tensor})`
 where the payload is the torch.save of a `Checkpoint`'s fields; the checksum
 is verified before the payload is read. Everything is loaded with
 `weights_only=True`: a file cannot run code.
@@ -58,9 +58,9 @@ def write_checkpoint(ckpt, directory, keep):
     os.makedirs(directory, exist_ok=True)
     buffer = io.BytesIO()
     torch.save({f.name: getattr(ckpt, f.name) for f in dataclasses.fields(ckpt)}, buffer)
-    payload = buffer.getvalue()
+    payload = buffer.getbuffer()  # no copy; as a uint8 tensor it is stored raw (bytes would be pickled)
     wrapper = {"distml_checkpoint": ckpt.version, "sha256": hashlib.sha256(payload).hexdigest(),
-               "payload": payload}
+               "payload": torch.frombuffer(payload, dtype=torch.uint8)}
     path = os.path.join(directory, f"checkpoint-{ckpt.position['units']:09d}.pt")
     atomic_write(path, lambda f: torch.save(wrapper, f))
     for old in list_checkpoints(directory)[:-keep]:
@@ -100,7 +100,8 @@ def read_checkpoint(path):
         raise UsageError(f"--resume: {path} has checkpoint format {version!r}; this distml reads "
                          f"format {FORMAT_VERSION} and older: upgrade distml")
     payload = wrapper.get("payload")
-    if not isinstance(payload, bytes) or hashlib.sha256(payload).hexdigest() != wrapper.get("sha256"):
+    payload = payload.numpy() if isinstance(payload, torch.Tensor) and payload.dtype == torch.uint8 else None
+    if payload is None or hashlib.sha256(payload).hexdigest() != wrapper.get("sha256"):
         raise UsageError(f"--resume: {path} fails its checksum (damaged or incompletely copied)")
     try:
         fields = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)

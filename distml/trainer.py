@@ -20,7 +20,8 @@ import torch
 
 from . import comm as _comm
 from .agreement import agree, check_same, data_fingerprint, fingerprint
-from .checkpoint import Checkpoint, newest_checkpoint, read_checkpoint, save_state_dict, write_checkpoint
+from .checkpoint import (Checkpoint, list_checkpoints, newest_checkpoint, read_checkpoint, save_state_dict,
+                         write_checkpoint)
 from .config import RESUME_NEWEST, UsageError
 from .data import load_dataset
 from .metrics import Reporter, Timer
@@ -89,8 +90,7 @@ def run(cfg, comm=None):
 
     # -- units of work; between any two, the job may stop or checkpoint ----------
     epochs, saver = strategy.epochs(), _Saver(cfg, comm, strategy, model, dataset, report)
-    if ckpt:
-        saver.resumed_elapsed[epoch] = ckpt.position["elapsed_s"]
+    saver.epoch_s = ckpt.position["elapsed_s"] if ckpt else 0.0
     with StopFlag() as signals:
         wants = lambda: Flags(signals.requested, comm.is_root and saver.due())  # noqa: E731
         bar = report.progress(total=sum(strategy.units_in(e) for e in range(epochs)),
@@ -108,14 +108,15 @@ def run(cfg, comm=None):
                         raise Preempted(signals.requested or "a signal on another rank",
                                         f"{strategy.unit} {epoch + 1} (unit {step} of {strategy.units_in(epoch)})",
                                         written)
-            record = _end_epoch(epoch, strategy, model, dataset, comm, cfg, timer, saver)
+            record = _end_epoch(epoch, strategy, model, dataset, comm, cfg, timer.elapsed() + saver.epoch_s)
             history.append(record)
             report.record(**record)
             if any(k.startswith("test_") for k in record):
                 report.say(_epoch_line(record, strategy.unit, epochs))
-            epoch, step = epoch + 1, 0
+            epoch, step, saver.epoch_s = epoch + 1, 0, 0.0
             if cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or epoch == epochs):
-                saver.save(epoch, step, history)
+                saver.save(epoch, step, history, Timer())
+                saver.epoch_s = 0.0
         bar.close()
 
     # -- summary and outputs (root only writes) ---------------------------------
@@ -141,11 +142,10 @@ def _seed_rank(cfg, comm, work_done):
     torch.default_generator.manual_seed(seed)  # the CPU generator only (manual_seed also queues CUDA's)
 
 
-def _end_epoch(epoch, strategy, model, dataset, comm, cfg, timer, saver):
+def _end_epoch(epoch, strategy, model, dataset, comm, cfg, elapsed):
     """The epoch's record: training totals, its time, and, every --eval-every epochs, test scores."""
     unit = strategy.unit
     record = {unit: epoch + 1, **strategy.end_epoch(epoch)}
-    elapsed = timer.elapsed() - saver.spent(timer) + saver.carried(epoch)
     record[f"{unit}_time_s"] = elapsed
     record["samples_per_s"] = record["samples"] / elapsed if elapsed > 0 else None
     if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == strategy.epochs():
@@ -157,20 +157,23 @@ def _end_epoch(epoch, strategy, model, dataset, comm, cfg, timer, saver):
 
 # -- checkpoints ------------------------------------------------------------------
 class _Saver:
-    """Writes checkpoints (a collective; root writes) and keeps root's --checkpoint-every-s clock."""
+    """Writes checkpoints (a collective; root writes) and keeps root's --checkpoint-every-s clock.
+
+    `epoch_s`: seconds of the current epoch run before this process (resumed inside it),
+    less the seconds spent writing checkpoints in it, so epoch times count training only.
+    """
 
     def __init__(self, cfg, comm, strategy, model, dataset, report):
         self.cfg, self.comm, self.strategy, self.model, self.report = cfg, comm, strategy, model, report
         self.data = data_fingerprint(dataset)
         self.last = time.monotonic()
-        self.writing_s = {}  # id(timer) -> seconds spent writing during that epoch
-        self.resumed_elapsed = {}  # epoch -> seconds it had run before the checkpoint we resumed from
+        self.epoch_s = 0.0
 
     def due(self):
         every = self.cfg.checkpoint_every_s
         return bool(self.cfg.checkpoint_dir and every and time.monotonic() - self.last >= every)
 
-    def save(self, epoch, step, history, timer=None):
+    def save(self, epoch, step, history, timer):
         """A checkpoint at (epoch, step); returns its path (None without --checkpoint-dir)."""
         if not self.cfg.checkpoint_dir:
             return None
@@ -182,30 +185,28 @@ class _Saver:
         path = None
         if self.comm.is_root:
             self.report.sync()  # the metrics up to here are on disk before the checkpoint points at them
-            elapsed = timer.elapsed() - self.spent(timer) + self.carried(epoch) if timer else 0.0
             ckpt = Checkpoint(
                 mode=self.cfg.mode, world_size=self.comm.size, config=json.dumps(asdict(self.cfg)),
                 data=self.data, model=model_state, strategy=state, ranks=ranks,
                 position={"epoch": epoch, "step": step, "units": self.strategy.work_done(epoch, step),
-                          "elapsed_s": elapsed},
+                          "elapsed_s": timer.elapsed() + self.epoch_s},
                 history=json.dumps(history), metrics_bytes=self.report.bytes_written())
             path = write_checkpoint(ckpt, self.cfg.checkpoint_dir, self.cfg.keep)
         self.last = time.monotonic()
-        if timer is not None:
-            self.writing_s[id(timer)] = self.spent(timer) + time.perf_counter() - started
+        self.epoch_s -= time.perf_counter() - started
         return path
-
-    def spent(self, timer):
-        return self.writing_s.get(id(timer), 0.0)
-
-    def carried(self, epoch):
-        """Seconds `epoch` had already run before the checkpoint this run resumed from."""
-        return self.resumed_elapsed.get(epoch, 0.0)
 
 
 def _find_resume(cfg, comm, strategy, dataset, model, report):
     """(path, Checkpoint) to resume from, checked against this run, or (None, None); root reads it."""
-    if not cfg.resume or not comm.is_root:
+    if not comm.is_root:
+        return None, None
+    present = list_checkpoints(cfg.checkpoint_dir) if cfg.checkpoint_dir else []
+    if not cfg.resume:
+        if present:  # a fresh run would mix its checkpoints with another run's (and prune them)
+            raise UsageError(f"--checkpoint-dir {cfg.checkpoint_dir} already holds checkpoints (newest: "
+                             f"{os.path.basename(present[-1])}): continue that run with --resume, or give an "
+                             f"empty directory")
         return None, None
     if cfg.resume == RESUME_NEWEST:
         path, ckpt = newest_checkpoint(cfg.checkpoint_dir, warn=report.warn)
@@ -217,7 +218,16 @@ def _find_resume(cfg, comm, strategy, dataset, model, report):
     problem = _resume_problem(ckpt, cfg, strategy, dataset, model)
     if problem:
         raise UsageError(f"--resume: {path} {problem}")
+    later = [p for p in present if _number(p) > ckpt.position["units"]]
+    if later:
+        raise UsageError(f"--resume: --checkpoint-dir {cfg.checkpoint_dir} holds checkpoints made after {path} "
+                         f"(newest: {os.path.basename(later[-1])}); they would be mixed with this run's: give "
+                         f"another --checkpoint-dir")
     return path, ckpt
+
+
+def _number(path):
+    return int(os.path.basename(path)[len("checkpoint-"):-len(".pt")])
 
 
 def _resume_problem(ckpt, cfg, strategy, dataset, model):

@@ -53,7 +53,7 @@ def main():
             for units in range(1, args.repeats + 1):
                 params, ckpt = one_rank_checkpoint(MODELS[name], units)
                 start = time.perf_counter()
-                path = write_checkpoint(ckpt, where, keep=2)
+                path = write_checkpoint(ckpt, os.path.join(where, name), keep=2)
                 writes.append(time.perf_counter() - start)
                 size = os.path.getsize(path)
                 start = time.perf_counter()

@@ -31,6 +31,7 @@ from bench_sync import MODELS, build_mlp, make_batches
 from benchlib import write_csv
 from distml import comm as dcomm
 from distml.reducer import GradientReducer
+from distml.strategies.base import Flags
 from distml.trainer import default_threads
 
 VARIANTS = ("none", "in-bucket", "separate")
@@ -43,17 +44,18 @@ def make_step(variant, sizes, batches, mpi):
     reducer = GradientReducer(model.parameters(), mpi, op="sum", control=2 if variant == "in-bucket" else 0)
     global_batch = len(batches[0][1]) * mpi.size
     data = itertools.cycle(batches)
-    flags = torch.zeros(2)
 
     def step():
         x, y = next(data)
         reducer.zero_grad()
         (F.cross_entropy(model(x), y, reduction="sum") / global_batch).backward()
-        if variant == "in-bucket":
-            reducer.control.copy_(flags)
+        if variant == "in-bucket":  # as SyncStrategy.run_unit does it
+            reducer.control.copy_(torch.tensor(Flags().values()))
         reducer.allreduce_grads()
+        if variant == "in-bucket":
+            Flags.summed(reducer.control.tolist())
         if variant == "separate":
-            mpi.allreduce_(flags.clone())
+            Flags.summed(mpi.allreduce_(torch.tensor(Flags().values())).tolist())
         optimizer.step()
     return step
 

@@ -148,19 +148,23 @@ def test_loading_a_file_that_is_not_a_checkpoint_raises_usage_error(tmp_path, co
         load_state_dict(path)
 
 
+@pytest.mark.parametrize("load,message", [(load_state_dict, "not a readable weights-only checkpoint"),
+                                          (read_checkpoint, "not a readable distml checkpoint")],
+                         ids=["model-file", "checkpoint"])
 @pytest.mark.parametrize("save", [
     lambda obj, path: torch.save({"weight": torch.ones(2), "extra": obj}, path),
+    lambda obj, path: torch.save({"distml_checkpoint": 1, "sha256": "0", "payload": obj}, path),
     lambda obj, path: path.write_bytes(pickle.dumps(obj, protocol=2)),
-], ids=["torch-save", "plain-pickle"])
-def test_a_pickle_holding_an_arbitrary_object_is_refused_without_running_it(tmp_path, save):
+], ids=["torch-save", "inside-the-wrapper", "plain-pickle"])
+def test_a_pickle_holding_an_arbitrary_object_is_refused_without_running_it(tmp_path, save, load, message):
     # Prepare
     path = tmp_path / "evil.pt"
     save(Payload(), path)
     CALLS.clear()
 
     # Execute / Assert
-    with pytest.raises(UsageError, match="not a readable weights-only checkpoint"):
-        load_state_dict(path)
+    with pytest.raises(UsageError, match=message):
+        load(path)
     assert CALLS == []
 
 
@@ -268,18 +272,3 @@ def test_bad_checkpoint_files_are_one_line_usage_errors(tmp_path, make, message)
         read_checkpoint(path)
     assert "\n" not in str(error.value) and str(path) in str(error.value)
 
-
-@pytest.mark.parametrize("save", [
-    lambda obj, path: torch.save({"distml_checkpoint": 1, "sha256": "0", "payload": obj}, path),
-    lambda obj, path: path.write_bytes(pickle.dumps(obj, protocol=2)),
-], ids=["inside-the-wrapper", "plain-pickle"])
-def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path, save):
-    # Prepare
-    path = tmp_path / "evil.pt"
-    save(Payload(), path)
-    CALLS.clear()
-
-    # Execute / Assert
-    with pytest.raises(UsageError, match="not a readable distml checkpoint"):
-        read_checkpoint(path)
-    assert CALLS == []

@@ -37,6 +37,7 @@ def test_async_trains_digits_to_93_percent(tmp_path, ranks, servers):
     shards = np.array_split(np.arange(1438), workers)  # digits: 1438 training samples
     assert s["updates_applied"] == sum(20 * math.ceil(len(shard) / 32) for shard in shards)
     assert len(s["worker_samples_per_s"]) == workers
+    assert s["global_batch_size"] == 32 * workers  # servers compute no gradients
 
 
 def test_async_defaults_train_digits_because_stale_steps_are_scaled_down(tmp_path):

@@ -207,3 +207,28 @@ def test_api_example_trains_under_mpirun(tmp_path):
 
     assert done.returncode == 0, done.stderr
     assert "test accuracy" in done.stdout
+
+
+def test_sync_batchnorm_model_trains_when_the_last_global_batch_is_tiny(tmp_path):
+    # 1438 = 3 x 478 + 4: an even split of the last 4 over 3 ranks gives a rank 1 sample, which
+    # BatchNorm refuses in training mode; the split gives 2, 2 and 0 instead.
+    bn_model = ROOT / "tests" / "mpi" / "bn_model.py"
+    metrics = tmp_path / "m.jsonl"
+
+    done = launch(3, "train", "--quiet", "--epochs", 3, "--batch-size", 478, "--model", f"{bn_model}:make",
+                  "--metrics", metrics)
+
+    assert done.returncode == 0, done.stderr
+    assert summary(metrics)["epochs"] == 3
+
+
+def test_default_schedule_trains_diabetes_linear_where_a_constant_rate_bounces(tmp_path):
+    # The example: at a constant rate the last iterate ended at R^2 0.09 (seed 0).
+    common = ["train", "--quiet", "--dataset", "diabetes", "--model", "linear", "--epochs", 200]
+
+    default = launch(2, *common, "--metrics", tmp_path / "d.jsonl")
+    constant = launch(2, *common, "--lr-schedule", "constant", "--metrics", tmp_path / "c.jsonl")
+
+    assert default.returncode == 0 and constant.returncode == 0, default.stderr + constant.stderr
+    assert summary(tmp_path / "d.jsonl")["test_r2"] >= 0.4
+    assert summary(tmp_path / "c.jsonl")["test_r2"] < 0.2

@@ -44,3 +44,18 @@ def test_evaluate_r2_equals_sklearn_r2_score(offset):
     assert 0.5 < expected < 1
     assert scores["test_r2"] == pytest.approx(expected, abs=1e-6)
     assert scores["test_mse"] == pytest.approx(np.mean((predictions - y) ** 2), rel=1e-9)
+
+
+def _stream(seed, rank, work_done):
+    from types import SimpleNamespace
+    from distml.trainer import _seed_rank
+    _seed_rank(SimpleNamespace(seed=seed), SimpleNamespace(rank=rank), work_done)
+    return torch.rand(8)
+
+
+def test_each_rank_gets_its_own_torch_stream_from_seed_rank_and_position():
+    base = _stream(0, 0, 0)
+
+    assert torch.equal(base, _stream(0, 0, 0))  # a pure function of (seed, rank, position)
+    for other in [(0, 1, 0), (1, 0, 0), (0, 0, 45)]:
+        assert not torch.equal(base, _stream(*other)), other
