@@ -85,3 +85,14 @@ def test_bad_checkpoint_is_one_line_exit_2_and_nothing_is_written(tmp_path, made
     assert not (tmp_path / "m.jsonl").exists() and not (tmp_path / "w.pt").exists()
     assert not marker.exists()
     assert open(checkpoint, "rb").read() == before
+
+
+def test_a_fresh_run_into_a_directory_of_checkpoints_is_refused(made):
+    where, checkpoint = made
+    before = sorted(os.listdir(where / "ckpt"))
+
+    done = launch(0, "train", "--epochs", 1, "--checkpoint-dir", where / "ckpt")
+
+    assert done.returncode == 2
+    assert done.stderr.count("distml: error") == 1 and "already holds checkpoints" in done.stderr
+    assert sorted(os.listdir(where / "ckpt")) == before
