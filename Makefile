@@ -29,7 +29,7 @@ test: test-unit test-mpi
 
 # Unit tests and end-to-end tests (the latter launch mpirun themselves).
 test-unit: $(VENV)/.installed
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests --ignore=tests/mpi
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q --durations=15 tests --ignore=tests/mpi
 
 # Tests that need a communicator, written once and run at 2 and 3 ranks.
 test-mpi: $(VENV)/.installed

@@ -65,6 +65,11 @@ def run(cfg, comm=None):
     Raises signals.Preempted on every rank after a stop signal (and the checkpoint).
     """
     comm = comm or _comm.world()
+    with StopFlag() as signals:  # from the start: a stop signal during set-up is acted on at the first step
+        return _run(cfg, comm, signals)
+
+
+def _run(cfg, comm, signals):
     wall = Timer()
     report = Reporter(enabled=comm.is_root, quiet=cfg.quiet, metrics_path=cfg.metrics)
 
@@ -89,35 +94,7 @@ def run(cfg, comm=None):
         report.say(f"distml: resumed from {path} at {strategy.unit} {epoch + 1}, unit {step}")
 
     # -- units of work; between any two, the job may stop or checkpoint ----------
-    epochs, saver = strategy.epochs(), _Saver(cfg, comm, strategy, model, dataset, report)
-    saver.epoch_s = ckpt.position["elapsed_s"] if ckpt else 0.0
-    with StopFlag() as signals:
-        wants = lambda: Flags(signals.requested, comm.is_root and saver.due())  # noqa: E731
-        bar = report.progress(total=sum(strategy.units_in(e) for e in range(epochs)),
-                              done=sum(strategy.units_in(e) for e in range(epoch)) + step, desc=f"{strategy.unit}s")
-        while epoch < epochs:
-            timer = Timer()
-            while step < strategy.units_in(epoch):
-                flags, finished = strategy.run_unit(epoch, step, wants)
-                step += finished
-                bar.update(finished)
-                if flags.stop or flags.checkpoint:
-                    written = saver.save(epoch, step, history, timer)
-                    if flags.stop:
-                        bar.close()
-                        raise Preempted(signals.requested or "a signal on another rank",
-                                        f"{strategy.unit} {epoch + 1} (unit {step} of {strategy.units_in(epoch)})",
-                                        written)
-            record = _end_epoch(epoch, strategy, model, dataset, comm, cfg, timer.elapsed() + saver.epoch_s)
-            history.append(record)
-            report.record(**record)
-            if any(k.startswith("test_") for k in record):
-                report.say(_epoch_line(record, strategy.unit, epochs))
-            epoch, step, saver.epoch_s = epoch + 1, 0, 0.0
-            if cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or epoch == epochs):
-                saver.save(epoch, step, history, Timer())
-                saver.epoch_s = 0.0
-        bar.close()
+    _train_units(cfg, comm, strategy, model, dataset, report, signals, ckpt, epoch, step, history)
 
     # -- summary and outputs (root only writes) ---------------------------------
     strategy.share_model()
@@ -128,6 +105,42 @@ def run(cfg, comm=None):
     report.close()
     report.say(_summary_line(summary, strategy.unit))
     return Result(summary, history, model)
+
+
+def _train_units(cfg, comm, strategy, model, dataset, report, signals, ckpt, epoch, step, history):
+    """Epochs of units of work from (epoch, step) to the end, recording each epoch into `history`.
+
+    After a unit, the agreed flags may ask for a checkpoint (root's clock) or a stop (a signal on
+    any rank: checkpoint, then Preempted); after an epoch, --checkpoint-every may.
+    """
+    epochs, saver = strategy.epochs(), _Saver(cfg, comm, strategy, model, dataset, report)
+    saver.epoch_s = ckpt.position["elapsed_s"] if ckpt else 0.0
+    wants = lambda: Flags(signals.requested, comm.is_root and saver.due())  # noqa: E731
+    bar = report.progress(total=sum(strategy.units_in(e) for e in range(epochs)),
+                          done=sum(strategy.units_in(e) for e in range(epoch)) + step, desc=f"{strategy.unit}s")
+    while epoch < epochs:
+        timer = Timer()
+        while step < strategy.units_in(epoch):
+            flags, finished = strategy.run_unit(epoch, step, wants)
+            step += finished
+            bar.update(finished)
+            if flags.stop or flags.checkpoint:
+                written = saver.save(epoch, step, history, timer)
+                if flags.stop:
+                    bar.close()
+                    raise Preempted(signals.requested or "a signal on another rank",
+                                    f"{strategy.unit} {epoch + 1} (unit {step} of {strategy.units_in(epoch)})",
+                                    written)
+        record = _end_epoch(epoch, strategy, model, dataset, comm, cfg, timer.elapsed() + saver.epoch_s)
+        history.append(record)
+        report.record(**record)
+        if any(k.startswith("test_") for k in record):
+            report.say(_epoch_line(record, strategy.unit, epochs))
+        epoch, step, saver.epoch_s = epoch + 1, 0, 0.0
+        if cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or epoch == epochs):
+            saver.save(epoch, step, history, Timer())
+            saver.epoch_s = 0.0
+    bar.close()
 
 
 def _load(cfg, size):
