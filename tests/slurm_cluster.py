@@ -147,26 +147,28 @@ def _check_platform():
         raise Unavailable("not Debian (no /etc/debian_version or apt-get)")
 
 
-def _install():
+def _install(timeout=60):
+    """apt-get install PACKAGES (about 4 s), after an `apt-get update` only where the lists lack them."""
     if all(shutil.which(p) for p in PROGRAMS) and PMIX_LIB.joinpath("libpmix.so.2").exists():
         return
     command = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     try:
-        done = run(command, timeout=300, env=env)
-        if done.returncode != 0:  # perhaps no package lists yet
-            run(["apt-get", "update", "-q"], timeout=300, env=env)
-            done = run(command, timeout=300, env=env)
-    except subprocess.TimeoutExpired:
-        raise Unavailable("apt-get install timed out") from None
+        done = run(command, timeout=timeout, env=env)
+        if done.returncode != 0 and "Unable to locate package" in done.stderr:  # no package lists yet
+            run(["apt-get", "update", "-q"], timeout=timeout, env=env)
+            done = run(command, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as e:
+        raise Unavailable(f"`{' '.join(e.cmd)}` took over {timeout} s") from None
     if done.returncode != 0:
-        raise Unavailable(f"apt-get install failed: {done.stderr.strip().splitlines()[-1:]}")
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise Unavailable(f"apt-get install failed: {last}")
 
 
 def _fix_traps():
     """What systemd and libpmix-dev would have done, and a resolvable short host name."""
     link = PMIX_LIB / "libpmix.so"  # slurm's mpi_pmix_v4.so dlopens it; only libpmix-dev ships it
-    if not link.exists():
+    if not link.is_symlink() and not link.exists():  # one left by an earlier run may dangle until now
         link.symlink_to("libpmix.so.2")
     host = socket.gethostname().split(".")[0]
     try:

@@ -18,7 +18,7 @@ from distml.cli import parse_command
 from distml.config import UsageError
 from launch import ROOT, summary
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]  # the first test also installs SLURM
 
 SCRIPTS = ROOT / "scripts" / "slurm"
 DISTML = Path(sys.executable).with_name("distml")  # the venv's, as a user sets DISTML=.venv/bin/distml
