@@ -147,7 +147,7 @@ def test_info_under_srun_shows_each_ranks_launch(slurm_cluster):
 
 
 # -- (c) preemption: signal, checkpoint, exit 75, requeue, resume -------------------------------------
-PREEMPT_ARGS = "--epochs 8 --batch-size 16 --quiet"  # about 1 s an epoch here: time to signal it
+PREEMPT_ARGS = "--epochs 6 --batch-size 16 --quiet"  # 0.5-1 s an epoch here: time to signal it
 
 
 def _checkpoints(directory):
