@@ -13,7 +13,8 @@ truest ones. Inside `sbatch`, mpirun's ranks inherit the batch shell's
 SLURM_PROCID=0 and SLURM_LOCALID=0, so Open MPI's and Hydra's variables come
 first; SLURM's rank variables count only inside a job step (SLURM_STEP_ID set,
 as srun sets it), and the job-wide ones (job id, node name, CPUs per task)
-are read whoever launched.
+are read whoever launched. (OMPI_COMM_WORLD_NODE_RANK is not the node's index
+but the rank's index on its node, so the node id comes from srun only.)
 """
 import os
 import platform

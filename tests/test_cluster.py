@@ -42,10 +42,10 @@ def test_launch_info_outside_slurm_reads_each_mpi_launcher():
     pmi = {"PMI_RANK": "2", "PMI_SIZE": "3"}
     pmix = {"PMIX_RANK": "5"}
 
-    assert (launch_info(hydra).launcher, launch_info(hydra).rank, launch_info(hydra).local_rank) == ("hydra", 2, 2)
-    assert (launch_info(pmi).launcher, launch_info(pmi).size, launch_info(pmi).local_rank) == ("pmi", 3, None)
-    assert (launch_info(pmix).launcher, launch_info(pmix).rank, launch_info(pmix).size) == ("pmix", 5, None)
-    assert launch_info(hydra).job_id is None and launch_info(hydra).cpus_per_task is None
+    node = platform.node() or None
+    assert launch_info(hydra) == LaunchInfo("hydra", 2, 3, 2, node, None, None, None)
+    assert launch_info(pmi) == LaunchInfo("pmi", 2, 3, None, node, None, None, None)
+    assert launch_info(pmix) == LaunchInfo("pmix", 5, None, None, node, None, None, None)
 
 
 def test_launch_info_without_launcher_is_rank_0_of_1_on_this_host():

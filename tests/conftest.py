@@ -1,0 +1,25 @@
+"""Fixtures shared by the test files."""
+import os
+
+import pytest
+
+from slurm_cluster import Cluster, Unavailable
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A single-node SLURM cluster for the session: an idle one that already answers `sinfo`, or one
+    installed (apt-get, as root on Debian) and started here, and stopped at the end by its pid files.
+    Elsewhere the tests that use it are skipped with the reason; DISTML_SLURM_TESTS=0 skips them too."""
+    if os.environ.get("DISTML_SLURM_TESTS") == "0":
+        pytest.skip("no SLURM cluster: DISTML_SLURM_TESTS=0")
+    cluster = Cluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.up()
+    except Unavailable as e:
+        cluster.down()
+        pytest.skip(f"no SLURM cluster: {e}")
+    try:
+        yield cluster
+    finally:
+        cluster.down()
