@@ -45,8 +45,14 @@ class StopFlag:
         return self
 
     def __exit__(self, *exc):
+        """Put the previous handlers back, unless a stop was caught: then ignore further stop signals.
+
+        `scancel --full` and a batch script that forwards signals deliver a signal more than
+        once, some late (measured: scripts/slurm/SIGNALS.md); after the stop, a late USR1 with
+        its default action would kill the rank on its way to exit 75.
+        """
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if self.requested else handler)
         self._previous.clear()
 
     def _catch(self, signum, frame):
