@@ -21,7 +21,7 @@ from . import comm as _comm
 from .agreement import RankFailure
 from .cluster import format_launch_table, launch_info
 from .config import GROUPS, Config, UsageError, _check_output_path, load_toml
-from .signals import EXIT_PREEMPTED, Preempted
+from .signals import EXIT_PREEMPTED, Preempted, StopFlag
 
 # `distml partition`: the Config fields that decide the split, with the same meaning as for train.
 PARTITION_FLAGS = ("dataset", "target", "test_fraction", "samples", "features", "classes", "seed",
@@ -175,6 +175,11 @@ def _check_plot_path(plot, dataset):
 
 def main(argv=None):
     comm = _comm.world()
+    with StopFlag(ignore_after=True) as signals:  # a stop signal from here on is acted on at the first step
+        return _main(comm, argv, signals)
+
+
+def _main(comm, argv, signals):
     try:
         from .agreement import agree
         command, args = agree(comm, lambda: parse_command(argv))
@@ -184,7 +189,7 @@ def main(argv=None):
             return agree(comm, lambda: show_partition(args) if comm.is_root else 0)
         from .trainer import run
         cfg = agree(comm, lambda: train_config(args))
-        run(cfg, comm)
+        run(cfg, comm, signals=signals)
         return 0
     except Preempted as e:
         return preempted(comm, e, cfg)

@@ -34,8 +34,9 @@ class StopFlag:
     usual effect.
     """
 
-    def __init__(self):
+    def __init__(self, *, ignore_after=False):
         self.requested = None  # the name of the first stop signal caught, or None
+        self.ignore_after = ignore_after  # the CLI: the process ends soon after; a late signal must not kill it
         self._previous = {}
 
     def __enter__(self):
@@ -52,7 +53,7 @@ class StopFlag:
         its default action would kill the rank on its way to exit 75.
         """
         for sig, handler in self._previous.items():
-            signal.signal(sig, signal.SIG_IGN if self.requested else handler)
+            signal.signal(sig, signal.SIG_IGN if self.requested or self.ignore_after else handler)
         self._previous.clear()
 
     def _catch(self, signum, frame):

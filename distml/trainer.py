@@ -59,12 +59,15 @@ def default_threads(comm):
     return max(1, min(per_rank, len(affinity(0)) if affinity else per_rank))
 
 
-def run(cfg, comm=None):
+def run(cfg, comm=None, *, signals=None):
     """Train as `cfg` says on every rank of `comm`; returns the same Result on every rank.
 
-    Raises signals.Preempted on every rank after a stop signal (and the checkpoint).
+    Raises signals.Preempted on every rank after a stop signal (and the checkpoint). `signals`:
+    a StopFlag the caller holds (the CLI's, active from its start); by default one of run's own.
     """
     comm = comm or _comm.world()
+    if signals is not None:
+        return _run(cfg, comm, signals)
     with StopFlag() as signals:  # from the start: a stop signal during set-up is acted on at the first step
         return _run(cfg, comm, signals)
 

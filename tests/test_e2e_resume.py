@@ -54,8 +54,9 @@ def test_sync_stopped_mid_epoch_by_sigusr1_exits_75_and_resumes_to_the_same_weig
     ckpt = tmp_path / "ckpt"
     full = _ok(launch(2, *SYNC, "--save-model", tmp_path / "full.pt", "--metrics", tmp_path / "full.jsonl"))
 
+    # --slow-rank: only the pace changes (an epoch takes ~0.05 s here otherwise, too short to signal inside)
     proc = start(2, *SYNC, "--checkpoint-dir", ckpt, "--save-model", tmp_path / "part.pt",
-                 "--metrics", tmp_path / "part.jsonl")
+                 "--metrics", tmp_path / "part.jsonl", "--slow-rank", 1, "--slow-factor", 8)
     _wait_for_checkpoint(ckpt, proc)
     os.kill(proc.pid, signal.SIGUSR1)  # to mpirun, which forwards USR1 to every rank
     stopped = finish(proc)
@@ -165,7 +166,7 @@ def test_async_resume_on_another_world_size_is_refused(tmp_path):
 
 def test_async_stopped_by_a_signal_exits_75_with_a_checkpoint_and_resumes(tmp_path):
     common = [*ASYNC, "--epochs", 10, "--checkpoint-dir", tmp_path / "ckpt"]
-    proc = start(3, *common, "--staleness", -1)
+    proc = start(3, *common, "--staleness", -1, "--slow-rank", 1, "--slow-factor", 4)  # time to signal
     _wait_for_checkpoint(tmp_path / "ckpt", proc)
     os.kill(proc.pid, signal.SIGUSR2)
     stopped = finish(proc)
