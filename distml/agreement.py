@@ -65,6 +65,7 @@ def check_same(comm, what, value):
 def fingerprint(cfg, dataset, model):
     """A short digest of what must be identical on every rank: settings, data, model shapes."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RANK_LOCAL_FIELDS}
+    settings["checkpoints"] = cfg.checkpoint_dir is not None  # where they go is root's; whether, everyone's
     parts = [repr(sorted(settings.items())), data_fingerprint(dataset),
              repr([tuple(p.shape) for p in model.parameters()])]
     return "%08x" % zlib.crc32("|".join(parts).encode())

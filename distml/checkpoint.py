@@ -113,16 +113,23 @@ def read_checkpoint(path):
 def newest_checkpoint(directory, warn):
     """(path, Checkpoint) of the newest checkpoint in `directory` that reads and verifies, or (None, None).
 
-    A newer one that fails is skipped with one `warn(line)`; if every one fails, the newest's error is raised.
+    A newer one that fails is moved aside (to NAME.damaged, kept for a look, out of the way of
+    pruning and of "newer than" checks) with one `warn(line)`; if every one fails, the newest's
+    error is raised and nothing is moved.
     """
     paths = list_checkpoints(directory)
-    first_error = None
+    first_error, damaged = None, []
     for path in reversed(paths):
         try:
-            return path, read_checkpoint(path)
+            ckpt = read_checkpoint(path)
         except UsageError as e:
             first_error = first_error or e
-            warn(f"distml: warning: skipping {path}: {str(e).removeprefix('--resume: ' + path + ' ')}")
+            damaged.append((path, str(e).removeprefix("--resume: " + path + " ")))
+            continue
+        for bad, why in damaged:
+            os.replace(bad, bad + ".damaged")
+            warn(f"distml: warning: skipping {bad} (moved to {os.path.basename(bad)}.damaged): {why}")
+        return path, ckpt
     if first_error is not None:
         raise UsageError(f"--resume: no valid checkpoint in {directory}; the newest: {first_error}")
     return None, None

@@ -82,7 +82,7 @@ class Config:
     lr_schedule: Optional[str] = setting("optimisation", None, f"learning rate over the run, set every step "
                                          f"({', '.join(SCHEDULES)}; step: x0.1 at 1/2 and 3/4 of the run; "
                                          f"default: cosine, federated: constant)")
-    warmup_epochs: float = setting("optimisation", 0.0, "linear warm-up from 0 to --lr over this many "
+    warmup_epochs: float = setting("optimisation", 0.0, "linear warm-up from --lr/(its steps) to --lr over this many "
                                                         "epochs (federated: rounds)")
     # -- sync -------------------------------------------------------------------
     bucket_mb: float = setting("sync", 25.0, "size of the fused gradient buckets reduced with one "
@@ -124,8 +124,9 @@ class Config:
     # -- checkpoints ------------------------------------------------------------
     checkpoint_dir: Optional[str] = setting("checkpoints", None, "rank 0 writes checkpoints here "
                                             "(checkpoint-<position>.pt, atomically)")
-    checkpoint_every: int = setting("checkpoints", 1, "checkpoint every this many epochs (federated: rounds); "
-                                                      "0: only on preemption and at the end")
+    checkpoint_every: int = setting("checkpoints", 1, "checkpoint every this many epochs (federated: rounds), "
+                                                      "and at the end; 0: only by --checkpoint-every-s and on "
+                                                      "preemption")
     checkpoint_every_s: float = setting("checkpoints", 0.0, "also checkpoint when this many seconds have "
                                                             "passed since the last one (0: off)")
     keep: int = setting("checkpoints", 2, "keep the newest K checkpoints, delete older ones")

@@ -6,6 +6,8 @@ into the buffers MPI reduces, and one in-place Allreduce per bucket averages
 every gradient in it. A gather-copy-scatter reducer spends most of MPI's
 advantage on the copies.
 """
+import torch
+
 from .flat import Bucket
 
 __all__ = ["plan_buckets", "GradientReducer"]
@@ -53,7 +55,7 @@ class GradientReducer:
         self.op = op
         plan = plan_buckets(params, int(bucket_mb * 2**20))
         self.buckets = [Bucket(b, extra=control if i == len(plan) - 1 else 0) for i, b in enumerate(plan)]
-        self.control = self.buckets[-1].extra
+        self.control = self.buckets[-1].extra if self.buckets else torch.zeros(0)
 
     def zero_grad(self):
         """Zero the buckets in place (set_to_none would detach the grads from them)."""

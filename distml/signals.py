@@ -46,14 +46,14 @@ class StopFlag:
         return self
 
     def __exit__(self, *exc):
-        """Put the previous handlers back, unless a stop was caught: then ignore further stop signals.
+        """Put the previous handlers back; with `ignore_after` (the CLI), ignore stop signals instead.
 
         `scancel --full` and a batch script that forwards signals deliver a signal more than
-        once, some late (measured: scripts/slurm/SIGNALS.md); after the stop, a late USR1 with
-        its default action would kill the rank on its way to exit 75.
+        once, some late (measured: scripts/slurm/SIGNALS.md), and one may land after training
+        ended: a USR1 with its default action would kill the rank on its way to its exit code.
         """
         for sig, handler in self._previous.items():
-            signal.signal(sig, signal.SIG_IGN if self.requested or self.ignore_after else handler)
+            signal.signal(sig, signal.SIG_IGN if self.ignore_after else handler)
         self._previous.clear()
 
     def _catch(self, signum, frame):

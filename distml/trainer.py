@@ -234,7 +234,8 @@ def _find_resume(cfg, comm, strategy, dataset, model, report):
     problem = _resume_problem(ckpt, cfg, strategy, dataset, model)
     if problem:
         raise UsageError(f"--resume: {path} {problem}")
-    later = [p for p in present if _number(p) > ckpt.position["units"]]
+    later = [p for p in list_checkpoints(cfg.checkpoint_dir) if _number(p) > ckpt.position["units"]] \
+        if cfg.checkpoint_dir else []  # listed again: damaged ones were moved aside
     if later:
         raise UsageError(f"--resume: --checkpoint-dir {cfg.checkpoint_dir} holds checkpoints made after {path} "
                          f"(newest: {os.path.basename(later[-1])}); they would be mixed with this run's: give "

@@ -224,6 +224,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_one_warning(tmp_path):
     # Assert
     assert os.path.basename(path) == "checkpoint-000000005.pt" and ckpt.position["units"] == 5
     assert len(warnings) == 1 and "checkpoint-000000006.pt" in warnings[0]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-000000005.pt", "checkpoint-000000006.pt.damaged"]
 
 
 def test_no_valid_checkpoint_at_all_is_a_usage_error_and_an_empty_directory_is_none(tmp_path):

@@ -1,11 +1,12 @@
 """End-to-end: every kind of bad checkpoint is one line and exit 2, before training, writing nothing."""
 import os
 import pickle
+import shutil
 
 import pytest
 import torch
 
-from launch import launch
+from launch import launch, summary
 
 from distml.checkpoint import list_checkpoints
 
@@ -96,3 +97,19 @@ def test_a_fresh_run_into_a_directory_of_checkpoints_is_refused(made):
     assert done.returncode == 2
     assert done.stderr.count("distml: error") == 1 and "already holds checkpoints" in done.stderr
     assert sorted(os.listdir(where / "ckpt")) == before
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_with_one_warning(tmp_path, made):
+    where, checkpoint = made
+    shutil.copytree(where / "ckpt", tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "checkpoint-000000999.pt").write_bytes(open(checkpoint, "rb").read()[:1000])
+
+    done = launch(0, "train", "--quiet", "--epochs", 1, "--checkpoint-dir", tmp_path / "ckpt", "--resume",
+                  "--metrics", tmp_path / "m.jsonl")
+
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("distml:")]
+    assert len(warnings) == 1 and "warning: skipping" in warnings[0] and "checkpoint-000000999.pt" in warnings[0]
+    assert (tmp_path / "ckpt" / "checkpoint-000000999.pt.damaged").exists()
+    assert [os.path.basename(p) for p in list_checkpoints(tmp_path / "ckpt")] == ["checkpoint-000000045.pt"]
+    assert summary(tmp_path / "m.jsonl")["epochs"] == 1  # resumed at the end: the summary from its history

@@ -34,8 +34,8 @@ def test_without_a_signal_the_previous_handlers_come_back(restore_handlers):
     assert signal.getsignal(signal.SIGUSR1) is mine
 
 
-def test_after_a_stop_late_repeats_of_the_signal_are_ignored(restore_handlers):
-    with StopFlag():
+def test_with_ignore_after_late_repeats_of_the_signal_are_ignored(restore_handlers):
+    with StopFlag(ignore_after=True):  # what the CLI holds from its start to its exit
         os.kill(os.getpid(), signal.SIGUSR1)
 
     # scancel --full delivers USR1 more than once; its default action would kill the process

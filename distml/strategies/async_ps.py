@@ -84,7 +84,7 @@ class AsyncStrategy(Strategy):
     def run_unit(self, epoch, index, wants):
         """Serve or work until server 0 has asked for this epoch's share (or stops early)."""
         started = time.perf_counter()
-        target = min((epoch + 1) * self.per_epoch, self.budget)
+        target = (epoch + 1) * self.per_epoch
         if self.is_server:
             stop_seen = self._serve(target, wants)
         else:
@@ -133,7 +133,7 @@ class AsyncStrategy(Strategy):
     # -- checkpoints: taken between segments, when no message is in flight ----------
     def model_state(self):
         """The servers' ranges assembled on root (workers' own buffers travel in rank_state)."""
-        ranges = self.comm.allgather_object(self.param.detach().clone() if self.is_server else None)
+        ranges = self.comm.gather_object(self.param.detach().clone() if self.is_server else None)
         state = self.model.state_dict()
         if self.comm.is_root:
             flat = torch.cat(ranges[:self.cfg.servers])
@@ -146,9 +146,9 @@ class AsyncStrategy(Strategy):
         return state
 
     def state_dict(self):
-        servers = self.comm.allgather_object(
+        servers = self.comm.gather_object(
             (self.optimizer.state_dict(), self.applied, dict(self.histogram)) if self.is_server else None)
-        return {"asked": self.asked, "servers": servers[:self.cfg.servers]}
+        return {"asked": self.asked, "servers": servers[:self.cfg.servers] if servers else None}
 
     def rank_state(self):
         if self.is_server:
@@ -280,6 +280,7 @@ class _Server:
         self.s, self.cfg, self.comm = strategy, strategy.cfg, strategy.comm
         self.param, self.optimizer, self.workers = strategy.param, strategy.optimizer, strategy.workers
         self.target, self.asked, self.wants = target, strategy.asked, wants
+        self.started = strategy.asked  # a checkpoint ends a segment only after one gradient more
         self.stop_seen = False
         self.active = set(range(len(self.workers)))
         self.scheduler = StalenessScheduler(len(self.workers), None if self.cfg.staleness < 0 else self.cfg.staleness)
@@ -343,7 +344,7 @@ class _Server:
         """
         mine = self.wants()
         self.stop_seen |= mine.stop
-        if self.target is not None and (self.stop_seen or mine.checkpoint):
+        if self.target is not None and (self.stop_seen or (mine.checkpoint and self.asked > self.started)):
             self.target = min(self.target, self.asked)  # end the segment now
         retired = False
         for w in self.scheduler.release():

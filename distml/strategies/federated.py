@@ -235,7 +235,7 @@ class FederatedStrategy(Strategy):
 
     def state_dict(self):
         """The global model, the server optimizer's moments, SCAFFOLD's c and every client's c_i."""
-        owned = self.comm.allgather_object(getattr(self, "client_control", {}))  # rare: checkpoints only
+        owned = self.comm.gather_object(getattr(self, "client_control", {})) or []  # root's; rare
         return {"global_params": self.global_params, "global_buffers": self.global_buffers,
                 "server_m": self.server.m, "server_v": self.server.v, "record": getattr(self, "record", None),
                 "control": getattr(self, "control", None),
@@ -254,6 +254,17 @@ class FederatedStrategy(Strategy):
                 self.client_control = {c: v for c, v in state["client_control"].items()
                                        if self.owner[c] == self.comm.rank}
         self.load_global()
+
+    def check_resume(self, saved, world_size):
+        """Any world size, as long as the clients are the same (--clients 0 means one per rank)."""
+        from ..config import Config
+        then = Config(**{**saved, "config": None})
+        if (then.num_clients(world_size), then.clients_each_round(world_size)) != (self.num_clients, self.per_round):
+            return (f"has {then.num_clients(world_size)} clients, {then.clients_each_round(world_size)} a round "
+                    f"(made on {world_size} ranks); this run has {self.num_clients}, {self.per_round}: give "
+                    f"--clients {then.num_clients(world_size)} (and the same --clients-per-round) to resume on "
+                    f"{self.comm.size} ranks")
+        return super().check_resume(saved, world_size)
 
     def evaluate_extra(self):
         return self.client_scores()
