@@ -173,9 +173,19 @@ def _check_plot_path(plot, dataset):
         raise UsageError("--plot needs matplotlib: pip install matplotlib")
 
 
-def main(argv=None):
+def command():
+    """The `distml` command (console script and `python -m distml`): main() in a process of its own.
+
+    After main() the process only exits, so late stop signals are ignored rather than given their
+    default action, which would kill a rank on its way to its exit code (`scancel --full`
+    delivers USR1 more than once). Called in-process, main() leaves the handlers as it found them.
+    """
+    return main(ignore_late_signals=True)
+
+
+def main(argv=None, *, ignore_late_signals=False):
     comm = _comm.world()
-    with StopFlag(ignore_after=True) as signals:  # a stop signal from here on is acted on at the first step
+    with StopFlag(ignore_after=ignore_late_signals) as signals:  # a stop signal from here on: at the first step
         return _main(comm, argv, signals)
 
 

@@ -41,3 +41,14 @@ def test_with_ignore_after_late_repeats_of_the_signal_are_ignored(restore_handle
     # scancel --full delivers USR1 more than once; its default action would kill the process
     assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in STOP_SIGNALS)
     os.kill(os.getpid(), signal.SIGUSR1)  # still alive
+
+
+def test_the_cli_called_in_process_leaves_the_handlers_as_it_found_them(restore_handlers, capsys):
+    # Ignored signals are inherited by child processes (bash cannot even trap them): main() called
+    # from a test or a user's program must not leave them ignored.
+    from distml.cli import main
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    assert main(["train", "--epochs", "0"]) == 2
+
+    assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == before

@@ -131,7 +131,8 @@ def test_info_under_srun_shows_each_ranks_launch(slurm_cluster):
 # -- (c) preemption: signal, checkpoint, exit 75, requeue, resume -------------------------------------
 # --slow-rank: rank 1's compute takes 10x as long, which changes the pace, not the weights; without
 # it an epoch took 0.03 s on a quiet machine and the run could end before the signal.
-PREEMPT_ARGS = "--epochs 6 --batch-size 16 --quiet --slow-rank 1 --slow-factor 10"
+TRAIN_ARGS = "--epochs 6 --batch-size 16 --quiet"
+PREEMPT_ARGS = TRAIN_ARGS + " --slow-rank 1 --slow-factor 10"
 
 
 def _checkpoints(directory):
@@ -145,9 +146,9 @@ def _newest(directory):
 
 @pytest.fixture(scope="module")
 def uninterrupted_model(slurm_cluster, tmp_path_factory):
-    """model.pt of the sync script's run of PREEMPT_ARGS, not interrupted."""
+    """model.pt of the sync script's run of TRAIN_ARGS (PREEMPT_ARGS but the pace), not interrupted."""
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    env = {**os.environ, "DISTML": str(DISTML), "DISTML_RUN_DIR": str(run_dir), "DISTML_ARGS": PREEMPT_ARGS}
+    env = {**os.environ, "DISTML": str(DISTML), "DISTML_RUN_DIR": str(run_dir), "DISTML_ARGS": TRAIN_ARGS}
     job = Job(SCRIPTS / "sync.sbatch", run_dir / "job.out", env)
     try:
         fields = job.wait()
