@@ -23,7 +23,7 @@ import torch
 from .config import UsageError
 
 __all__ = ["Checkpoint", "FORMAT_VERSION", "write_checkpoint", "read_checkpoint", "newest_checkpoint",
-           "list_checkpoints", "atomic_write", "save_state_dict", "load_state_dict"]
+           "list_checkpoints", "checkpoint_number", "atomic_write", "save_state_dict", "load_state_dict"]
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
@@ -75,8 +75,13 @@ def list_checkpoints(directory):
     """Checkpoint files in `directory`, oldest first (by the number in their name)."""
     if not os.path.isdir(directory):
         return []
-    found = [(int(m.group(1)), name) for name in os.listdir(directory) if (m := _NAME.match(name))]
-    return [os.path.join(directory, name) for _, name in sorted(found)]
+    found = [name for name in os.listdir(directory) if _NAME.match(name)]
+    return [os.path.join(directory, name) for name in sorted(found, key=checkpoint_number)]
+
+
+def checkpoint_number(path):
+    """The units of work done when the checkpoint at `path` (named checkpoint-<units>.pt) was taken."""
+    return int(_NAME.match(os.path.basename(path)).group(1))
 
 
 def read_checkpoint(path):

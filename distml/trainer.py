@@ -20,8 +20,8 @@ import torch
 
 from . import comm as _comm
 from .agreement import agree, check_same, data_fingerprint, fingerprint
-from .checkpoint import (Checkpoint, list_checkpoints, newest_checkpoint, read_checkpoint, save_state_dict,
-                         write_checkpoint)
+from .checkpoint import (Checkpoint, checkpoint_number, list_checkpoints, newest_checkpoint, read_checkpoint,
+                         save_state_dict, write_checkpoint)
 from .config import RESUME_NEWEST, UsageError
 from .data import load_dataset
 from .metrics import Reporter, Timer
@@ -234,17 +234,13 @@ def _find_resume(cfg, comm, strategy, dataset, model, report):
     problem = _resume_problem(ckpt, cfg, strategy, dataset, model)
     if problem:
         raise UsageError(f"--resume: {path} {problem}")
-    later = [p for p in list_checkpoints(cfg.checkpoint_dir) if _number(p) > ckpt.position["units"]] \
+    later = [p for p in list_checkpoints(cfg.checkpoint_dir) if checkpoint_number(p) > ckpt.position["units"]] \
         if cfg.checkpoint_dir else []  # listed again: damaged ones were moved aside
     if later:
         raise UsageError(f"--resume: --checkpoint-dir {cfg.checkpoint_dir} holds checkpoints made after {path} "
                          f"(newest: {os.path.basename(later[-1])}); they would be mixed with this run's: give "
                          f"another --checkpoint-dir")
     return path, ckpt
-
-
-def _number(path):
-    return int(os.path.basename(path)[len("checkpoint-"):-len(".pt")])
 
 
 def _resume_problem(ckpt, cfg, strategy, dataset, model):

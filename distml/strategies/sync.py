@@ -85,8 +85,7 @@ class SyncStrategy(Strategy):
         then, now = saved["batch_size"] * world_size, self.cfg.batch_size * self.comm.size
         if then != now:
             return (f"has global batch {then} ({world_size} ranks x --batch-size {saved['batch_size']}); this run "
-                    f"has {now}: resume with --batch-size {then // self.comm.size if then % self.comm.size == 0 else '?'} "
-                    f"on {self.comm.size} ranks, or on a rank count that divides {then}")
+                    f"has {now}: resume on ranks x --batch-size = {then}")
         return None
 
     def summary(self, history, train_time):
