@@ -22,6 +22,8 @@ PARTITIONS = ("iid", "dirichlet", "shards")
 ALGORITHMS = ("fedavg", "fedprox", "scaffold")
 SERVER_OPTS = ("avg", "avgm", "adam", "yogi", "adagrad")
 SCHEDULES = ("constant", "cosine", "step")
+RANK_FAILURE = ("abort", "continue")
+ON_NAN = ("stop", "skip")
 RESUME_NEWEST = "newest"  # --resume without a path
 MAX_THREADS = 1024
 
@@ -39,6 +41,7 @@ GROUPS = {  # --help shows the settings in these groups, in this order
     "async": "async mode (parameter servers)",
     "federated": "federated mode",
     "checkpoints": "checkpoints, resume and preemption",
+    "faults": "faults: hangs, lost ranks, non-finite values",
     "outputs": "outputs",
     "benchmark": "benchmark aids",
 }
@@ -135,6 +138,13 @@ class Config:
                                     "--resume PATH that file", const=RESUME_NEWEST)
     requeue: bool = setting("checkpoints", False, "after a preemption checkpoint under SLURM, rank 0 runs "
                                                   "scontrol requeue $SLURM_JOB_ID")
+    # -- faults -----------------------------------------------------------------
+    watchdog: float = setting("faults", 600.0, "when a rank has waited this many seconds in one MPI call, "
+                                               "print every rank's last call and abort the job (0: off)")
+    on_rank_failure: str = setting("faults", "abort", f"when a rank dies: {' or '.join(RANK_FAILURE)} "
+                                                      f"(continue: train on without it; needs mpirun --with-ft ulfm)")
+    on_nan: str = setting("faults", "stop", f"a non-finite loss or gradient: {' or '.join(ON_NAN)} "
+                                            f"(stop: all ranks exit 65 at that step; skip: no update, counted)")
     # -- outputs ----------------------------------------------------------------
     save_model: Optional[str] = setting("outputs", None, "rank 0 writes the final state_dict here "
                                                          "(torch.save, atomic)")
@@ -159,7 +169,8 @@ class Config:
         _check(self.mode in MODES, f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         for name, allowed in (("optimizer", OPTIMIZERS), ("partition", PARTITIONS),
                               ("algorithm", ALGORITHMS), ("server_opt", SERVER_OPTS),
-                              ("lr_schedule", SCHEDULES + (None,))):
+                              ("lr_schedule", SCHEDULES + (None,)), ("on_rank_failure", RANK_FAILURE),
+                              ("on_nan", ON_NAN)):
             _check(getattr(self, name) in allowed,
                    f"--{_flag(name)} must be one of {', '.join(a for a in allowed if a)}, got {getattr(self, name)!r}")
         self._check_numbers()
@@ -199,6 +210,7 @@ class Config:
         _check(self.bucket_mb > 0, f"--bucket-mb must be > 0, got {self.bucket_mb}")
         _check(self.servers >= 1, f"--servers must be >= 1, got {self.servers}")
         _check(self.timeout > 0, f"--timeout must be > 0 seconds, got {self.timeout}")
+        _check(self.watchdog >= 0, f"--watchdog must be >= 0 seconds (0: off), got {self.watchdog}")
         _check(self.slow_factor >= 1, f"--slow-factor must be >= 1, got {self.slow_factor}")
         _check(self.staleness >= -1, f"--staleness must be >= 0, or -1 for no bound, got {self.staleness}")
 

@@ -35,7 +35,8 @@ __all__ = ["run", "Result", "default_threads", "evaluate"]
 
 # Settings that do not change what is computed: a resumed run may give them anew.
 _FREE_ON_RESUME = ("threads", "save_model", "metrics", "quiet", "config", "checkpoint_dir", "checkpoint_every",
-                   "checkpoint_every_s", "keep", "resume", "requeue", "timeout", "slow_rank", "slow_factor",
+                   "checkpoint_every_s", "keep", "resume", "requeue", "timeout", "watchdog", "on_rank_failure",
+                   "on_nan", "slow_rank", "slow_factor",
                    "bucket_mb", "eval_every", "dataset", "batch_size")  # data: by content; batch: per mode
 
 
