@@ -13,12 +13,14 @@ import dataclasses
 import os
 import platform
 import sys
+import time
 import traceback
 import typing
 
 from . import __version__
 from . import comm as _comm
 from .agreement import RankFailure
+from .comm import RankLost
 from .cluster import format_launch_table, launch_info
 from .config import GROUPS, Config, UsageError, _check_output_path, load_toml
 from .signals import EXIT_PREEMPTED, Preempted, StopFlag
@@ -227,16 +229,38 @@ def preempted(comm, error, cfg):
 
 
 def abort_on_error(comm, error):
-    """Print one line naming the failed rank, then end every rank of the job (MPI Abort)."""
-    if isinstance(error, RankFailure):  # seen by all ranks during set-up: rank 0 reports it
-        rank, what = error.rank, error.message
-        if not comm.is_root:
-            comm.abort(1)
-    else:
-        rank = comm.rank
-        what = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+    """Print one line naming the failed rank, then end every rank of the job (MPI Abort).
+
+    One rank reports (the failed one; for a set-up failure rank 0; for a lost
+    rank the first survivor), and the others wait for its abort: aborting
+    first would end the reporter before it has printed.
+    """
+    reporter, line = _failure_line(comm, error)
+    if comm.rank != reporter:
+        time.sleep(_REPORT_WAIT_S)  # the reporter's MPI Abort ends this process; if it never comes, abort
+        comm.abort(1)
     if os.environ.get("DISTML_DEBUG"):
         traceback.print_exc()
-    print(f"distml: rank {rank} of {comm.size} failed: {what} (aborting all ranks; "
-          f"set DISTML_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
+    print(line, file=sys.stderr, flush=True)
     comm.abort(1)
+
+
+_REPORT_WAIT_S = 10.0
+
+
+def _failure_line(comm, error):
+    """(the rank that reports, its one line) for an error that ends the job."""
+    if isinstance(error, RankLost):
+        alive = [r for r in range(comm.size) if comm.members[r] not in error.ranks]
+        ranks = ", ".join(map(str, error.ranks)) or "a rank"
+        return alive[0] if alive else comm.rank, (
+            f"distml: rank {ranks} of {len(comm.members) + len(comm.lost)} was lost (seen by rank "
+            f"{comm.members[comm.rank]} in {error.call}); aborting all ranks. To train on without it: "
+            f"mpirun --with-ft ulfm ... --on-rank-failure continue")
+    if isinstance(error, RankFailure):  # seen by all ranks during set-up: rank 0 reports it
+        rank, what, reporter = error.rank, error.message, 0
+    else:
+        rank, reporter = comm.members[comm.rank], comm.rank
+        what = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+    return reporter, (f"distml: rank {rank} of {comm.size} failed: {what} (aborting all ranks; "
+                      f"set DISTML_DEBUG=1 for the traceback)")

@@ -5,15 +5,22 @@ that work on contiguous CPU tensors without copying (MPI's uppercase buffer
 methods over `tensor.numpy()` views). Each collective returns early when
 size == 1, so the same code runs as a plain Python process without mpirun.
 Payload bytes handed to MPI are counted in `bytes_sent` for the metrics.
+
+Every blocking call is entered in `calls` (a `CallRecord`: operation, sequence
+number, bytes, and what the training is doing), which the hang doctor
+(`watchdog.py`) reads from its own thread. Under ULFM (`mpirun --with-ft
+ulfm`) a call that finds a rank dead raises `RankLost`; `shrink()` then gives
+the survivors a working communicator.
 """
 import ctypes
 import os
 import sys
 import time
+from collections import deque
 
 import torch
 
-__all__ = ["Comm", "world", "buffer_of", "cuda_aware_mpi"]
+__all__ = ["Comm", "CallRecord", "RankLost", "world", "buffer_of", "cuda_aware_mpi"]
 
 _world = None
 
@@ -35,8 +42,50 @@ def buffer_of(tensor):
     return tensor.detach().numpy()
 
 
+class RankLost(Exception):
+    """Ranks of the job died: ULFM reported it to a call. `ranks`: their numbers in the first world."""
+
+    def __init__(self, ranks, call):
+        who = f"rank(s) {', '.join(map(str, ranks))}" if ranks else "a rank"
+        super().__init__(f"{who} lost (seen in {call})")
+        self.ranks, self.call = list(ranks), call
+
+
+class CallRecord:
+    """This rank's blocking MPI calls: the one in progress and the last few, with sequence numbers.
+
+    `context` says what the training is doing ("epoch 2 step 12"); the trainer
+    and strategies set it, a call adds its own detail ("bucket 3"). Written by
+    the main thread, read by the watchdog's: single attribute reads and
+    list(deque) are atomic under the GIL, so no lock is needed.
+    """
+
+    def __init__(self, keep=32):
+        self.seq = 0  # calls entered so far
+        self.context = "set-up"
+        self.current = None  # (seq, op, nbytes, where, started) of the call in progress
+        self.recent = deque(maxlen=keep)  # the last calls that returned, oldest first
+        self.since = time.monotonic()  # when the last call returned
+
+    def enter(self, op, nbytes, what=None):
+        self.seq += 1
+        where = f"{self.context}, {what}" if what else self.context
+        self.current = (self.seq, op, nbytes, where, time.monotonic())
+
+    def leave(self):
+        self.recent.append(self.current)
+        self.current = None
+        self.since = time.monotonic()
+
+
+def describe_call(call):
+    """'allreduce #57 (epoch 1 step 12, bucket 3)' for a CallRecord entry."""
+    seq, op, nbytes, where, _ = call
+    return f"{op} #{seq} ({where})"
+
+
 class Comm:
-    """A thin, counting wrapper around an mpi4py communicator."""
+    """A thin, counting, recording wrapper around an mpi4py communicator."""
 
     def __init__(self, mpi_comm):
         from mpi4py import MPI
@@ -47,54 +96,89 @@ class Comm:
         self.size = mpi_comm.Get_size()
         self.is_root = self.rank == 0
         self.bytes_sent = 0
+        self.calls = CallRecord()
+        self.members = list(range(self.size))  # each rank's number in the first world (shrink renumbers)
+        self.lost = []  # (first-world rank, the call that saw it) of every rank shrink() dropped
+
+    def _call(self, op, nbytes, what, fn, *args):
+        """fn(*args) entered in the call record; a dead rank's error becomes RankLost."""
+        self.calls.enter(op, nbytes, what)
+        try:
+            result = fn(*args)
+        except self._MPI.Exception as e:
+            raise self._lost_or(e) from None
+        self.calls.leave()
+        return result
+
+    def _lost_or(self, error):
+        """RankLost for ULFM's process-failure errors, else `error` itself."""
+        failures = {getattr(self._MPI, name, None) for name in
+                    ("ERR_PROC_FAILED", "ERR_PROC_FAILED_PENDING", "ERR_REVOKED")} - {None}
+        if error.Get_error_class() not in failures:
+            return error
+        call = describe_call(self.calls.current) if self.calls.current else "a call"
+        return RankLost(self.failed_ranks(), call)
+
+    def failed_ranks(self):
+        """First-world numbers of the ranks this rank knows to be dead (ULFM; [] elsewhere)."""
+        try:
+            group = self.mpi_comm.Get_failed()
+            mine = self._MPI.Group.Translate_ranks(group, list(range(group.Get_size())), self.mpi_comm.Get_group())
+        except (AttributeError, NotImplementedError, self._MPI.Exception):
+            return []
+        return sorted(self.members[r] for r in mine if r != self._MPI.UNDEFINED)
 
     # -- collectives on tensors ---------------------------------------------
-    def allreduce_(self, tensor, op="sum"):
-        """Sum (or max) `tensor` over all ranks, in place; returns it."""
+    def allreduce_(self, tensor, op="sum", *, what=None):
+        """Sum (or max) `tensor` over all ranks, in place; returns it. `what`: a detail for the record."""
         mpi_op = {"sum": self._MPI.SUM, "max": self._MPI.MAX, "min": self._MPI.MIN}.get(op)
         if mpi_op is None:
             raise ValueError(f"op must be 'sum', 'max' or 'min', got {op!r}")
         buf = buffer_of(tensor)  # checked at size 1 too, so mistakes show without mpirun
         if self.size == 1:
             return tensor
-        self.mpi_comm.Allreduce(self._MPI.IN_PLACE, buf, op=mpi_op)
+        self._call("allreduce", buf.nbytes, what, self.mpi_comm.Allreduce, self._MPI.IN_PLACE, buf, mpi_op)
         self.bytes_sent += buf.nbytes
         return tensor
 
-    def broadcast_(self, tensor, root=0):
+    def broadcast_(self, tensor, root=0, *, what=None):
         """Overwrite `tensor` on every rank with root's values, in place; returns it."""
         if self.size == 1:
             return tensor
-        if tensor.is_contiguous():
-            buf = buffer_of(tensor)
-            self.mpi_comm.Bcast(buf, root=root)
-        else:  # rare (e.g. a transposed buffer): go through a contiguous copy
-            tmp = tensor.detach().contiguous()
-            buf = buffer_of(tmp)
-            self.mpi_comm.Bcast(buf, root=root)
+        contiguous = tensor.is_contiguous()  # if not (rare: a transposed buffer), through a copy
+        tmp = tensor if contiguous else tensor.detach().contiguous()
+        buf = buffer_of(tmp)
+        self._call("broadcast", buf.nbytes, what, self.mpi_comm.Bcast, buf, root)
+        if not contiguous:
             tensor.detach().copy_(tmp)
         if self.rank == root:
             self.bytes_sent += buf.nbytes
         return tensor
 
-    def allreduce_array(self, values, op="sum"):
+    def allreduce_array(self, values, op="sum", *, what=None):
         """Reduce a small list of floats (metrics) over ranks; returns a float64 array."""
         arr = torch.tensor(values, dtype=torch.float64)
-        return self.allreduce_(arr, op=op).numpy()
+        return self.allreduce_(arr, op=op, what=what).numpy()
 
     # -- point to point (parameter server) -------------------------------------
     def isend(self, tensor, dest, tag=0):
         """Start sending `tensor` (leave it untouched until the request completes)."""
         buf = buffer_of(tensor)
         self.bytes_sent += buf.nbytes
-        return self.mpi_comm.Isend(buf, dest=dest, tag=tag)
+        try:
+            return self.mpi_comm.Isend(buf, dest=dest, tag=tag)
+        except self._MPI.Exception as e:
+            raise self._lost_or(e) from None
 
     def irecv(self, tensor, source, tag=None):
         """Start receiving into `tensor`; tag=None accepts any tag."""
         tag = self._MPI.ANY_TAG if tag is None else tag
-        return self.mpi_comm.Irecv(buffer_of(tensor), source=source, tag=tag)
+        try:
+            return self.mpi_comm.Irecv(buffer_of(tensor), source=source, tag=tag)
+        except self._MPI.Exception as e:
+            raise self._lost_or(e) from None
 
-    def waitany(self, requests, *, sleep=0.0):
+    def waitany(self, requests, *, sleep=0.0, what=None):
         """Wait until one of `requests` completes; returns (its index, its tag).
 
         sleep=0: MPI's Waitany, which on most MPIs spins on a core while it waits.
@@ -103,16 +187,21 @@ class Comm:
         """
         status = self._MPI.Status()
         if sleep <= 0:
-            index = self._MPI.Request.Waitany(requests, status)
+            index = self._call("waitany", 0, what, self._MPI.Request.Waitany, requests, status)
             return index, status.Get_tag()
+        self.calls.enter("testany", 0, what)
         while True:
-            index, done = self._MPI.Request.Testany(requests, status)
+            try:
+                index, done = self._MPI.Request.Testany(requests, status)
+            except self._MPI.Exception as e:
+                raise self._lost_or(e) from None
             if done:
+                self.calls.leave()
                 return index, status.Get_tag()
             time.sleep(sleep)
 
-    def waitall(self, requests):
-        self._MPI.Request.Waitall(requests)
+    def waitall(self, requests, *, what=None):
+        self._call("waitall", 0, what, self._MPI.Request.Waitall, requests)
 
     @property
     def request_null(self):
@@ -123,19 +212,19 @@ class Comm:
         """Every rank's `obj`, in rank order. For rare control messages only."""
         if self.size == 1:
             return [obj]
-        return self.mpi_comm.allgather(obj)
+        return self._call("allgather", 0, None, self.mpi_comm.allgather, obj)
 
     def bcast_object(self, obj, root=0):
         """Root's `obj` on every rank (pickled). For rare control messages such as a checkpoint."""
         if self.size == 1:
             return obj
-        return self.mpi_comm.bcast(obj, root=root)
+        return self._call("broadcast", 0, None, self.mpi_comm.bcast, obj, root)
 
     def gather_object(self, obj, root=0):
         """Every rank's `obj` in rank order on root (None elsewhere). For rare control messages only."""
         if self.size == 1:
             return [obj]
-        return self.mpi_comm.gather(obj, root=root)
+        return self._call("gather", 0, None, self.mpi_comm.gather, obj, root)
 
     def abort(self, code=1):
         """End the whole job now; never returns. Safe to call from any rank."""
@@ -145,7 +234,41 @@ class Comm:
             os._exit(code)
         self.mpi_comm.Abort(code)
 
+    # -- lost ranks (ULFM) ----------------------------------------------------
+    def shrink(self, call="a call"):
+        """After RankLost: revoke this communicator, go on with the survivors; returns the ranks lost.
+
+        Every survivor must call it (revoking makes the others' pending calls
+        fail, so they get here too). Ranks are renumbered in their order;
+        `members` keeps each one's number in the first world.
+        """
+        try:
+            self.mpi_comm.Revoke()
+        except self._MPI.Exception:
+            pass  # revoked already by another survivor
+        survivor = self.mpi_comm.Shrink()
+        alive = survivor.allgather(self.members[self.rank])
+        lost = sorted(set(self.members) - set(alive))
+        self.mpi_comm, self.members = survivor, alive
+        self.rank, self.size = survivor.Get_rank(), survivor.Get_size()
+        self.is_root = self.rank == 0
+        self.lost += [(r, call) for r in lost]
+        return lost
+
+    def duplicate(self):
+        """A new mpi4py communicator over the same ranks (the watchdog's own channel); a collective."""
+        return self.mpi_comm.Dup()
+
     # -- facts about the MPI installation -----------------------------------
+    def thread_multiple(self):
+        """Whether the library lets a second thread call MPI while the first is inside a call."""
+        return self._MPI.Query_thread() == self._MPI.THREAD_MULTIPLE
+
+    def fault_tolerant(self):
+        """Whether the job runs under ULFM (Open MPI: `mpirun --with-ft ulfm`), so a lost rank can be survived."""
+        enabled = os.environ.get("OMPI_MCA_mpi_ft_enable", "").lower() in ("1", "true", "yes")
+        return enabled and hasattr(self.mpi_comm, "Shrink")
+
     def node_size(self):
         """How many ranks of this job share this node (for default thread counts)."""
         if self.size == 1:

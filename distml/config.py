@@ -231,6 +231,9 @@ class Config:
         _check(self.algorithm != "scaffold" or (self.optimizer == "sgd" and self.momentum == 0),
                "--algorithm scaffold assumes plain SGD client steps (its control variates divide by "
                "steps x lr): add --momentum 0 (and --optimizer sgd)")
+        _check(not (self.mode == "federated" and self.algorithm == "scaffold" and self.on_rank_failure == "continue"),
+               "--on-rank-failure continue cannot go on without a lost rank's SCAFFOLD client variates: use "
+               "--on-rank-failure abort, or checkpoints and --resume")
         _check(self.server_lr is None or self.server_lr > 0, f"--server-lr must be > 0, got {self.server_lr}")
         _check(0 <= self.server_momentum < 1, f"--server-momentum must be in [0, 1), got {self.server_momentum}")
         _check(self.target_accuracy is None or 0 < self.target_accuracy <= 1,

@@ -56,6 +56,7 @@ class GradientReducer:
         plan = plan_buckets(params, int(bucket_mb * 2**20))
         self.buckets = [Bucket(b, extra=control if i == len(plan) - 1 else 0) for i, b in enumerate(plan)]
         self.control = self.buckets[-1].extra if self.buckets else torch.zeros(0)
+        self._labels = [f"bucket {i + 1} of {len(self.buckets)}" for i in range(len(self.buckets))]  # the call record's
 
     def zero_grad(self):
         """Zero the buckets in place (set_to_none would detach the grads from them)."""
@@ -65,9 +66,9 @@ class GradientReducer:
 
     def allreduce_grads(self):
         """Reduce every bucket in place; afterwards each `.grad` holds the result."""
-        for bucket in self.buckets:
+        for i, bucket in enumerate(self.buckets):
             if not bucket.grads_attached():  # user set grads to None or replaced them
                 bucket.attach_grads()
-            self.comm.allreduce_(bucket.buffer)
+            self.comm.allreduce_(bucket.buffer, what=self._labels[i])
             if self.op == "average" and self.comm.size > 1:
                 bucket.grads.div_(self.comm.size)

@@ -35,11 +35,13 @@ class Batch:
 
 
 def shard_batches(num_samples, batch_size, *, epoch, seed=0, rank=None, size=None, shuffle=True,
-                  stream=()):
+                  stream=(), global_batch=None):
     """This rank's list of `Batch`es for `epoch` (rank and size default to the world's).
 
     `stream`: extra keys for the shuffling generator, for callers that need
     several independent orders (e.g. one per parameter-server worker).
+    `global_batch`: split global batches of this size (default size x batch_size)
+    over the ranks: after a lost rank, the survivors keep the global batch.
     """
     if rank is None or size is None:
         from . import comm
@@ -48,7 +50,7 @@ def shard_batches(num_samples, batch_size, *, epoch, seed=0, rank=None, size=Non
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = rng(seed, "shuffle", epoch, *stream).permutation(num_samples) if shuffle else np.arange(num_samples)
-    cuts = _cuts(num_samples, size * batch_size)
+    cuts = _cuts(num_samples, global_batch or size * batch_size)
     return [Batch(_split(order[a:b], size)[rank], b - a) for a, b in zip(cuts, cuts[1:])]
 
 

@@ -13,6 +13,7 @@ after each epoch a record (and every --eval-every epochs an evaluation).
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 
 from . import comm as _comm
 from .agreement import agree, check_same, data_fingerprint, fingerprint
+from .comm import RankLost
 from .checkpoint import (Checkpoint, checkpoint_number, list_checkpoints, newest_checkpoint, read_checkpoint,
                          save_state_dict, write_checkpoint)
 from .config import RESUME_NEWEST, UsageError
@@ -30,6 +32,7 @@ from .sharding import rng
 from .signals import Preempted, StopFlag
 from .strategies import STRATEGIES
 from .strategies.base import Flags, batch_tensors, loss_sum
+from .watchdog import HangDoctor
 
 __all__ = ["run", "Result", "default_threads", "evaluate"]
 
@@ -79,6 +82,7 @@ def _run(cfg, comm, signals):
 
     # -- set-up: every usage error surfaces here, on all ranks, before training --
     agree(comm, lambda: cfg.validate(writes_outputs=comm.is_root).validate_world(comm.size))
+    agree(comm, lambda: _check_fault_tolerance(cfg, comm))
     dataset, model = agree(comm, lambda: _load(cfg, comm.size))
     check_same(comm, "settings, data or model", fingerprint(cfg, dataset, model))
     default = default_threads(comm)  # a collective: every rank calls it
@@ -97,12 +101,17 @@ def _run(cfg, comm, signals):
     if path:
         report.say(f"distml: resumed from {path} at {strategy.unit} {epoch + 1}, unit {step}")
 
-    # -- units of work; between any two, the job may stop or checkpoint ----------
-    _train_units(cfg, comm, strategy, model, dataset, report, signals, ckpt, epoch, step, history)
+    # -- units of work; between any two, the job may stop, checkpoint or lose a rank
+    with (HangDoctor(comm, cfg.watchdog) if cfg.watchdog and comm.size > 1 else nullcontext()) as doctor:
+        loop = _Loop(cfg, comm, strategy, model, dataset, report, signals, doctor)
+        loop.run(epoch, step, history, ckpt.position["elapsed_s"] if ckpt else 0.0)
 
-    # -- summary and outputs (root only writes) ---------------------------------
-    strategy.share_model()
-    summary = _summary(cfg, comm, dataset, strategy, history, threads, wall)
+        # -- summary and outputs (root only writes) -----------------------------
+        comm.calls.context = "summary"
+        strategy.share_model()
+        summary = _summary(cfg, comm, dataset, strategy, history, threads, wall)
+        if loop.lost:
+            summary["ranks_lost"] = loop.lost
     if comm.is_root and cfg.save_model:
         save_state_dict(model, cfg.save_model)
     report.record(**summary)
@@ -111,40 +120,111 @@ def _run(cfg, comm, signals):
     return Result(summary, history, model)
 
 
-def _train_units(cfg, comm, strategy, model, dataset, report, signals, ckpt, epoch, step, history):
-    """Epochs of units of work from (epoch, step) to the end, recording each epoch into `history`.
+class _Loop:
+    """Epochs of units of work, recording each epoch into `history`; between units, what may happen.
 
     After a unit, the agreed flags may ask for a checkpoint (root's clock) or a stop (a signal on
-    any rank: checkpoint, then Preempted); after an epoch, --checkpoint-every may.
+    any rank: checkpoint, then Preempted); after an epoch, --checkpoint-every may. Under
+    --on-rank-failure continue, a lost rank (RankLost) is survived: see `survive`.
     """
-    epochs, saver = strategy.epochs(), _Saver(cfg, comm, strategy, model, dataset, report)
-    saver.epoch_s = ckpt.position["elapsed_s"] if ckpt else 0.0
-    wants = lambda: Flags(signals.requested, comm.is_root and saver.due())  # noqa: E731
-    bar = report.progress(total=sum(strategy.units_in(e) for e in range(epochs)),
-                          done=sum(strategy.units_in(e) for e in range(epoch)) + step, desc=f"{strategy.unit}s")
-    while epoch < epochs:
+
+    def __init__(self, cfg, comm, strategy, model, dataset, report, signals, doctor):
+        self.cfg, self.comm, self.strategy, self.model, self.dataset = cfg, comm, strategy, model, dataset
+        self.report, self.signals, self.doctor = report, signals, doctor
+        self.saver = _Saver(cfg, comm, strategy, model, dataset, report)
+        self.lost = []  # what the summary says of each lost rank
+        self.wall = Timer()
+
+    def run(self, epoch, step, history, elapsed_s):
+        strategy, epochs = self.strategy, self.strategy.epochs()
+        self.epoch, self.step, self.recorded, self.history = epoch, step, False, history
+        self.saver.epoch_s = elapsed_s
+        self.bar = self.report.progress(total=sum(strategy.units_in(e) for e in range(epochs)),
+                                        done=sum(strategy.units_in(e) for e in range(epoch)) + step,
+                                        desc=f"{strategy.unit}s")
+        while self.epoch < epochs:
+            try:
+                self._epoch()
+            except RankLost as lost:
+                self.survive(lost)
+        self.bar.close()
+
+    def _epoch(self):
+        """The rest of epoch self.epoch from unit self.step; self.(epoch, step, recorded) say how far it got."""
+        cfg, comm, strategy, saver = self.cfg, self.comm, self.strategy, self.saver
+        wants = lambda: Flags(self.signals.requested, comm.is_root and saver.due())  # noqa: E731
         timer = Timer()
-        while step < strategy.units_in(epoch):
-            flags, finished = strategy.run_unit(epoch, step, wants)
-            step += finished
-            bar.update(finished)
+        while self.step < strategy.units_in(self.epoch):
+            comm.calls.context = strategy.describe(self.epoch, self.step)
+            flags, finished = strategy.run_unit(self.epoch, self.step, wants)
+            self.step += finished
+            self.bar.update(finished)
             if flags.stop or flags.checkpoint:
-                written = saver.save(epoch, step, history, timer)
-                if flags.stop:
-                    bar.close()
-                    raise Preempted(signals.requested or "a signal on another rank",
-                                    f"{strategy.unit} {epoch + 1} (unit {step} of {strategy.units_in(epoch)})",
-                                    written)
-        record = _end_epoch(epoch, strategy, model, dataset, comm, cfg, timer.elapsed() + saver.epoch_s)
-        history.append(record)
-        report.record(**record)
+                self._checkpoint_or_stop(flags, timer)
+        comm.calls.context = f"end of {strategy.unit} {self.epoch + 1}"
+        record = _end_epoch(self.epoch, strategy, self.model, self.dataset, comm, cfg,
+                            timer.elapsed() + saver.epoch_s)
+        self.history.append(record)
+        self.recorded = True
+        self.report.record(**record)
         if any(k.startswith("test_") for k in record):
-            report.say(_epoch_line(record, strategy.unit, epochs))
-        epoch, step, saver.epoch_s = epoch + 1, 0, 0.0
-        if cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or epoch == epochs):
-            saver.save(epoch, step, history, Timer())
-            saver.epoch_s = 0.0
-    bar.close()
+            self.report.say(_epoch_line(record, strategy.unit, strategy.epochs()))
+        epoch = self.epoch + 1
+        if cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or epoch == strategy.epochs()):
+            comm.calls.context = f"checkpoint after {strategy.unit} {epoch}"
+            saver.save(epoch, 0, self.history, Timer())
+        self.epoch, self.step, self.recorded, saver.epoch_s = epoch, 0, False, 0.0
+
+    def _checkpoint_or_stop(self, flags, timer):
+        strategy = self.strategy
+        self.comm.calls.context = f"checkpoint in {strategy.unit} {self.epoch + 1}"
+        written = self.saver.save(self.epoch, self.step, self.history, timer)
+        if flags.stop:
+            self.bar.close()
+            raise Preempted(self.signals.requested or "a signal on another rank",
+                            f"{strategy.unit} {self.epoch + 1} (unit {self.step} of {strategy.units_in(self.epoch)})",
+                            written)
+
+    def survive(self, lost):
+        """Go on without the lost rank(s): shrink, agree on the furthest position, re-split the work.
+
+        A unit's collective can complete on some ranks and fail on others, so
+        survivors may be one unit apart; the one furthest on hands its replica
+        state (and history) to the others, and everyone continues from there.
+        """
+        comm, strategy = self.comm, self.strategy
+        if self.cfg.on_rank_failure != "continue":
+            raise lost
+        before = list(comm.members)
+        ranks = comm.shrink(lost.call)
+        if 0 in ranks:  # root writes the checkpoints, metrics and model: nobody can take over its files
+            raise RankLost(ranks, f"{lost.call}; rank 0 holds the job's outputs, so the job cannot go on")
+        if self.doctor:
+            self.doctor.restart()
+        where = strategy.describe(self.epoch, self.step)
+        positions = comm.allgather_object((self.epoch, self.step, self.recorded))
+        ahead = positions.index(max(positions))
+        if any(p != positions[ahead] for p in positions):
+            state = comm.bcast_object((strategy.replica_state(), self.history) if comm.rank == ahead else None,
+                                      root=ahead)
+            strategy.load_replica_state(state[0])
+            if self.recorded != positions[ahead][2] and len(state[1]) > len(self.history):
+                self.report.record(**state[1][-1])  # root missed writing the record it now takes
+            self.history[:] = state[1]
+        self.epoch, self.step, self.recorded = positions[ahead]
+        strategy.survive([before.index(r) for r in ranks], len(before), positions[ahead])
+        if self.recorded:  # lost after the epoch's record: its checkpoint is skipped, the next one comes
+            self.epoch, self.step, self.recorded = self.epoch + 1, 0, False
+        self.lost += [{"rank": r, "seen_in": lost.call, "at": where, "after_s": round(self.wall.elapsed(), 3)}
+                      for r in ranks]
+        self.report.warn(f"distml: lost rank(s) {', '.join(map(str, ranks))} at {where} ({lost.call}); going on with "
+                         f"{comm.size} rank(s) from {strategy.describe(self.epoch, self.step)}")
+
+
+def _check_fault_tolerance(cfg, comm):
+    if cfg.on_rank_failure == "continue" and comm.size > 1 and not comm.fault_tolerant():
+        raise UsageError("--on-rank-failure continue needs an MPI that survives a lost rank (ULFM): launch with "
+                         "mpirun --with-ft ulfm (Open MPI 5), not srun; or use --on-rank-failure abort")
 
 
 def _load(cfg, size):
@@ -166,6 +246,7 @@ def _end_epoch(epoch, strategy, model, dataset, comm, cfg, elapsed):
     record[f"{unit}_time_s"] = elapsed
     record["samples_per_s"] = record["samples"] / elapsed if elapsed > 0 else None
     if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == strategy.epochs():
+        comm.calls.context = f"evaluation after {unit} {epoch + 1}"
         strategy.share_model()  # every rank must evaluate the same model
         record.update(evaluate(model, dataset, comm))
         record.update(strategy.evaluate_extra())
@@ -260,7 +341,7 @@ def _resume_problem(ckpt, cfg, strategy, dataset, model):
             flag = "--" + name.replace("_", "-")
             return (f"was made with {flag} {saved.get(name)}, this run has {flag} {value} "
                     f"(a resumed run must train as the one it continues)")
-    return strategy.check_resume(saved, ckpt.world_size)
+    return strategy.check_resume(saved, ckpt.world_size, ckpt.strategy)
 
 
 def _restore(ckpt, cfg, comm, strategy, model):

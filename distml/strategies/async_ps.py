@@ -93,14 +93,18 @@ class AsyncStrategy(Strategy):
         mine = wants()
         asked = self.asked if self.comm.rank == 0 else 0
         stop, checkpoint, asked = self.comm.allreduce_array(  # the segment's closing agreement
-            [float(stop_seen or mine.stop), float(self.comm.is_root and mine.checkpoint), asked])
+            [float(stop_seen or mine.stop), float(self.comm.is_root and mine.checkpoint), asked],
+            what="the segment's closing agreement")
         self.asked = int(asked)
         return Flags(stop > 0, checkpoint > 0), self.asked == target
 
     def work_done(self, epoch, step):
         return self.asked
 
-    def check_resume(self, saved, world_size):
+    def describe(self, epoch, index):
+        return f"segment {epoch + 1}"
+
+    def check_resume(self, saved, world_size, state=None):
         """Servers, workers and shards must be the same: the same world size and --servers."""
         if world_size != self.comm.size or saved["servers"] != self.cfg.servers:
             return (f"was made by {saved['servers']} server(s) on {world_size} ranks; async resumes only on the "
@@ -223,7 +227,7 @@ class AsyncStrategy(Strategy):
         """
         stop = flagged = False
         for _ in requests:
-            index, tag = self.comm.waitany(requests)
+            index, tag = self.comm.waitany(requests, what="a worker waiting for parameters")
             if tag == TAG_STOP:
                 stop = True
                 continue
@@ -297,7 +301,7 @@ class _Server:
         try:
             self._advance()
             while self.active:
-                w, tag = self.comm.waitany(self.recvs, sleep=_POLL_SLEEP)
+                w, tag = self.comm.waitany(self.recvs, sleep=_POLL_SLEEP, what="a server waiting for gradients")
                 if tag == TAG_DONE:
                     self._retire(w)
                 else:

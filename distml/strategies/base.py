@@ -51,6 +51,9 @@ class Strategy:
         load_state_dict(state, own)          the reverse, on every rank (own: this rank's part, or
                                              None on another world size)
         summary(history, train_time)         mode-specific summary fields (may be a collective)
+        describe(epoch, index)               where the training is, for the hang doctor's record
+        replica_state(), load_replica_state  what one rank hands the others after a lost rank
+        survive(lost, old_size, position)    re-split the work over the survivors (after shrink)
 
     A strategy never parses flags and never prints: it gets the config, data,
     model and communicator, and hands back numbers.
@@ -72,7 +75,7 @@ class Strategy:
         """Units of work done in all at (epoch, step): a checkpoint's number."""
         return sum(self.units_in(e) for e in range(epoch)) + step
 
-    def check_resume(self, saved, world_size):
+    def check_resume(self, saved, world_size, state=None):
         """Why a checkpoint made with config dict `saved` on `world_size` ranks cannot continue here, or None."""
         return None if saved["batch_size"] == self.cfg.batch_size else \
             f"was made with --batch-size {saved['batch_size']}, this run has {self.cfg.batch_size}"
@@ -107,6 +110,22 @@ class Strategy:
 
     def summary(self, history, train_time):
         return {}
+
+    # -- losing a rank (--on-rank-failure continue) ------------------------------------
+    def describe(self, epoch, index):
+        return f"{self.unit} {epoch + 1} step {index + 1}"
+
+    def replica_state(self):
+        """What every rank holds alike (model, optimizer): the furthest rank's goes to the others."""
+        raise NotImplementedError(f"{type(self).__name__} cannot go on without a lost rank")
+
+    def load_replica_state(self, state):
+        raise NotImplementedError(f"{type(self).__name__} cannot go on without a lost rank")
+
+    def survive(self, lost, old_size, position):
+        """The ranks `lost` (numbers in the communicator of `old_size` ranks) are gone; `self.comm`
+        already holds the survivors; training goes on from `position` (epoch, unit, recorded)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot go on without a lost rank")
 
 
 def loss_sum(output, target, task):

@@ -117,7 +117,7 @@ class FederatedStrategy(Strategy):
             if rank == self.comm.rank:
                 self._train_client(client, round_)
         self.sums[self.slices["flags"]] = torch.tensor(wants().values(), dtype=self.sums.dtype)
-        self.comm.allreduce_(self.sums)  # the only collective of a round
+        self.comm.allreduce_(self.sums, what="the clients' summed updates")  # the only collective of a round
         samples, loss = self.sums[self.slices["totals"]].tolist()
         if samples > 0:  # a round without survivors keeps the model
             self._apply(samples, len(survivors))
@@ -126,6 +126,9 @@ class FederatedStrategy(Strategy):
 
     def end_epoch(self, round_):
         return self.record
+
+    def describe(self, round_, index):
+        return f"round {round_ + 1}"
 
     def train_round(self, round_):
         """One round outside the trainer's loop (tests, experiments); returns its record."""
@@ -255,7 +258,7 @@ class FederatedStrategy(Strategy):
                                        if self.owner[c] == self.comm.rank}
         self.load_global()
 
-    def check_resume(self, saved, world_size):
+    def check_resume(self, saved, world_size, state=None):
         """Any world size, as long as the clients are the same (--clients 0 means one per rank)."""
         from ..config import Config
         then = Config(**{**saved, "config": None})

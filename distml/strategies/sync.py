@@ -8,7 +8,10 @@ elements at the end of the last gradient bucket carry the ranks' stop and
 checkpoint flags, so agreeing on them costs 8 bytes a step and no message.
 
 Nothing here depends on the world size but the split of each global batch,
-so a checkpoint resumes on any number of ranks with the same global batch.
+so a checkpoint resumes on any number of ranks with the same global batch, and
+after a lost rank (--on-rank-failure continue) the survivors split each global
+batch among themselves, redo the interrupted step and end with the weights of
+the uninterrupted run.
 """
 import torch
 
@@ -26,7 +29,8 @@ class SyncStrategy(Strategy):
         self.optimizer = make_optimizer(cfg, self.model.parameters())
         self.reducer = GradientReducer(self.model.parameters(), comm, bucket_mb=cfg.bucket_mb, op="sum",
                                        control=2)
-        self.steps_per_epoch = num_steps(len(self.dataset.y_train), cfg.batch_size * comm.size)
+        self.global_batch = cfg.batch_size * comm.size  # kept when ranks are lost
+        self.steps_per_epoch = num_steps(len(self.dataset.y_train), self.global_batch)
         self.stats = EpochStats()
         self._batches = (None, None)  # (epoch, this rank's batches of it)
 
@@ -39,15 +43,17 @@ class SyncStrategy(Strategy):
         batch = self._epoch_batches(epoch)[step]
         self.model.train()
         self.reducer.zero_grad()
+        loss = 0.0
         if len(batch.indices):  # the last global batch can leave a rank with none
             with compute_phase(cfg, self.comm.rank):
                 x, y = batch_tensors(data.X_train, data.y_train, batch.indices)
                 loss = loss_sum(self.model(x), y, data.task)
                 (loss / batch.global_size).backward()
-            self.stats.loss_sum += loss.item()
-            self.stats.samples += len(batch.indices)
+            loss = loss.item()
         self.reducer.control.copy_(torch.tensor(wants().values()))
         self.reducer.allreduce_grads()  # distributed: Allreduce (sum) of the buckets, flags included
+        self.stats.loss_sum += loss  # counted once the step is sure to count (a lost rank redoes it)
+        self.stats.samples += len(batch.indices)
         total = cfg.epochs * self.steps_per_epoch
         set_lr(self.optimizer, lr_at(cfg.lr, cfg.schedule(), epoch * self.steps_per_epoch + step, total,
                                      cfg.warmup_epochs * self.steps_per_epoch))
@@ -57,7 +63,8 @@ class SyncStrategy(Strategy):
     def _epoch_batches(self, epoch):
         if self._batches[0] != epoch:
             self._batches = (epoch, shard_batches(len(self.dataset.y_train), self.cfg.batch_size, epoch=epoch,
-                                                  seed=self.cfg.seed, rank=self.comm.rank, size=self.comm.size))
+                                                  seed=self.cfg.seed, rank=self.comm.rank, size=self.comm.size,
+                                                  global_batch=self.global_batch))
         return self._batches[1]
 
     def end_epoch(self, epoch):
@@ -73,20 +80,33 @@ class SyncStrategy(Strategy):
 
     def state_dict(self):
         loss, samples = self._totals()  # the epoch so far, so its record comes out the same
-        return {"optimizer": self.optimizer.state_dict(), "epoch_loss": float(loss), "epoch_samples": int(samples)}
+        return {"optimizer": self.optimizer.state_dict(), "epoch_loss": float(loss), "epoch_samples": int(samples),
+                "global_batch": self.global_batch}
 
     def load_state_dict(self, state, own):
         self.optimizer.load_state_dict(state["optimizer"])
         if self.comm.is_root:  # the epoch's totals so far count once, on root
             self.stats.loss_sum, self.stats.samples = state["epoch_loss"], state["epoch_samples"]
 
-    def check_resume(self, saved, world_size):
+    def check_resume(self, saved, world_size, state=None):
         """Any world size with the same global batch: the result does not depend on the split."""
-        then, now = saved["batch_size"] * world_size, self.cfg.batch_size * self.comm.size
+        then = (state or {}).get("global_batch", saved["batch_size"] * world_size)  # kept after a lost rank
+        now = self.global_batch
         if then != now:
             return (f"has global batch {then} ({world_size} ranks x --batch-size {saved['batch_size']}); this run "
                     f"has {now}: resume on ranks x --batch-size = {then}")
         return None
 
     def summary(self, history, train_time):
-        return {"epochs": self.cfg.epochs, "global_batch_size": self.cfg.batch_size * self.comm.size}
+        return {"epochs": self.cfg.epochs, "global_batch_size": self.global_batch}
+
+    # -- a lost rank: the survivors share each global batch ---------------------------
+    def replica_state(self):
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_replica_state(self, state):
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def survive(self, lost, old_size, position):
+        self._batches = (None, None)  # split anew over the survivors
