@@ -114,10 +114,13 @@ class Comm:
         """RankLost for ULFM's process-failure errors, else `error` itself."""
         failures = {getattr(self._MPI, name, None) for name in
                     ("ERR_PROC_FAILED", "ERR_PROC_FAILED_PENDING", "ERR_REVOKED")} - {None}
-        if error.Get_error_class() not in failures:
+        kind, failed = error.Get_error_class(), None
+        if kind == self._MPI.ERR_IN_STATUS:  # Waitall: some request failed; was it for a dead peer?
+            failed = self.failed_ranks()
+        if kind not in failures and not failed:
             return error
         call = describe_call(self.calls.current) if self.calls.current else "a call"
-        return RankLost(self.failed_ranks(), call)
+        return RankLost(failed or self.failed_ranks(), call)
 
     def failed_ranks(self):
         """First-world numbers of the ranks this rank knows to be dead (ULFM; [] elsewhere)."""

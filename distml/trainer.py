@@ -195,6 +195,9 @@ class _Loop:
         comm, strategy = self.comm, self.strategy
         if self.cfg.on_rank_failure != "continue":
             raise lost
+        if os.environ.get("DISTML_DEBUG"):
+            import traceback
+            traceback.print_exception(lost)
         before = list(comm.members)
         ranks = comm.shrink(lost.call)
         if 0 in ranks:  # root writes the checkpoints, metrics and model: nobody can take over its files
@@ -204,6 +207,7 @@ class _Loop:
         where = strategy.describe(self.epoch, self.step)
         positions = comm.allgather_object((self.epoch, self.step, self.recorded))
         ahead = positions.index(max(positions))
+        strategy.survive([before.index(r) for r in ranks], len(before), positions[ahead])
         if any(p != positions[ahead] for p in positions):
             state = comm.bcast_object((strategy.replica_state(), self.history) if comm.rank == ahead else None,
                                       root=ahead)
@@ -212,7 +216,6 @@ class _Loop:
                 self.report.record(**state[1][-1])  # root missed writing the record it now takes
             self.history[:] = state[1]
         self.epoch, self.step, self.recorded = positions[ahead]
-        strategy.survive([before.index(r) for r in ranks], len(before), positions[ahead])
         if self.recorded:  # lost after the epoch's record: its checkpoint is skipped, the next one comes
             self.epoch, self.step, self.recorded = self.epoch + 1, 0, False
         self.lost += [{"rank": r, "seen_in": lost.call, "at": where, "after_s": round(self.wall.elapsed(), 3)}

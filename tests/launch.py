@@ -20,17 +20,20 @@ def mpirun_path():
     return str(beside_python) if beside_python.exists() else shutil.which("mpirun")
 
 
-def launch(n, *args, timeout=120, cwd=None):
-    """CompletedProcess of `distml args` on n ranks (n=0: plain python, no mpirun)."""
-    return launch_python(n, "-m", "distml", *args, timeout=timeout, cwd=cwd)
+def launch(n, *args, timeout=120, cwd=None, env=None, mpirun_args=()):
+    """CompletedProcess of `distml args` on n ranks (n=0: plain python, no mpirun).
+
+    env: more environment variables; mpirun_args: e.g. ("--with-ft", "ulfm").
+    """
+    return launch_python(n, "-m", "distml", *args, timeout=timeout, cwd=cwd, env=env, mpirun_args=mpirun_args)
 
 
-def launch_python(n, *args, timeout=120, cwd=None):
+def launch_python(n, *args, timeout=120, cwd=None, env=None, mpirun_args=()):
     """CompletedProcess of `python args` on n ranks (n=0: no mpirun)."""
     command = [sys.executable, *map(str, args)]
     if n:
-        command = [mpirun_path(), "-n", str(n), *command]
-    return _run(command, timeout, cwd)
+        command = [mpirun_path(), *mpirun_args, "-n", str(n), *command]
+    return _run(command, timeout, cwd, env)
 
 
 def launch_mpmd(*per_rank_args, timeout=120, cwd=None):
@@ -65,8 +68,8 @@ def finish(proc, timeout=120):
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def _run(command, timeout, cwd):
-    env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(ROOT)}
+def _run(command, timeout, cwd, extra_env=None):
+    env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(ROOT), **(extra_env or {})}
     # A session of its own, so a timeout kills mpirun *and* every rank, leaving no orphans.
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=cwd, env=env, start_new_session=True)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..api import broadcast_parameters
+from ..comm import RankLost
 from ..flat import FlatModel
 from ..schedule import lr_at, set_lr
 from ..sharding import num_steps, shard_batches
@@ -74,6 +75,7 @@ class AsyncStrategy(Strategy):
             self.optimizer = make_optimizer(cfg, [self.param])
             self.applied, self.histogram = 0, Counter()  # this server's updates, by staleness
         else:
+            self.index = comm.rank - cfg.servers  # its shard, kept if a lost worker renumbers the ranks
             self.consumed = 0  # batches this worker has trained on: its place in its batch stream
             self.trained = 0  # samples in those batches
             self.busy_s = 0.0  # time spent in segments, for the worker's own pace
@@ -103,6 +105,14 @@ class AsyncStrategy(Strategy):
 
     def describe(self, epoch, index):
         return f"segment {epoch + 1}"
+
+    def survive(self, lost, old_size, position):
+        """A lost worker's share of the budget went to the others (see _Server.lose); a lost server ends the job."""
+        servers = [r for r in lost if r < self.cfg.servers]
+        if servers:
+            raise RankLost(servers, f"parameter server {servers[0]}: its range of the parameters is gone, so the "
+                                    f"job cannot go on")
+        self.workers = list(range(self.cfg.servers, self.comm.size))
 
     def check_resume(self, saved, world_size, state=None):
         """Servers, workers and shards must be the same: the same world size and --servers."""
@@ -207,7 +217,7 @@ class AsyncStrategy(Strategy):
 
     def _batch(self, k):
         """This worker's k-th batch: pass k // (batches per pass) over its shard, reshuffled each pass."""
-        index = self.comm.rank - self.cfg.servers
+        index = self.index
         shard = self.shards[index]
         per_pass = num_steps(len(shard), self.cfg.batch_size)
         epoch, position = divmod(k, per_pass)
@@ -238,12 +248,13 @@ class AsyncStrategy(Strategy):
     # -- server -------------------------------------------------------------------
     def _serve(self, target, wants):
         server = _Server(self, target if self.comm.rank == 0 else None, wants)
-        stop_seen = server.serve()
-        if self.comm.rank == 0:
-            self.asked = server.asked
-        start, stop = self.ranges[self.comm.rank]
-        self.flat.data[start:stop].copy_(self.param.detach())
-        return stop_seen
+        try:
+            return server.serve()
+        finally:  # also when the communicator was revoked (a lost rank): the trainer reruns the segment
+            if self.comm.rank == 0:
+                self.asked = server.asked - len(server.owed)  # gradients asked for and never applied: ask again
+            start, stop = self.ranges[self.comm.rank]
+            self.flat.data[start:stop].copy_(self.param.detach())
 
     def summary(self, history, train_time):
         """Server-side counts (from server 0) and every worker's speed; a collective."""
@@ -293,6 +304,8 @@ class _Server:
         self.outbox = [torch.zeros_like(self.param) for _ in self.workers]
         self.recvs = [self.comm.request_null] * len(self.workers)
         self.sends = [self.comm.request_null] * len(self.workers)
+        self.dead = set()  # workers lost in this segment (--on-rank-failure continue)
+        self.owed = set()  # workers asked for a gradient that has not come yet
         self.watchdog = None
 
     def serve(self):
@@ -301,21 +314,49 @@ class _Server:
         try:
             self._advance()
             while self.active:
-                w, tag = self.comm.waitany(self.recvs, sleep=_POLL_SLEEP, what="a server waiting for gradients")
-                if tag == TAG_DONE:
-                    self._retire(w)
-                else:
-                    version, bit = _untag(tag)
-                    if version != self.scheduler.base[w] % TAG_SPAN:
-                        raise RuntimeError(f"worker {w} sent version {version}, expected {self.scheduler.base[w]}")
-                    self.stop_seen |= bit
-                    self.watchdog.heard_from()
-                    self.scheduler.arrive(w)
+                try:
+                    self._receive()
+                except RankLost as lost:  # a worker died: under --on-rank-failure continue, serve the others
+                    self.lose(lost)
                 self._advance()
+            while True:  # the last answers have left (a dead worker's are abandoned)
+                try:
+                    self.comm.waitall(self.sends)
+                    break
+                except RankLost as lost:
+                    self.lose(lost)
         finally:
             self.watchdog.stop()
-        self.comm.waitall(self.sends)
         return self.stop_seen
+
+    def _receive(self):
+        w, tag = self.comm.waitany(self.recvs, sleep=_POLL_SLEEP, what="a server waiting for gradients")
+        self.owed.discard(w)
+        if tag == TAG_DONE:
+            self._retire(w)
+            return
+        version, bit = _untag(tag)
+        if version != self.scheduler.base[w] % TAG_SPAN:
+            raise RuntimeError(f"worker {w} sent version {version}, expected {self.scheduler.base[w]}")
+        self.stop_seen |= bit
+        self.watchdog.heard_from()
+        self.scheduler.arrive(w)
+
+    def lose(self, lost):
+        """Retire the dead workers; server 0 asks the others for the gradients they owed (the budget holds)."""
+        dead = set(lost.ranks) or set(self.comm.failed_ranks())
+        workers = {self.comm.members[rank]: w for w, rank in enumerate(self.workers)}
+        if self.cfg.on_rank_failure != "continue" or not dead or not dead <= set(workers):
+            raise lost  # abort, or a server is gone
+        for w in (workers[r] for r in dead if workers[r] not in self.dead):
+            self.dead.add(w)
+            self.sends[w] = self.recvs[w] = self.comm.request_null  # abandoned: the peer is gone
+            if w in self.scheduler.base and w not in self.scheduler.arrived:  # released, no gradient will come
+                self.scheduler.retire(w)
+            if w in self.owed:  # server 0 asks someone else for the gradient w owed
+                self.owed.discard(w)
+                self.asked -= self.target is not None
+            self.active.discard(w)
 
     def _advance(self):
         """Apply what the bound allows and release who may compute, until neither changes anything.
@@ -352,18 +393,31 @@ class _Server:
             self.target = min(self.target, self.asked)  # end the segment now
         retired = False
         for w in self.scheduler.release():
-            self.comm.waitall([self.sends[w]])  # the previous answer to w has left this buffer
-            self.outbox[w].copy_(self.param.detach())
-            stop = self.target is not None and self.asked >= self.target
-            tag = TAG_STOP if stop else _tag(self.scheduler.version, self.stop_seen)
-            self.sends[w] = self.comm.isend(self.outbox[w], dest=self.workers[w], tag=tag)
-            if stop:
-                self._retire(w)
+            try:
+                retired |= self._answer(w)
+            except RankLost as lost:  # w is gone (--on-rank-failure continue): lose() retires it
+                self.lose(lost)
                 retired = True
-                continue
-            self.asked += 1
-            self.recvs[w] = self.comm.irecv(self.grads[w], source=self.workers[w])
         return retired
+
+    def _answer(self, w):
+        """Send worker w the current range (or STOP) and listen for its gradient; returns whether w retired."""
+        if w in self.dead:  # lost after its last gradient arrived: released no more
+            self.scheduler.retire(w)
+            return True
+        self.comm.waitall([self.sends[w]])  # the previous answer to w has left this buffer
+        self.outbox[w].copy_(self.param.detach())
+        stop = self.target is not None and self.asked >= self.target
+        if not stop:
+            self.asked += 1
+            self.owed.add(w)
+        tag = TAG_STOP if stop else _tag(self.scheduler.version, self.stop_seen)
+        self.sends[w] = self.comm.isend(self.outbox[w], dest=self.workers[w], tag=tag)
+        if stop:
+            self._retire(w)
+            return True
+        self.recvs[w] = self.comm.irecv(self.grads[w], source=self.workers[w])
+        return False
 
     def _computing(self):
         """Ranks of the workers this server waits on: released, gradient not yet here.

@@ -99,6 +99,7 @@ class FederatedStrategy(Strategy):
         self.sums = zeros(end + 4, torch.float64)  # float64: rank counts change the order of summing
         self.optimizer = make_optimizer(cfg, self.model.parameters())  # reset for each client, see _train_client
         self.lr = cfg.lr  # this round's client learning rate (--lr-schedule), set by run_unit
+        self.lost_clients = {}  # round -> clients dealt to a rank lost in it (they count as dropped)
         control = p if self.scaffold else 0  # SCAFFOLD ships c down and c_i's change up, one per parameter
         self.bytes_per_client = (p + b + control) * self.global_params.element_size()
 
@@ -110,6 +111,7 @@ class FederatedStrategy(Strategy):
         """Train the sampled clients and apply the averaged update (the round's record: end_epoch)."""
         sampled, survivors = sample_clients(self.cfg.seed, round_, self.num_clients, self.per_round,
                                             self.cfg.dropout)
+        survivors = [c for c in survivors if c not in self.lost_clients.get(round_, ())]
         self.lr = lr_at(self.cfg.lr, self.cfg.schedule(), round_, self.cfg.rounds, self.cfg.warmup_epochs)
         self.sums.zero_()
         self.model.train()
@@ -122,6 +124,8 @@ class FederatedStrategy(Strategy):
         if samples > 0:  # a round without survivors keeps the model
             self._apply(samples, len(survivors))
         self.record = self._round_record(sampled, survivors, samples, loss)
+        if round_ in self.lost_clients:
+            self.record["clients_lost"] = len(self.lost_clients[round_])
         return Flags.summed(self.sums[self.slices["flags"]].tolist()), True
 
     def end_epoch(self, round_):
@@ -145,8 +149,8 @@ class FederatedStrategy(Strategy):
                 "samples": int(samples), "bytes_down": len(sampled) * self.bytes_per_client,
                 "bytes_up": len(survivors) * self.bytes_per_client}
 
-    def _trainers(self, clients):
-        """The rank that trains each of this round's clients.
+    def _trainers(self, clients, size=None):
+        """The rank that trains each of this round's clients (dealt over `size` ranks, default all).
 
         A client with state (SCAFFOLD's c_i) is trained by its owner; stateless
         clients are dealt out afresh each round, so the ranks share this
@@ -154,7 +158,7 @@ class FederatedStrategy(Strategy):
         """
         if self.scaffold:
             return {c: self.owner[c] for c in clients}
-        return dict(zip(clients, assign_clients([len(self.parts[c]) for c in clients], self.comm.size)))
+        return dict(zip(clients, assign_clients([len(self.parts[c]) for c in clients], size or self.comm.size)))
 
     def _train_client(self, client, round_):
         """Local training from the global model; adds the weighted update to self.sums.
@@ -258,6 +262,29 @@ class FederatedStrategy(Strategy):
                                        if self.owner[c] == self.comm.rank}
         self.load_global()
 
+    # -- a lost rank: its clients drop out of the round, later rounds go to the survivors --
+    def replica_state(self):
+        return {"global_params": self.global_params, "global_buffers": self.global_buffers,
+                "server_m": self.server.m, "server_v": self.server.v, "record": getattr(self, "record", None)}
+
+    def load_replica_state(self, state):
+        with torch.no_grad():
+            for name in ("global_params", "global_buffers"):
+                getattr(self, name).copy_(state[name])
+            self.server.m.copy_(state["server_m"])
+            self.server.v.copy_(state["server_v"])
+        self.record = state["record"]
+        self.load_global()
+
+    def survive(self, lost, old_size, position):
+        """The clients the lost ranks were training this round drop out of it (unless it completed)."""
+        round_, done, _ = position
+        if not done:
+            _, survivors = sample_clients(self.cfg.seed, round_, self.num_clients, self.per_round, self.cfg.dropout)
+            dealt = self._trainers(survivors, old_size)
+            self.lost_clients[round_] = sorted(c for c, rank in dealt.items() if rank in lost)
+        self.owner = assign_clients([len(p) for p in self.parts], self.comm.size)  # who scores whom
+
     def check_resume(self, saved, world_size, state=None):
         """Any world size, as long as the clients are the same (--clients 0 means one per rank)."""
         from ..config import Config
@@ -304,5 +331,6 @@ class FederatedStrategy(Strategy):
                 "bytes_down": sum(r["bytes_down"] for r in history),
                 "rounds_to_target": None, "bytes_to_target": None, **reached,
                 "clients": self.num_clients, "clients_per_round": self.per_round,
+                **({"clients_lost": {r + 1: c for r, c in self.lost_clients.items()}} if self.lost_clients else {}),
                 "algorithm": self.cfg.algorithm, "server_opt": self.cfg.server_opt,
                 "partition": self.cfg.partition}

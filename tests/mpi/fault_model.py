@@ -2,7 +2,8 @@
 
 DISTML_TEST_FAULT says how: `sleep` (its forward sleeps an hour: a stalled rank), `kill` (SIGKILL
 to itself: a lost node), `raise` (an exception); on rank DISTML_TEST_FAULT_RANK (default 1) at its
-DISTML_TEST_FAULT_STEP-th training forward (default 3, counted from 1). Not a test module.
+DISTML_TEST_FAULT_STEP-th training forward (default 3, counted from 1); first it writes the time
+to the file DISTML_TEST_FAULT_MARK if that is set. Not a test module.
 """
 import math
 import os
@@ -31,6 +32,10 @@ class FaultyMLP(nn.Module):
 
 
 def _misbehave(fault):
+    mark = os.environ.get("DISTML_TEST_FAULT_MARK")
+    if mark:
+        with open(mark, "w") as f:
+            f.write(repr(time.time()))
     if fault == "sleep":
         time.sleep(3600)
     elif fault == "kill":
