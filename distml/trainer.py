@@ -26,6 +26,7 @@ from .config import RESUME_NEWEST, UsageError
 from .data import load_dataset
 from .metrics import Reporter, Timer
 from .models import build_model
+from .nonfinite import NonFinite, describe_ranks, diagnosis
 from .sharding import rng
 from .signals import Preempted, StopFlag
 from .strategies import STRATEGIES
@@ -63,7 +64,8 @@ def default_threads(comm):
 def run(cfg, comm=None, *, signals=None):
     """Train as `cfg` says on every rank of `comm`; returns the same Result on every rank.
 
-    Raises signals.Preempted on every rank after a stop signal (and the checkpoint). `signals`:
+    Raises signals.Preempted on every rank after a stop signal (and the checkpoint), and
+    nonfinite.NonFinite after a non-finite loss or gradient with --on-nan stop. `signals`:
     a StopFlag the caller holds (the CLI's, active from its start); by default one of run's own.
     """
     comm = comm or _comm.world()
@@ -114,11 +116,13 @@ def _run(cfg, comm, signals):
 def _train_units(cfg, comm, strategy, model, dataset, report, signals, ckpt, epoch, step, history):
     """Epochs of units of work from (epoch, step) to the end, recording each epoch into `history`.
 
-    After a unit, the agreed flags may ask for a checkpoint (root's clock) or a stop (a signal on
-    any rank: checkpoint, then Preempted); after an epoch, --checkpoint-every may.
+    After a unit, the agreed flags may report non-finite values (NonFinite, or a skipped update),
+    ask for a checkpoint (root's clock) or a stop (a signal on any rank: checkpoint, then
+    Preempted); after an epoch, --checkpoint-every may.
     """
     epochs, saver = strategy.epochs(), _Saver(cfg, comm, strategy, model, dataset, report)
     saver.epoch_s = ckpt.position["elapsed_s"] if ckpt else 0.0
+    on_nan = _OnNan(cfg, comm, strategy, report, history, ckpt.position.get("nonfinite_skipped", 0) if ckpt else 0)
     wants = lambda: Flags(signals.requested, comm.is_root and saver.due())  # noqa: E731
     bar = report.progress(total=sum(strategy.units_in(e) for e in range(epochs)),
                           done=sum(strategy.units_in(e) for e in range(epoch)) + step, desc=f"{strategy.unit}s")
@@ -126,16 +130,20 @@ def _train_units(cfg, comm, strategy, model, dataset, report, signals, ckpt, epo
         timer = Timer()
         while step < strategy.units_in(epoch):
             flags, finished = strategy.run_unit(epoch, step, wants)
+            if flags.nonfinite and (error := on_nan.after(flags, _at(strategy, epoch, step))):
+                bar.close()
+                raise error  # no checkpoint: the newest one is the last good state
             step += finished
             bar.update(finished)
             if flags.stop or flags.checkpoint:
-                written = saver.save(epoch, step, history, timer)
+                written = saver.save(epoch, step, history, timer, on_nan.in_epoch)
                 if flags.stop:
                     bar.close()
                     raise Preempted(signals.requested or "a signal on another rank",
                                     f"{strategy.unit} {epoch + 1} (unit {step} of {strategy.units_in(epoch)})",
                                     written)
         record = _end_epoch(epoch, strategy, model, dataset, comm, cfg, timer.elapsed() + saver.epoch_s)
+        record["nonfinite_skipped"], on_nan.in_epoch = on_nan.in_epoch, 0
         history.append(record)
         report.record(**record)
         if any(k.startswith("test_") for k in record):
@@ -145,6 +153,42 @@ def _train_units(cfg, comm, strategy, model, dataset, report, signals, ckpt, epo
             saver.save(epoch, step, history, Timer())
             saver.epoch_s = 0.0
     bar.close()
+
+
+def _at(strategy, epoch, step):
+    """Where a unit is, for a message: 'epoch 2, step 5 of 12' (sync), 'round 3'."""
+    units = strategy.units_in(epoch)
+    return f"{strategy.unit} {epoch + 1}" + (f", step {step + 1} of {units}" if units > 1 else "")
+
+
+class _OnNan:
+    """--on-nan after a unit whose agreed flags report non-finite values (no rank made that update).
+
+    stop: after() gives the NonFinite every rank raises. skip: it counts the skipped updates and
+    root names the first few in a warning line. What each rank saw travels in one allgather, on
+    this rare path only (and every rank takes the same branch: the counts are agreed).
+    `in_epoch`: skipped in the current epoch so far (its record; a checkpoint inside it keeps it).
+    """
+
+    WARNINGS = 5  # lines naming a skip; later skips are only counted
+
+    def __init__(self, cfg, comm, strategy, report, history, in_epoch):
+        self.cfg, self.comm, self.strategy, self.report = cfg, comm, strategy, report
+        self.in_epoch = in_epoch
+        self.total = sum(r.get("nonfinite_skipped", 0) for r in history) + in_epoch
+
+    def after(self, flags, where):
+        """The NonFinite to raise (stop), or None once the skip is counted (skip)."""
+        named = self.cfg.on_nan == "stop" or self.total < self.WARNINGS
+        ranks, tensor = diagnosis(self.comm.allgather_object(self.strategy.nonfinite)) if named else ([], "")
+        if self.cfg.on_nan == "stop":
+            return NonFinite(where, ranks, tensor)
+        self.total, self.in_epoch = self.total + flags.nonfinite, self.in_epoch + flags.nonfinite
+        if named:
+            later = "; later ones are only counted" if self.total >= self.WARNINGS else ""
+            self.report.warn(f"distml: warning: non-finite {tensor} at {where} on {describe_ranks(ranks)}: "
+                             f"{flags.nonfinite} update(s) skipped on every rank ({self.total} so far{later})")
+        return None
 
 
 def _load(cfg, size):
@@ -190,8 +234,9 @@ class _Saver:
         every = self.cfg.checkpoint_every_s
         return bool(self.cfg.checkpoint_dir and every and time.monotonic() - self.last >= every)
 
-    def save(self, epoch, step, history, timer):
-        """A checkpoint at (epoch, step); returns its path (None without --checkpoint-dir)."""
+    def save(self, epoch, step, history, timer, skipped=0):
+        """A checkpoint at (epoch, step), `skipped` non-finite updates into the epoch; returns its path
+        (None without --checkpoint-dir)."""
         if not self.cfg.checkpoint_dir:
             return None
         started = time.perf_counter()
@@ -206,7 +251,7 @@ class _Saver:
                 mode=self.cfg.mode, world_size=self.comm.size, config=json.dumps(asdict(self.cfg)),
                 data=self.data, model=model_state, strategy=state, ranks=ranks,
                 position={"epoch": epoch, "step": step, "units": self.strategy.work_done(epoch, step),
-                          "elapsed_s": timer.elapsed() + self.epoch_s},
+                          "elapsed_s": timer.elapsed() + self.epoch_s, "nonfinite_skipped": skipped},
                 history=json.dumps(history), metrics_bytes=self.report.bytes_written())
             path = write_checkpoint(ckpt, self.cfg.checkpoint_dir, self.cfg.keep)
         self.last = time.monotonic()
@@ -315,6 +360,7 @@ def _summary(cfg, comm, dataset, strategy, history, threads, wall):
             "bytes_communicated": int(comm.allreduce_array([comm.bytes_sent])[0]),
             "train_loss": history[-1]["train_loss"], **scores, "train_time_s": train_time,
             "samples_per_s": sum(r["samples"] for r in history) / train_time,
+            "nonfinite_skipped": sum(r.get("nonfinite_skipped", 0) for r in history),
             **strategy.summary(history, train_time)}
 
 
