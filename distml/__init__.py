@@ -23,17 +23,19 @@ __all__ = ["init", "rank", "size", "is_root", "allreduce", "broadcast_parameters
 def train(config=None, **settings):
     """Run the CLI trainer from Python: `distml.train(model="cnn", epochs=3)` -> Result.
 
-    UsageError, and signals.Preempted after a stop signal and its checkpoint,
+    UsageError, signals.Preempted after a stop signal and its checkpoint, and
+    nonfinite.NonFinite after a non-finite loss or gradient (--on-nan stop)
     are raised on every rank alike; any other error on one rank aborts the
     whole MPI job (as the CLI does), so no rank is left waiting.
     """
     from .cli import abort_on_error
     from .comm import world
+    from .nonfinite import NonFinite
     from .signals import Preempted
     from .trainer import run
     try:
         return run(config or Config(**settings))
-    except (UsageError, Preempted):
+    except (UsageError, Preempted, NonFinite):
         raise
     except BaseException as error:  # noqa: BLE001
         if world().size == 1:

@@ -5,7 +5,8 @@
     distml partition --clients 20 --partition dirichlet --alpha 0.1 --plot labels.png
 
 Errors the user can fix print one line (once, from rank 0) and exit 2 on
-every rank. Any other exception on any rank prints one line naming the rank
+every rank; so does a non-finite loss or gradient with --on-nan stop, with
+exit 65. Any other exception on any rank prints one line naming the rank
 and aborts the whole MPI job, so no rank is left waiting in a collective.
 """
 import argparse
@@ -23,6 +24,7 @@ from .agreement import RankFailure
 from .comm import RankLost
 from .cluster import format_launch_table, launch_info
 from .config import GROUPS, Config, UsageError, _check_output_path, load_toml
+from .nonfinite import EXIT_NONFINITE, NonFinite
 from .signals import EXIT_PREEMPTED, Preempted, StopFlag
 
 # `distml partition`: the Config fields that decide the split, with the same meaning as for train.
@@ -205,6 +207,8 @@ def _main(comm, argv, signals):
         return 0
     except Preempted as e:
         return preempted(comm, e, cfg)
+    except NonFinite as e:
+        return nonfinite(comm, e)
     except UsageError as e:
         if comm.is_root:
             print(f"distml: error: {e}", file=sys.stderr, flush=True)
@@ -226,6 +230,13 @@ def preempted(comm, error, cfg):
             ok, message = requeue_job()
             print(f"distml: {message}", file=sys.stderr, flush=True)
     return EXIT_PREEMPTED
+
+
+def nonfinite(comm, error):
+    """After the agreed non-finite stop (no checkpoint): one line from root, and exit 65 everywhere."""
+    if comm.is_root:
+        print(f"distml: {error}; exit {EXIT_NONFINITE}", file=sys.stderr, flush=True)
+    return EXIT_NONFINITE
 
 
 def abort_on_error(comm, error):

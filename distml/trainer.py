@@ -28,6 +28,7 @@ from .config import RESUME_NEWEST, UsageError
 from .data import load_dataset
 from .metrics import Reporter, Timer
 from .models import build_model
+from .nonfinite import NonFinite, describe_ranks, diagnosis
 from .sharding import rng
 from .signals import Preempted, StopFlag
 from .strategies import STRATEGIES
@@ -66,7 +67,8 @@ def default_threads(comm):
 def run(cfg, comm=None, *, signals=None):
     """Train as `cfg` says on every rank of `comm`; returns the same Result on every rank.
 
-    Raises signals.Preempted on every rank after a stop signal (and the checkpoint). `signals`:
+    Raises signals.Preempted on every rank after a stop signal (and the checkpoint), and
+    nonfinite.NonFinite after a non-finite loss or gradient with --on-nan stop. `signals`:
     a StopFlag the caller holds (the CLI's, active from its start); by default one of run's own.
     """
     comm = comm or _comm.world()
@@ -104,7 +106,8 @@ def _run(cfg, comm, signals):
     # -- units of work; between any two, the job may stop, checkpoint or lose a rank
     with (HangDoctor(comm, cfg.watchdog) if cfg.watchdog and comm.size > 1 else nullcontext()) as doctor:
         loop = _Loop(cfg, comm, strategy, model, dataset, report, signals, doctor)
-        loop.run(epoch, step, history, ckpt.position["elapsed_s"] if ckpt else 0.0)
+        loop.run(epoch, step, history, ckpt.position["elapsed_s"] if ckpt else 0.0,
+                 ckpt.position.get("nonfinite_skipped", 0) if ckpt else 0)
 
         # -- summary and outputs (root only writes) -----------------------------
         comm.calls.context = "summary"
@@ -123,9 +126,10 @@ def _run(cfg, comm, signals):
 class _Loop:
     """Epochs of units of work, recording each epoch into `history`; between units, what may happen.
 
-    After a unit, the agreed flags may ask for a checkpoint (root's clock) or a stop (a signal on
-    any rank: checkpoint, then Preempted); after an epoch, --checkpoint-every may. Under
-    --on-rank-failure continue, a lost rank (RankLost) is survived: see `survive`.
+    After a unit, the agreed flags may report non-finite values (NonFinite, or a skipped update),
+    ask for a checkpoint (root's clock) or a stop (a signal on any rank: checkpoint, then
+    Preempted); after an epoch, --checkpoint-every may. Under --on-rank-failure continue, a lost
+    rank (RankLost) is survived: see `survive`.
     """
 
     def __init__(self, cfg, comm, strategy, model, dataset, report, signals, doctor):
@@ -135,10 +139,12 @@ class _Loop:
         self.lost = []  # what the summary says of each lost rank
         self.wall = Timer()
 
-    def run(self, epoch, step, history, elapsed_s):
+    def run(self, epoch, step, history, elapsed_s, skipped):
+        """From (epoch, step) to the end; `elapsed_s` and `skipped` (non-finite updates) of the epoch so far."""
         strategy, epochs = self.strategy, self.strategy.epochs()
         self.epoch, self.step, self.recorded, self.history = epoch, step, False, history
         self.saver.epoch_s = elapsed_s
+        self.on_nan = _OnNan(self.cfg, self.comm, strategy, self.report, history, skipped)
         self.bar = self.report.progress(total=sum(strategy.units_in(e) for e in range(epochs)),
                                         done=sum(strategy.units_in(e) for e in range(epoch)) + step,
                                         desc=f"{strategy.unit}s")
@@ -157,6 +163,11 @@ class _Loop:
         while self.step < strategy.units_in(self.epoch):
             comm.calls.context = strategy.describe(self.epoch, self.step)
             flags, finished = strategy.run_unit(self.epoch, self.step, wants)
+            if flags.nonfinite:
+                error = self.on_nan.after(flags, _at(strategy, self.epoch, self.step))
+                if error:
+                    self.bar.close()
+                    raise error  # no checkpoint: the newest one is the last good state
             self.step += finished
             self.bar.update(finished)
             if flags.stop or flags.checkpoint:
@@ -164,6 +175,7 @@ class _Loop:
         comm.calls.context = f"end of {strategy.unit} {self.epoch + 1}"
         record = _end_epoch(self.epoch, strategy, self.model, self.dataset, comm, cfg,
                             timer.elapsed() + saver.epoch_s)
+        record["nonfinite_skipped"], self.on_nan.in_epoch = self.on_nan.in_epoch, 0
         self.history.append(record)
         self.recorded = True
         self.report.record(**record)
@@ -178,7 +190,7 @@ class _Loop:
     def _checkpoint_or_stop(self, flags, timer):
         strategy = self.strategy
         self.comm.calls.context = f"checkpoint in {strategy.unit} {self.epoch + 1}"
-        written = self.saver.save(self.epoch, self.step, self.history, timer)
+        written = self.saver.save(self.epoch, self.step, self.history, timer, self.on_nan.in_epoch)
         if flags.stop:
             self.bar.close()
             raise Preempted(self.signals.requested or "a signal on another rank",
@@ -230,6 +242,42 @@ def _check_fault_tolerance(cfg, comm):
                          "mpirun --with-ft ulfm (Open MPI 5), not srun; or use --on-rank-failure abort")
 
 
+def _at(strategy, epoch, step):
+    """Where a unit is, for a message: 'epoch 2, step 5 of 12' (sync), 'round 3'."""
+    units = strategy.units_in(epoch)
+    return f"{strategy.unit} {epoch + 1}" + (f", step {step + 1} of {units}" if units > 1 else "")
+
+
+class _OnNan:
+    """--on-nan after a unit whose agreed flags report non-finite values (no rank made that update).
+
+    stop: after() gives the NonFinite every rank raises. skip: it counts the skipped updates and
+    root names the first few in a warning line. What each rank saw travels in one allgather, on
+    this rare path only (and every rank takes the same branch: the counts are agreed).
+    `in_epoch`: skipped in the current epoch so far (its record; a checkpoint inside it keeps it).
+    """
+
+    WARNINGS = 5  # lines naming a skip; later skips are only counted
+
+    def __init__(self, cfg, comm, strategy, report, history, in_epoch):
+        self.cfg, self.comm, self.strategy, self.report = cfg, comm, strategy, report
+        self.in_epoch = in_epoch
+        self.total = sum(r.get("nonfinite_skipped", 0) for r in history) + in_epoch
+
+    def after(self, flags, where):
+        """The NonFinite to raise (stop), or None once the skip is counted (skip)."""
+        named = self.cfg.on_nan == "stop" or self.total < self.WARNINGS
+        ranks, tensor = diagnosis(self.comm.allgather_object(self.strategy.nonfinite)) if named else ([], "")
+        if self.cfg.on_nan == "stop":
+            return NonFinite(where, ranks, tensor)
+        self.total, self.in_epoch = self.total + flags.nonfinite, self.in_epoch + flags.nonfinite
+        if named:
+            later = "; later ones are only counted" if self.total >= self.WARNINGS else ""
+            self.report.warn(f"distml: warning: non-finite {tensor} at {where} on {describe_ranks(ranks)}: "
+                             f"{flags.nonfinite} update(s) skipped on every rank ({self.total} so far{later})")
+        return None
+
+
 def _load(cfg, size):
     dataset = load_dataset(cfg)
     cfg.validate_data(dataset, size)
@@ -274,8 +322,9 @@ class _Saver:
         every = self.cfg.checkpoint_every_s
         return bool(self.cfg.checkpoint_dir and every and time.monotonic() - self.last >= every)
 
-    def save(self, epoch, step, history, timer):
-        """A checkpoint at (epoch, step); returns its path (None without --checkpoint-dir)."""
+    def save(self, epoch, step, history, timer, skipped=0):
+        """A checkpoint at (epoch, step), `skipped` non-finite updates into the epoch; returns its path
+        (None without --checkpoint-dir)."""
         if not self.cfg.checkpoint_dir:
             return None
         started = time.perf_counter()
@@ -290,7 +339,7 @@ class _Saver:
                 mode=self.cfg.mode, world_size=self.comm.size, config=json.dumps(asdict(self.cfg)),
                 data=self.data, model=model_state, strategy=state, ranks=ranks,
                 position={"epoch": epoch, "step": step, "units": self.strategy.work_done(epoch, step),
-                          "elapsed_s": timer.elapsed() + self.epoch_s},
+                          "elapsed_s": timer.elapsed() + self.epoch_s, "nonfinite_skipped": skipped},
                 history=json.dumps(history), metrics_bytes=self.report.bytes_written())
             path = write_checkpoint(ckpt, self.cfg.checkpoint_dir, self.cfg.keep)
         self.last = time.monotonic()
@@ -399,6 +448,7 @@ def _summary(cfg, comm, dataset, strategy, history, threads, wall):
             "bytes_communicated": int(comm.allreduce_array([comm.bytes_sent])[0]),
             "train_loss": history[-1]["train_loss"], **scores, "train_time_s": train_time,
             "samples_per_s": sum(r["samples"] for r in history) / train_time,
+            "nonfinite_skipped": sum(r.get("nonfinite_skipped", 0) for r in history),
             **strategy.summary(history, train_time)}
 
 

@@ -9,9 +9,10 @@ One step = zero_grad, forward, summed CrossEntropy / global batch, backward,
 gradient reduction, SGD(momentum 0.9).step(), as `distml train` takes it, in
 three variants of the same model and batches:
   none       GradientReducer(control=0): no stop flag at all (before this change)
-  in-bucket  GradientReducer(control=2): the stop and checkpoint flags are two more float32
-             elements at the end of the last bucket (what `distml train` does now)
-  separate   control=0 plus one Allreduce of the two flags per step (the usual way: Megatron-LM
+  in-bucket  GradientReducer(control=3): the stop, checkpoint and non-finite flags are three more
+             float32 elements at the end of the last bucket (what `distml train` does now; the
+             README's table was measured with the first two)
+  separate   control=0 plus one Allreduce of the flags per step (the usual way: Megatron-LM
              all-gathers its flag every iteration)
 Blocks of >= 10 steps (about 0.5 s) per variant, in rotating order, --repeats times;
 medians of the slowest rank's seconds per step, and the median of the per-repeat
@@ -41,7 +42,7 @@ MIN_STEPS, TARGET_S = 10, 0.5
 def make_step(variant, sizes, batches, mpi):
     model = build_mlp(sizes)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    reducer = GradientReducer(model.parameters(), mpi, op="sum", control=2 if variant == "in-bucket" else 0)
+    reducer = GradientReducer(model.parameters(), mpi, op="sum", control=3 if variant == "in-bucket" else 0)
     global_batch = len(batches[0][1]) * mpi.size
     data = itertools.cycle(batches)
 

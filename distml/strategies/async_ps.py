@@ -22,6 +22,11 @@ A stop signal travels in the tags: a server's reply carries its stop bit to
 the worker, and the worker's next gradient carries its own or any server's to
 every server; server 0 then ends the segment early (so does root's
 checkpoint clock), and the segment's closing reduction tells every rank.
+
+A non-finite loss or gradient never leaves its worker. With --on-nan skip the
+worker drops that batch and computes the next; with stop it tells every server
+NONFINITE instead of sending the gradient, which works as DONE plus the stop
+bit. The closing reduction also sums the workers' counts of such gradients.
 """
 import os
 import time
@@ -33,6 +38,7 @@ import torch
 from ..api import broadcast_parameters
 from ..comm import RankLost
 from ..flat import FlatModel
+from ..nonfinite import first_nonfinite
 from ..schedule import lr_at, set_lr
 from ..sharding import num_steps, shard_batches
 from ..watchdog import Watchdog
@@ -45,6 +51,7 @@ _POLL_SLEEP = float(os.environ.get("DISTML_PS_SLEEP", "0"))  # experiment knob, 
 TAG_SPAN = 15000  # versions travel as tags 1..TAG_SPAN, plus TAG_SPAN with the stop bit (MPI: up to 32767)
 TAG_STOP = 2 * TAG_SPAN + 1  # server 0 -> worker: the segment's share is asked for, compute no more
 TAG_DONE = 2 * TAG_SPAN + 2  # worker -> other servers: stopped, no gradient follows
+TAG_NONFINITE = 2 * TAG_SPAN + 3  # worker -> every server: a non-finite gradient, withheld; stop the job
 
 
 def server_ranges(numel, servers):
@@ -87,6 +94,7 @@ class AsyncStrategy(Strategy):
         """Serve or work until server 0 has asked for this epoch's share (or stops early)."""
         started = time.perf_counter()
         target = (epoch + 1) * self.per_epoch
+        self.nonfinite, self.withheld = None, 0  # this segment's non-finite gradients (workers)
         if self.is_server:
             stop_seen = self._serve(target, wants)
         else:
@@ -94,11 +102,11 @@ class AsyncStrategy(Strategy):
             self.busy_s += time.perf_counter() - started
         mine = wants()
         asked = self.asked if self.comm.rank == 0 else 0
-        stop, checkpoint, asked = self.comm.allreduce_array(  # the segment's closing agreement
-            [float(stop_seen or mine.stop), float(self.comm.is_root and mine.checkpoint), asked],
+        stop, checkpoint, asked, withheld = self.comm.allreduce_array(  # the segment's closing agreement
+            [float(stop_seen or mine.stop), float(self.comm.is_root and mine.checkpoint), asked, self.withheld],
             what="the segment's closing agreement")
         self.asked = int(asked)
-        return Flags(stop > 0, checkpoint > 0), self.asked == target
+        return Flags(stop > 0, checkpoint > 0, withheld), self.asked == target
 
     def work_done(self, epoch, step):
         return self.asked
@@ -187,7 +195,7 @@ class AsyncStrategy(Strategy):
     # -- worker -------------------------------------------------------------------
     def _work(self, wants):
         """Compute gradients until server 0 says STOP; returns whether any stop bit was seen."""
-        cfg, comm, data = self.cfg, self.comm, self.dataset
+        cfg, comm = self.cfg, self.comm
         self.model.train()  # evaluation after the last segment left it in eval mode
         versions = [0] * cfg.servers
         received, sends, stop_seen = self._post_param_recvs(), [], False
@@ -196,15 +204,10 @@ class AsyncStrategy(Strategy):
             stop_seen |= flagged
             if stop:
                 break
-            indices = self._batch(self.consumed)
             comm.waitall(sends)  # the gradient buffer is about to be overwritten
-            self.flat.grad.zero_()
-            with compute_phase(cfg, comm.rank):
-                x, y = batch_tensors(data.X_train, data.y_train, indices)
-                loss = loss_sum(self.model(x), y, data.task)
-                (loss / len(indices)).backward()
-            self.consumed, self.trained = self.consumed + 1, self.trained + len(indices)
-            self.stats.loss_sum, self.stats.samples = self.stats.loss_sum + loss.item(), self.stats.samples + len(indices)
+            if not self._finite_gradient():  # --on-nan stop: withheld; the servers retire this worker
+                comm.waitall([comm.isend(self.flat.grad[:0], dest=s, tag=TAG_NONFINITE) for s in range(cfg.servers)])
+                return True
             stop_seen |= wants().stop
             sends = [comm.isend(self.flat.grad[a:b], dest=s, tag=_tag(versions[s], stop_seen))
                      for s, (a, b) in enumerate(self.ranges)]
@@ -215,17 +218,50 @@ class AsyncStrategy(Strategy):
                       for s, (a, b) in enumerate(self.ranges) if s > 0])
         return stop_seen
 
+    def _finite_gradient(self):
+        """Compute the gradient of the next batch into flat.grad; returns whether it may be sent.
+
+        A non-finite one is counted in `withheld`; with --on-nan skip the worker drops that batch and
+        tries the next, for at most a pass over its shard (then its weights must be non-finite).
+        """
+        for _ in range(self._per_pass()):
+            indices = self._batch(self.consumed)
+            loss = self._gradient(indices)
+            self.consumed += 1
+            seen = first_nonfinite(loss, [self.flat.grad], self.model)
+            if seen is None:
+                self.trained += len(indices)
+                self.stats.loss_sum, self.stats.samples = self.stats.loss_sum + loss, self.stats.samples + len(indices)
+                return True
+            self.nonfinite, self.withheld = self.nonfinite or seen, self.withheld + 1
+            if self.cfg.on_nan == "stop":
+                return False
+        raise RuntimeError(f"a whole pass over this worker's shard gave non-finite losses or gradients "
+                           f"(first: {self.nonfinite}): the weights from the servers are not finite")
+
+    def _gradient(self, indices):
+        """The summed loss of the batch `indices` (a float); its gradient in flat.grad."""
+        data = self.dataset
+        self.flat.grad.zero_()
+        with compute_phase(self.cfg, self.comm.rank):
+            x, y = batch_tensors(data.X_train, data.y_train, indices)
+            loss = loss_sum(self.model(x), y, data.task)
+            (loss / len(indices)).backward()
+        return loss.item()
+
     def _batch(self, k):
         """This worker's k-th batch: pass k // (batches per pass) over its shard, reshuffled each pass."""
         index = self.index
         shard = self.shards[index]
-        per_pass = num_steps(len(shard), self.cfg.batch_size)
-        epoch, position = divmod(k, per_pass)
+        epoch, position = divmod(k, self._per_pass())
         if getattr(self, "_pass", (None,))[0] != epoch:
             stream = () if len(self.workers) == 1 else (index,)  # one worker: the sync order
             self._pass = (epoch, shard_batches(len(shard), self.cfg.batch_size, epoch=epoch, seed=self.cfg.seed,
                                                rank=0, size=1, stream=stream))
         return shard[self._pass[1][position].indices]
+
+    def _per_pass(self):
+        return num_steps(len(self.shards[self.comm.rank - self.cfg.servers]), self.cfg.batch_size)
 
     def _post_param_recvs(self):
         return [self.comm.irecv(self.flat.data[a:b], source=s) for s, (a, b) in enumerate(self.ranges)]
@@ -332,7 +368,8 @@ class _Server:
     def _receive(self):
         w, tag = self.comm.waitany(self.recvs, sleep=_POLL_SLEEP, what="a server waiting for gradients")
         self.owed.discard(w)
-        if tag == TAG_DONE:
+        if tag in (TAG_DONE, TAG_NONFINITE):
+            self.stop_seen |= tag == TAG_NONFINITE  # withheld a non-finite gradient: stop the job
             self._retire(w)
             return
         version, bit = _untag(tag)

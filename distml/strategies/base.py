@@ -19,20 +19,22 @@ class EpochStats:
 
 
 class Flags:
-    """What ranks agree on between units of work: stop (a signal) and checkpoint now (root's clock)."""
+    """What ranks agree on between units of work: stop (a signal), checkpoint now (root's clock), and
+    `nonfinite`: the updates of this unit withheld for a non-finite loss or gradient (0: none)."""
 
-    __slots__ = ("stop", "checkpoint")
+    __slots__ = ("stop", "checkpoint", "nonfinite")
 
-    def __init__(self, stop=False, checkpoint=False):
-        self.stop, self.checkpoint = bool(stop), bool(checkpoint)
+    def __init__(self, stop=False, checkpoint=False, nonfinite=0):
+        self.stop, self.checkpoint, self.nonfinite = bool(stop), bool(checkpoint), int(nonfinite)
 
     def values(self):
-        return [float(self.stop), float(self.checkpoint)]
+        return [float(self.stop), float(self.checkpoint), float(self.nonfinite)]
 
     @classmethod
     def summed(cls, values):
-        """The agreement from the flags' sums over ranks (any rank's stop; root's checkpoint)."""
-        return cls(values[0] > 0, values[1] > 0)
+        """The agreement from the flags' sums over ranks (any rank's stop; root's checkpoint; any
+        rank's non-finite value withholds the one update of a sync step or a federated round)."""
+        return cls(values[0] > 0, values[1] > 0, values[2] > 0)
 
 
 class Strategy:
@@ -55,11 +57,16 @@ class Strategy:
         replica_state(), load_replica_state  what one rank hands the others after a lost rank
         survive(lost, old_size, position)    re-split the work over the survivors (after shrink)
 
+    A unit whose agreed Flags.nonfinite > 0 has made no update with non-finite
+    values on any rank; `nonfinite` then names what this rank saw first in it
+    ('loss', 'NAME.grad'; None: nothing), for the trainer's message.
+
     A strategy never parses flags and never prints: it gets the config, data,
     model and communicator, and hands back numbers.
     """
 
     unit = "epoch"  # what the trainer calls an epoch of this mode in its lines and summary
+    nonfinite = None  # this rank's first non-finite tensor in the last unit, or None
 
     def __init__(self, cfg, dataset, model, comm):
         self.cfg, self.dataset, self.model, self.comm = cfg, dataset, model, comm

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from ..api import broadcast_parameters
-from ..partition import partition
 from ..flat import FlatModel, zeros
+from ..nonfinite import first_nonfinite
+from ..partition import partition
 from ..schedule import lr_at, set_lr
 from ..sharding import rng
 from .base import Flags, Strategy, batch_tensors, loss_sum, make_optimizer
@@ -95,8 +96,8 @@ class FederatedStrategy(Strategy):
             self.client_control = {}
         end = self.slices.get("control", self.slices["buffers"]).stop
         self.slices["totals"] = slice(end, end + 2)  # samples trained, summed loss
-        self.slices["flags"] = slice(end + 2, end + 4)  # stop, checkpoint: agreed in the same Allreduce
-        self.sums = zeros(end + 4, torch.float64)  # float64: rank counts change the order of summing
+        self.slices["flags"] = slice(end + 2, end + 5)  # stop, checkpoint, nonfinite: in the same Allreduce
+        self.sums = zeros(end + 5, torch.float64)  # float64: rank counts change the order of summing
         self.optimizer = make_optimizer(cfg, self.model.parameters())  # reset for each client, see _train_client
         self.lr = cfg.lr  # this round's client learning rate (--lr-schedule), set by run_unit
         self.lost_clients = {}  # round -> clients dealt to a rank lost in it (they count as dropped)
@@ -108,25 +109,33 @@ class FederatedStrategy(Strategy):
         return 1
 
     def run_unit(self, round_, index, wants):
-        """Train the sampled clients and apply the averaged update (the round's record: end_epoch)."""
+        """Train the sampled clients and apply the averaged update (the round's record: end_epoch).
+
+        A non-finite loss or gradient in any client (agreed in the round's Allreduce) skips the
+        round on every rank: no server step, no client's control variate changes, no samples.
+        """
         sampled, survivors = sample_clients(self.cfg.seed, round_, self.num_clients, self.per_round,
                                             self.cfg.dropout)
         survivors = [c for c in survivors if c not in self.lost_clients.get(round_, ())]
         self.lr = lr_at(self.cfg.lr, self.cfg.schedule(), round_, self.cfg.rounds, self.cfg.warmup_epochs)
         self.sums.zero_()
         self.model.train()
+        self.nonfinite, self.control_updates = None, {}
         for client, rank in self._trainers(survivors).items():
-            if rank == self.comm.rank:
+            if rank == self.comm.rank and self.nonfinite is None:  # after a non-finite one the round is lost
                 self._train_client(client, round_)
-        self.sums[self.slices["flags"]] = torch.tensor(wants().values(), dtype=self.sums.dtype)
+        mine = wants()
+        mine.nonfinite = self.nonfinite is not None
+        self.sums[self.slices["flags"]] = torch.tensor(mine.values(), dtype=self.sums.dtype)
         self.comm.allreduce_(self.sums, what="the clients' summed updates")  # the only collective of a round
-        samples, loss = self.sums[self.slices["totals"]].tolist()
-        if samples > 0:  # a round without survivors keeps the model
+        agreed = Flags.summed(self.sums[self.slices["flags"]].tolist())
+        samples, loss = self.sums[self.slices["totals"]].tolist() if not agreed.nonfinite else (0, 0.0)
+        if samples > 0:  # a round without survivors (or skipped) keeps the model
             self._apply(samples, len(survivors))
         self.record = self._round_record(sampled, survivors, samples, loss)
         if round_ in self.lost_clients:
             self.record["clients_lost"] = len(self.lost_clients[round_])
-        return Flags.summed(self.sums[self.slices["flags"]].tolist()), True
+        return agreed, True
 
     def end_epoch(self, round_):
         return self.record
@@ -187,14 +196,18 @@ class FederatedStrategy(Strategy):
         for positions in batches:
             flat.grad.zero_()  # not optimizer.zero_grad(): .grad must stay a view of flat.grad
             x, y = batch_tensors(data.X_train, data.y_train, own[positions])
-            loss = loss_sum(self.model(x), y, data.task)
-            (loss / len(positions)).backward()
+            summed = loss_sum(self.model(x), y, data.task)
+            (summed / len(positions)).backward()
+            loss = summed.item()
+            self.nonfinite = first_nonfinite(loss, [flat.grad], self.model)
+            if self.nonfinite:  # the round will be skipped: no use training on
+                return
             if cfg.algorithm == "fedprox":  # gradient of (mu / 2) ||w - x||^2
                 flat.grad.add_(flat.data - self.global_params, alpha=cfg.prox_mu)
             if self.scaffold:
                 flat.grad.add_(correction)
             optimizer.step()
-            trained, loss_total = trained + len(positions), loss_total + loss.item()
+            trained, loss_total = trained + len(positions), loss_total + loss
         with torch.no_grad():
             self.sums[self.slices["params"]].add_((flat.data - self.global_params).double(), alpha=trained)
             self.sums[self.slices["buffers"]].add_((self._buffer_vector() - self.global_buffers).double(),
@@ -204,9 +217,10 @@ class FederatedStrategy(Strategy):
             self.sums[self.slices["totals"]] += torch.tensor([trained, loss_total], dtype=self.sums.dtype)
 
     def _update_control(self, client, steps):
-        """SCAFFOLD option II: c_i+ = c_i - c + (x - y) / (K lr); returns c_i+ - c_i."""
+        """SCAFFOLD option II: c_i+ = c_i - c + (x - y) / (K lr); returns c_i+ - c_i (kept in
+        control_updates until _apply: a skipped round changes no c_i)."""
         delta = (self.global_params - self.flat.data) / (steps * self.lr) - self.control
-        self.client_control[client] = self.client_control.get(client, 0) + delta
+        self.control_updates[client] = delta
         return delta
 
     def _apply(self, samples, survivors):
@@ -216,6 +230,8 @@ class FederatedStrategy(Strategy):
         self.global_buffers.add_((sums[self.slices["buffers"]] / samples).to(dtype))
         if self.scaffold:  # c += (1 / N) sum over participants of (c_i+ - c_i)
             self.control.add_((sums[self.slices["control"]] / self.num_clients).to(dtype))
+            for client, delta in self.control_updates.items():
+                self.client_control[client] = self.client_control.get(client, 0) + delta
 
     # -- the global model ---------------------------------------------------------
     def load_global(self):

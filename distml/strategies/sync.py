@@ -3,9 +3,10 @@
 Each rank's loss is summed over its samples and divided by the *global*
 batch size, and the reducer sums those gradients with Allreduce. The result is
 the gradient of single-process training on the whole global batch, also for
-the last, partial batch where ranks hold different sample counts. Two spare
-elements at the end of the last gradient bucket carry the ranks' stop and
-checkpoint flags, so agreeing on them costs 8 bytes a step and no message.
+the last, partial batch where ranks hold different sample counts. Three spare
+elements at the end of the last gradient bucket carry the ranks' stop,
+checkpoint and non-finite flags, so agreeing on them costs 12 bytes a step and
+no message.
 
 Nothing here depends on the world size but the split of each global batch,
 so a checkpoint resumes on any number of ranks with the same global batch, and
@@ -16,6 +17,7 @@ the uninterrupted run.
 import torch
 
 from ..api import broadcast_buffers, broadcast_parameters
+from ..nonfinite import first_nonfinite
 from ..reducer import GradientReducer
 from ..schedule import lr_at, set_lr
 from ..sharding import num_steps, shard_batches
@@ -28,7 +30,7 @@ class SyncStrategy(Strategy):
         broadcast_parameters(self.model, comm=comm)  # distributed: all start from root's weights
         self.optimizer = make_optimizer(cfg, self.model.parameters())
         self.reducer = GradientReducer(self.model.parameters(), comm, bucket_mb=cfg.bucket_mb, op="sum",
-                                       control=2)
+                                       control=3)  # Flags: stop, checkpoint, nonfinite
         self.global_batch = cfg.batch_size * comm.size  # kept when ranks are lost
         self.steps_per_epoch = num_steps(len(self.dataset.y_train), self.global_batch)
         self.stats = EpochStats()
@@ -38,7 +40,11 @@ class SyncStrategy(Strategy):
         return self.steps_per_epoch
 
     def run_unit(self, epoch, step, wants):
-        """One step: gradients of this rank's part of global batch `step`, summed over ranks."""
+        """One step: gradients of this rank's part of global batch `step`, summed over ranks.
+
+        A non-finite loss or gradient on any rank (agreed in the reduction) means no update on
+        any rank, and the step's loss and samples do not count.
+        """
         cfg, data = self.cfg, self.dataset
         batch = self._epoch_batches(epoch)[step]
         self.model.train()
@@ -47,18 +53,26 @@ class SyncStrategy(Strategy):
         if len(batch.indices):  # the last global batch can leave a rank with none
             with compute_phase(cfg, self.comm.rank):
                 x, y = batch_tensors(data.X_train, data.y_train, batch.indices)
-                loss = loss_sum(self.model(x), y, data.task)
-                (loss / batch.global_size).backward()
-            loss = loss.item()
-        self.reducer.control.copy_(torch.tensor(wants().values()))
+                summed = loss_sum(self.model(x), y, data.task)
+                (summed / batch.global_size).backward()
+            loss = summed.item()
+        self.nonfinite = first_nonfinite(loss, [b.grads for b in self.reducer.buckets], self.model)
+        mine = wants()
+        mine.nonfinite = self.nonfinite is not None
+        self.reducer.control.copy_(torch.tensor(mine.values()))
         self.reducer.allreduce_grads()  # distributed: Allreduce (sum) of the buckets, flags included
-        self.stats.loss_sum += loss  # counted once the step is sure to count (a lost rank redoes it)
-        self.stats.samples += len(batch.indices)
-        total = cfg.epochs * self.steps_per_epoch
-        set_lr(self.optimizer, lr_at(cfg.lr, cfg.schedule(), epoch * self.steps_per_epoch + step, total,
+        agreed = Flags.summed(self.reducer.control.tolist())
+        if not agreed.nonfinite:
+            self.stats.loss_sum += loss
+            self.stats.samples += len(batch.indices)
+            self._step(epoch * self.steps_per_epoch + step)
+        return agreed, True
+
+    def _step(self, position):
+        cfg = self.cfg
+        set_lr(self.optimizer, lr_at(cfg.lr, cfg.schedule(), position, cfg.epochs * self.steps_per_epoch,
                                      cfg.warmup_epochs * self.steps_per_epoch))
         self.optimizer.step()
-        return Flags.summed(self.reducer.control.tolist()), True
 
     def _epoch_batches(self, epoch):
         if self._batches[0] != epoch:
