@@ -183,8 +183,17 @@ def command():
     After main() the process only exits, so late stop signals are ignored rather than given their
     default action, which would kill a rank on its way to its exit code (`scancel --full`
     delivers USR1 more than once). Called in-process, main() leaves the handlers as it found them.
+
+    A job that survived a lost rank ends without MPI_Finalize: requests abandoned to the dead
+    rank can keep Finalize waiting forever (seen under ULFM in async mode), and under ULFM mpirun
+    takes such an exit as a normal one.
     """
-    return main(ignore_late_signals=True)
+    code = main(ignore_late_signals=True)
+    if _comm.world().lost:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 0)
+    return code
 
 
 def main(argv=None, *, ignore_late_signals=False):

@@ -46,6 +46,8 @@ class HangDoctor:
     """Watches this rank's call record; see the module docstring. A context manager; `restart()`
     after the communicator shrank (a collective, like the constructor)."""
 
+    GRACE_S = 3.0  # without MPI_THREAD_MULTIPLE: from a rank's own report to its exit
+
     def __init__(self, comm, limit):
         self.comm, self.limit = comm, limit
         self._thread = None
@@ -135,6 +137,7 @@ class HangDoctor:
             return
         print(f"distml: watchdog: {_position(status)} (--watchdog {self.limit:g}; without MPI_THREAD_MULTIPLE "
               f"each rank reports only itself); aborting (exit {EXIT_STALLED})", file=sys.stderr, flush=True)
+        time.sleep(self.GRACE_S)  # the other stalled ranks reach the limit within a tick: let them print too
         abort_from_thread(self.comm, EXIT_STALLED)
 
 
