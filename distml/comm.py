@@ -45,10 +45,11 @@ def buffer_of(tensor):
 class RankLost(Exception):
     """Ranks of the job died: ULFM reported it to a call. `ranks`: their numbers in the first world."""
 
-    def __init__(self, ranks, call):
+    def __init__(self, ranks, call, *, revoked=False):
         who = f"rank(s) {', '.join(map(str, ranks))}" if ranks else "a rank"
         super().__init__(f"{who} lost (seen in {call})")
         self.ranks, self.call = list(ranks), call
+        self.revoked = revoked  # another survivor revoked the communicator: it takes no more calls
 
 
 class CallRecord:
@@ -120,7 +121,13 @@ class Comm:
         if kind not in failures and not failed:
             return error
         call = describe_call(self.calls.current) if self.calls.current else "a call"
-        return RankLost(failed or self.failed_ranks(), call)
+        return RankLost(failed or self.failed_ranks(), call, revoked=self._revoked(kind))
+
+    def _revoked(self, kind):
+        try:
+            return kind == self._MPI.ERR_REVOKED or self.mpi_comm.Is_revoked()
+        except (AttributeError, NotImplementedError, self._MPI.Exception):
+            return False
 
     def failed_ranks(self):
         """First-world numbers of the ranks this rank knows to be dead (ULFM; [] elsewhere)."""

@@ -383,8 +383,8 @@ class _Server:
         """Retire the dead workers; server 0 asks the others for the gradients they owed (the budget holds)."""
         dead = set(lost.ranks) or set(self.comm.failed_ranks())
         workers = {self.comm.members[rank]: w for w, rank in enumerate(self.workers)}
-        if self.cfg.on_rank_failure != "continue" or not dead or not dead <= set(workers):
-            raise lost  # abort, or a server is gone
+        if self.cfg.on_rank_failure != "continue" or lost.revoked or not dead or not dead <= set(workers):
+            raise lost  # abort; or the communicator is revoked (the trainer reruns the segment); or a server is gone
         for w in (workers[r] for r in dead if workers[r] not in self.dead):
             self.dead.add(w)
             self.sends[w] = self.recvs[w] = self.comm.request_null  # abandoned: the peer is gone
