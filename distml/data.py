@@ -7,8 +7,10 @@ rank loads the same arrays and no data is sent over MPI.
 """
 import csv
 import os
+import tempfile
 import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -57,17 +59,41 @@ def load_dataset(cfg):
 
 
 def _digits(cfg):
-    from sklearn.datasets import load_digits
-    bunch = load_digits()
-    X = (bunch.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
-    return _finish("digits", X, bunch.target.astype(np.int64), None, None, cfg)
+    data, target = bundled("digits")
+    X = (data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    return _finish("digits", X, target.astype(np.int64), None, None, cfg)
 
 
 def _diabetes(cfg):
-    from sklearn.datasets import load_diabetes
-    bunch = load_diabetes()
-    return _finish("diabetes", bunch.data, bunch.target.astype(np.float32), None, None, cfg,
-                   standardize=True)
+    data, target = bundled("diabetes")
+    return _finish("diabetes", data, target.astype(np.float32), None, None, cfg, standardize=True)
+
+
+def bundled(name):
+    """(data, target) of scikit-learn's bundled data set `name` ("digits", "diabetes").
+
+    Importing sklearn.datasets costs every rank of every launch about 0.8 s, more than the
+    training of a small model: the arrays are kept in ~/.cache/distml (or $DISTML_CACHE), one
+    .npz per scikit-learn version, written atomically; where that fails they are loaded anew.
+    """
+    from importlib.metadata import version
+    cache = Path(os.environ.get("DISTML_CACHE") or Path.home() / ".cache" / "distml")
+    path = cache / f"{name}-scikit-learn-{version('scikit-learn')}.npz"
+    try:
+        with np.load(path) as saved:  # allow_pickle stays False
+            return saved["data"], saved["target"]
+    except (OSError, KeyError, ValueError):
+        pass
+    from sklearn import datasets
+    bunch = getattr(datasets, f"load_{name}")()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache, suffix=".npz", delete=False) as tmp:
+            np.savez(tmp, data=bunch.data, target=bunch.target)
+        os.replace(tmp.name, path)  # ranks writing at once each replace it whole
+    except OSError:
+        pass
+    return bunch.data, bunch.target
 
 
 def _synthetic(cfg):

@@ -319,3 +319,20 @@ def test_csv_error_names_the_file_line_even_after_blank_lines(tmp_path):
 
     with pytest.raises(UsageError, match="line 5: 'x' is not a number"):
         load_dataset(Config(dataset=str(path)))
+
+
+def test_bundled_data_is_cached_and_equals_sklearns(tmp_path, monkeypatch):
+    """The cache (no sklearn import on later launches) gives sklearn's arrays bit for bit; a
+    damaged cache file is read past and written anew."""
+    from sklearn.datasets import load_diabetes
+    from distml.data import bundled
+    monkeypatch.setenv("DISTML_CACHE", str(tmp_path))
+    reference = load_diabetes()
+    first = bundled("diabetes")
+    (cached,) = tmp_path.glob("diabetes-scikit-learn-*.npz")
+    again = bundled("diabetes")
+    cached.write_bytes(b"not an npz")
+    repaired = bundled("diabetes")
+    for data, target in (first, again, repaired):
+        assert np.array_equal(data, reference.data) and np.array_equal(target, reference.target)
+    assert np.load(cached)["data"].shape == reference.data.shape  # written anew
