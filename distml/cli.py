@@ -271,8 +271,9 @@ _REPORT_WAIT_S = 10.0
 def _failure_line(comm, error):
     """(the rank that reports, its one line) for an error that ends the job."""
     if isinstance(error, RankLost):
-        alive = [r for r in range(comm.size) if comm.members[r] not in error.ranks]
-        ranks = ", ".join(map(str, error.ranks)) or "a rank"
+        lost = error.ranks or comm.failed_ranks()  # a revoked call names none: ask ULFM again
+        alive = [r for r in range(comm.size) if comm.members[r] not in lost]
+        ranks = ", ".join(map(str, lost)) or "a rank"
         return alive[0] if alive else comm.rank, (
             f"distml: rank {ranks} of {len(comm.members) + len(comm.lost)} was lost (seen by rank "
             f"{comm.members[comm.rank]} in {error.call}); aborting all ranks. To train on without it: "

@@ -251,17 +251,16 @@ class AsyncStrategy(Strategy):
 
     def _batch(self, k):
         """This worker's k-th batch: pass k // (batches per pass) over its shard, reshuffled each pass."""
-        index = self.index
-        shard = self.shards[index]
+        shard = self.shards[self.index]
         epoch, position = divmod(k, self._per_pass())
         if getattr(self, "_pass", (None,))[0] != epoch:
-            stream = () if len(self.workers) == 1 else (index,)  # one worker: the sync order
+            stream = () if len(self.shards) == 1 else (self.index,)  # one worker: the sync order
             self._pass = (epoch, shard_batches(len(shard), self.cfg.batch_size, epoch=epoch, seed=self.cfg.seed,
                                                rank=0, size=1, stream=stream))
         return shard[self._pass[1][position].indices]
 
     def _per_pass(self):
-        return num_steps(len(self.shards[self.comm.rank - self.cfg.servers]), self.cfg.batch_size)
+        return num_steps(len(self.shards[self.index]), self.cfg.batch_size)
 
     def _post_param_recvs(self):
         return [self.comm.irecv(self.flat.data[a:b], source=s) for s, (a, b) in enumerate(self.ranges)]
