@@ -108,6 +108,30 @@ def time_block(fn, iters, mpi):
     return mpi.mpi_comm.allreduce(elapsed, op=MPI.MAX) / iters
 
 
+def time_variants(steps, baseline, repeats, mpi, *, warmup=5, min_steps=10, target_s=0.5):
+    """({variant: [seconds per step, one per repeat]}, steps per block) for the step functions `steps`.
+
+    Each is warmed up; blocks are as long as `target_s` of `baseline` steps (at least
+    `min_steps`) and run in rotating order, so drift between repeats hits every variant alike.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    count = max(min_steps, int(target_s / time_block(steps[baseline], 3, mpi)))
+    names, times = list(steps), {v: [] for v in steps}
+    for r in range(repeats):
+        for v in names[r % len(names):] + names[:r % len(names)]:
+            times[v].append(time_block(steps[v], count, mpi))
+    return times, count
+
+
+def step_stats(times, variant, baseline):
+    """A variant's median, min and max ms per step, and the median of its paired ratios to `baseline`."""
+    mine = times[variant]
+    return {"step_ms": statistics.median(mine) * 1e3, "min_ms": min(mine) * 1e3, "max_ms": max(mine) * 1e3,
+            f"ratio_to_{baseline}": statistics.median(t / b for t, b in zip(mine, times[baseline]))}
+
+
 def calibrate(fn, mpi):
     """Warm up, then pick an iteration count (same on every rank) worth ~TARGET_S."""
     fn()

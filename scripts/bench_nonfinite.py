@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench_allreduce import machine_line, time_block  # scripts/ is sys.path[0]
+from bench_allreduce import machine_line, step_stats, time_variants  # scripts/ is sys.path[0]
 from bench_sync import MODELS, build_mlp, make_batches
 from benchlib import write_csv
 from distml import comm as dcomm
@@ -41,7 +41,6 @@ from distml.strategies.base import Flags
 from distml.trainer import default_threads
 
 VARIANTS = ("off", "loss", "loss+grads")
-MIN_STEPS, TARGET_S = 10, 0.5
 
 
 def check(variant, loss, reducer, model):
@@ -90,19 +89,10 @@ def measure(name, repeats, batch_size, mpi):
     steps, checks = {}, {}
     for v in VARIANTS:
         steps[v], checks[v] = make_step(v, sizes, batches, mpi)
-    for s in steps.values():  # warm-up
-        for _ in range(5):
-            s()
-    count = max(MIN_STEPS, int(TARGET_S / time_block(steps["off"], 3, mpi)))
-    times = {v: [] for v in VARIANTS}
-    for r in range(repeats):
-        for v in VARIANTS[r % 3:] + VARIANTS[:r % 3]:
-            times[v].append(time_block(steps[v], count, mpi))
+    times, _ = time_variants(steps, "off", repeats, mpi)
     params = sum(p.numel() for p in build_mlp(sizes).parameters())
     alone = {v: time_alone(checks[v], repeats) for v in VARIANTS}
-    return [{"model": name, "parameters": params, "variant": v, "step_ms": statistics.median(times[v]) * 1e3,
-             "min_ms": min(times[v]) * 1e3, "max_ms": max(times[v]) * 1e3,
-             "ratio_to_off": statistics.median(t / o for t, o in zip(times[v], times["off"])),
+    return [{"model": name, "parameters": params, "variant": v, **step_stats(times, v, "off"),
              "check_ms": alone[v] * 1e3, "check_share": alone[v] / statistics.median(times["off"])}
             for v in VARIANTS]
 

@@ -22,12 +22,11 @@ those handed to MPI by one rank (Comm.bytes_sent). Writes results/bench_stop_fla
 import argparse
 import itertools
 import os
-import statistics
 
 import torch
 import torch.nn.functional as F
 
-from bench_allreduce import machine_line, time_block  # scripts/ is sys.path[0]
+from bench_allreduce import machine_line, step_stats, time_variants  # scripts/ is sys.path[0]
 from bench_sync import MODELS, build_mlp, make_batches
 from benchlib import write_csv
 from distml import comm as dcomm
@@ -36,7 +35,6 @@ from distml.strategies.base import Flags
 from distml.trainer import default_threads
 
 VARIANTS = ("none", "in-bucket", "separate")
-MIN_STEPS, TARGET_S = 10, 0.5
 
 
 def make_step(variant, sizes, batches, mpi):
@@ -82,22 +80,10 @@ def main():
         batches = make_batches(sizes, args.batch_size, mpi.rank)
         steps = {v: make_step(v, sizes, batches, mpi) for v in VARIANTS}
         sent = {v: bytes_per_step(s, mpi) for v, s in steps.items()}  # also a first warm-up step
-        for s in steps.values():
-            for _ in range(5):
-                s()
-        count = max(MIN_STEPS, int(TARGET_S / time_block(steps["none"], 3, mpi)))
-        times = {v: [] for v in VARIANTS}
-        for r in range(args.repeats):
-            order = VARIANTS[r % 3:] + VARIANTS[:r % 3]
-            for v in order:
-                times[v].append(time_block(steps[v], count, mpi))
+        times, _ = time_variants(steps, "none", args.repeats, mpi)
         params = sum(p.numel() for p in build_mlp(sizes).parameters())
-        for v in VARIANTS:
-            ratios = [t / n for t, n in zip(times[v], times["none"])]
-            rows.append({"model": name, "parameters": params, "variant": v, "bytes_per_step": sent[v],
-                         "step_ms": statistics.median(times[v]) * 1e3,
-                         "min_ms": min(times[v]) * 1e3, "max_ms": max(times[v]) * 1e3,
-                         "ratio_to_none": statistics.median(ratios)})
+        rows += [{"model": name, "parameters": params, "variant": v, "bytes_per_step": sent[v],
+                  **step_stats(times, v, "none")} for v in VARIANTS]
     if mpi.is_root:
         print(machine_line(mpi))
         print("| model | parameters | variant | bytes/step/rank | step ms (median) | min-max ms | paired ratio to none |")

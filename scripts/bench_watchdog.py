@@ -19,12 +19,11 @@ ratios to `bare` (paired, so drift between repeats cancels). Writes results/benc
 import argparse
 import itertools
 import os
-import statistics
 
 import torch
 import torch.nn.functional as F
 
-from bench_allreduce import machine_line, time_block  # scripts/ is sys.path[0]
+from bench_allreduce import machine_line, step_stats, time_variants  # scripts/ is sys.path[0]
 from bench_sync import MODELS, build_mlp, make_batches
 from benchlib import write_csv
 from distml import comm as dcomm
@@ -33,7 +32,6 @@ from distml.trainer import default_threads
 from distml.watchdog import HangDoctor
 
 VARIANTS = ("bare", "recorded", "doctor")
-MIN_STEPS, TARGET_S = 10, 0.5
 
 
 class BareComm(dcomm.Comm):
@@ -68,23 +66,12 @@ def measure(name, args, world):
     steps = {v: make_step(comms[v], sizes, batches) for v in VARIANTS}
     doctor = HangDoctor(comms["doctor"], 600.0)  # its thread runs through every variant's blocks
     try:
-        for s in steps.values():
-            for _ in range(5):
-                s()
-        count = max(MIN_STEPS, int(TARGET_S / time_block(steps["bare"], 3, world)))
-        times = {v: [] for v in VARIANTS}
-        for r in range(args.repeats):
-            for v in VARIANTS[r % 3:] + VARIANTS[:r % 3]:
-                times[v].append(time_block(steps[v], count, world))
+        times, count = time_variants(steps, "bare", args.repeats, world)
     finally:
         doctor.stop()
     params = sum(p.numel() for p in build_mlp(sizes).parameters())
-    rows = []
-    for v in VARIANTS:
-        ratios = [t / b for t, b in zip(times[v], times["bare"])]
-        rows.append({"model": name, "parameters": params, "variant": v, "steps_per_block": count,
-                     "step_ms": statistics.median(times[v]) * 1e3, "min_ms": min(times[v]) * 1e3,
-                     "max_ms": max(times[v]) * 1e3, "ratio_to_bare": statistics.median(ratios)})
+    rows = [{"model": name, "parameters": params, "variant": v, "steps_per_block": count,
+             **step_stats(times, v, "bare")} for v in VARIANTS]
     return rows
 
 
