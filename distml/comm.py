@@ -17,7 +17,9 @@ import os
 import sys
 import time
 from collections import deque
+from itertools import accumulate
 
+import numpy as np
 import torch
 
 __all__ = ["Comm", "CallRecord", "RankLost", "world", "buffer_of", "cuda_aware_mpi"]
@@ -170,6 +172,99 @@ class Comm:
         arr = torch.tensor(values, dtype=torch.float64)
         return self.allreduce_(arr, op=op, what=what).numpy()
 
+    # -- nonblocking collectives (distml.horovod) --------------------------------
+    # Each starts the operation and returns a request for wait() / test(); at
+    # size 1 the result is made locally and the request is already complete.
+    def iallreduce_(self, tensor, op="sum"):
+        """Start reducing `tensor` in place (sum, max, min or prod; also float16 and bfloat16)."""
+        if self.size == 1:
+            return self.request_null
+        buf, mpi_op = _reduction(self._MPI, tensor, op)
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+        return self._start(self.mpi_comm.Iallreduce, self._MPI.IN_PLACE, buf, mpi_op)
+
+    def ibroadcast_(self, tensor, root=0):
+        """Start overwriting `tensor` (contiguous) with root's values."""
+        if self.size == 1:
+            return self.request_null
+        if self.rank == root:
+            self.bytes_sent += tensor.numel() * tensor.element_size()
+        return self._start(self.mpi_comm.Ibcast, _typed(self._MPI, tensor), root)
+
+    def iallgatherv(self, tensor, out, counts):
+        """Start gathering every rank's `tensor` into `out`, rank after rank; counts: elements per rank."""
+        if self.size == 1:
+            out.copy_(tensor.reshape(out.shape))
+            return self.request_null
+        recv = _typed(self._MPI, out)
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+        return self._start(self.mpi_comm.Iallgatherv, _typed(self._MPI, tensor),
+                           [recv[0], (list(counts), _offsets(counts)), recv[1]])
+
+    def ialltoallv(self, tensor, send_counts, out, recv_counts):
+        """Start sending send_counts[r] elements of `tensor` to rank r, receiving recv_counts[r] from r into `out`."""
+        if self.size == 1:
+            out.copy_(tensor.reshape(-1)[:out.numel()].reshape(out.shape))
+            return self.request_null
+        send, recv = _typed(self._MPI, tensor), _typed(self._MPI, out)
+        self.bytes_sent += sum(send_counts) * tensor.element_size()
+        return self._start(self.mpi_comm.Ialltoallv, [send[0], (list(send_counts), _offsets(send_counts)), send[1]],
+                           [recv[0], (list(recv_counts), _offsets(recv_counts)), recv[1]])
+
+    def ireduce_scatter(self, tensor, out, counts, op="sum"):
+        """Start reducing `tensor` over ranks and leaving counts[rank] elements of the result, in order, in `out`."""
+        if self.size == 1:
+            out.copy_(tensor.reshape(-1)[:out.numel()].reshape(out.shape))
+            return self.request_null
+        send, mpi_op = _reduction(self._MPI, tensor, op)
+        recv = _typed(self._MPI, out)
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+        return self._start(self.mpi_comm.Ireduce_scatter, send, recv, list(counts), mpi_op)
+
+    def _start(self, fn, *args):
+        try:
+            return fn(*args)
+        except self._MPI.Exception as e:
+            raise self._lost_or(e) from None
+
+    def wait(self, request, *, what=None):
+        """Block until `request` completes (entered in the call record)."""
+        self._call("wait", 0, what, request.Wait)
+
+    def test(self, request):
+        """Whether `request` has completed (it moves MPI's progress on)."""
+        try:
+            return request.Test()
+        except self._MPI.Exception as e:
+            raise self._lost_or(e) from None
+
+    def barrier(self, *, what=None):
+        if self.size > 1:
+            self._call("barrier", 0, what, self.mpi_comm.Barrier)
+
+    def allreduce_max_(self, values, *, what=None):
+        """Elementwise maximum of an int64 tensor over ranks, in place (small control messages)."""
+        if self.size > 1:
+            self._call("allreduce", values.numel() * 8, what, self.mpi_comm.Allreduce,
+                       self._MPI.IN_PLACE, buffer_of(values), self._MPI.MAX)
+        return values
+
+    def allgather_(self, tensor, out):
+        """Every rank's `tensor` (same size everywhere) into `out`, in rank order (small control messages)."""
+        if self.size == 1:
+            return out.copy_(tensor.reshape(out.shape))
+        self._call("allgather", tensor.numel() * tensor.element_size(), None, self.mpi_comm.Allgather,
+                   buffer_of(tensor), buffer_of(out))
+        return out
+
+    def alltoall_(self, tensor, out):
+        """Element r of `tensor` to rank r; element r of `out` from rank r (small control messages)."""
+        if self.size == 1:
+            return out.copy_(tensor)
+        self._call("alltoall", tensor.numel() * tensor.element_size(), None, self.mpi_comm.Alltoall,
+                   buffer_of(tensor), buffer_of(out))
+        return out
+
     # -- point to point (parameter server) -------------------------------------
     def isend(self, tensor, dest, tag=0):
         """Start sending `tensor` (leave it untouched until the request completes)."""
@@ -289,11 +384,94 @@ class Comm:
         finally:
             local.Free()
 
+    def topology(self):
+        """(local_rank, local_size, cross_rank, cross_size, homogeneous), as Horovod defines them.
+
+        Local: the ranks on this node. Cross: the ranks with this rank's local
+        rank, one per node. Homogeneous: every node runs as many ranks.
+        """
+        if self.size == 1:
+            return 0, 1, 0, 1, True
+        local = self.mpi_comm.Split_type(self._MPI.COMM_TYPE_SHARED, key=self.rank)
+        cross = self.mpi_comm.Split(local.Get_rank(), self.rank)
+        try:
+            sizes = self.mpi_comm.allgather(local.Get_size())
+            return local.Get_rank(), local.Get_size(), cross.Get_rank(), cross.Get_size(), len(set(sizes)) == 1
+        finally:
+            local.Free()
+            cross.Free()
+
     def library_version(self):
         return self._MPI.Get_library_version().strip().splitlines()[0]
 
     def mpi_standard(self):
         return "%d.%d" % self._MPI.Get_version()
+
+
+_COMBINE = {"sum": "add", "max": "maximum", "min": "minimum", "prod": "multiply"}
+_HALF_OPS = {}  # (dtype, op) -> MPI.Op, made on first use
+
+
+def _reduction(MPI, tensor, op):
+    """([buffer, datatype], MPI op) reducing `tensor` with `op`.
+
+    bfloat16 has no MPI datatype, and float16 none on some MPIs: those travel
+    as 16-bit integers reduced by an operator of ours that computes in float32
+    and rounds back, as torch does for its own half-precision arithmetic.
+    """
+    if op not in _COMBINE:
+        raise ValueError(f"op must be one of {', '.join(_COMBINE)}, got {op!r}")
+    if not _needs_own_op(MPI, tensor.dtype):
+        return _typed(MPI, tensor), getattr(MPI, op.upper())
+    key = (tensor.dtype, op)
+    if key not in _HALF_OPS:
+        _HALF_OPS[key] = MPI.Op.Create(_half_reducer(tensor.dtype, getattr(np, _COMBINE[op])), commute=True)
+    return [buffer_of(tensor.view(torch.int16)), MPI.INT16_T], _HALF_OPS[key]
+
+
+def _typed(MPI, tensor):
+    """[buffer, datatype] for moving `tensor` unchanged (16-bit integers for a half type MPI lacks)."""
+    if _needs_own_op(MPI, tensor.dtype):
+        return [buffer_of(tensor.view(torch.int16)), MPI.INT16_T]
+    array = buffer_of(tensor)
+    return [array, MPI.Datatype.fromcode(array.dtype.char)]
+
+
+def _needs_own_op(MPI, dtype):
+    if dtype == torch.bfloat16:
+        return True
+    if dtype != torch.float16:
+        return False
+    try:
+        return MPI.Datatype.fromcode("e") == MPI.DATATYPE_NULL
+    except (KeyError, ValueError):
+        return True
+
+
+def _half_reducer(dtype, combine):
+    """An MPI user function: inout = combine(in, inout) on raw 16-bit halves, computed in float32."""
+    to_f32, from_f32 = (_bf16_to_f32, _f32_to_bf16) if dtype == torch.bfloat16 else (
+        lambda u: u.view(np.float16).astype(np.float32), lambda f: f.astype(np.float16).view(np.uint16))
+
+    def reduce(inbuf, inoutbuf, datatype):
+        inout = np.frombuffer(inoutbuf, dtype=np.uint16)
+        inout[:] = from_f32(combine(to_f32(np.frombuffer(inbuf, dtype=np.uint16)), to_f32(inout)))
+    return reduce
+
+
+def _bf16_to_f32(raw):
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+def _f32_to_bf16(values):
+    """Round float32 to the nearest bfloat16, ties to even (torch's rounding); NaN stays NaN."""
+    bits = values.view(np.uint32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(values), np.uint16(0x7FC0), rounded)
+
+
+def _offsets(counts):
+    return [0, *accumulate(counts)][:-1]
 
 
 def cuda_aware_mpi():
