@@ -142,15 +142,13 @@ class Comm:
 
     # -- collectives on tensors ---------------------------------------------
     def allreduce_(self, tensor, op="sum", *, what=None):
-        """Sum (or max) `tensor` over all ranks, in place; returns it. `what`: a detail for the record."""
-        mpi_op = {"sum": self._MPI.SUM, "max": self._MPI.MAX, "min": self._MPI.MIN}.get(op)
-        if mpi_op is None:
-            raise ValueError(f"op must be 'sum', 'max' or 'min', got {op!r}")
-        buf = buffer_of(tensor)  # checked at size 1 too, so mistakes show without mpirun
+        """Sum (or max, min, prod) `tensor` over all ranks, in place; returns it. `what`: a detail for the record."""
+        buf, mpi_op = _reduction(self._MPI, tensor, op)  # checked at size 1 too, so mistakes show without mpirun
         if self.size == 1:
             return tensor
-        self._call("allreduce", buf.nbytes, what, self.mpi_comm.Allreduce, self._MPI.IN_PLACE, buf, mpi_op)
-        self.bytes_sent += buf.nbytes
+        nbytes = tensor.numel() * tensor.element_size()
+        self._call("allreduce", nbytes, what, self.mpi_comm.Allreduce, self._MPI.IN_PLACE, buf, mpi_op)
+        self.bytes_sent += nbytes
         return tensor
 
     def broadcast_(self, tensor, root=0, *, what=None):

@@ -66,8 +66,12 @@ def _create_state(optimizer, params):
 
 
 def broadcast_object(obj, root_rank=0, name=None, process_set=global_process_set):
-    """root_rank's `obj` on every rank (pickled: for small, rare objects)."""
-    name = name or type(obj).__name__
+    """root_rank's `obj` on every rank (pickled: for small, rare objects).
+
+    The default name is "broadcast_object", not Horovod's type(obj).__name__,
+    which differs where other ranks pass None (and Horovod then waits forever).
+    """
+    name = name or "broadcast_object"
     payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8) if rank() == root_rank else None
     length = torch.tensor([payload.numel() if payload is not None else 0])
     broadcast_(length, root_rank, name + ".sz", process_set)
@@ -78,8 +82,8 @@ def broadcast_object(obj, root_rank=0, name=None, process_set=global_process_set
 
 
 def allgather_object(obj, name=None):
-    """Every rank's `obj`, in rank order (pickled: for small, rare objects)."""
-    name = name or type(obj).__name__
+    """Every rank's `obj`, in rank order (pickled: for small, rare objects). Default name as broadcast_object."""
+    name = name or "allgather_object"
     payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
     lengths = allgather(torch.tensor([payload.numel()]), name=name + ".sz").tolist()
     gathered = allgather(payload, name=name + ".t").numpy().tobytes()

@@ -8,6 +8,7 @@ which may be completed in any order; the others wait at once. `allreduce`,
 with Horovod's gradient formulas.
 """
 import itertools
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -111,6 +112,8 @@ def _reduce_op(op, average):
             raise ValueError("The op parameter supersedes average. Please provide only one of them.")
         return op
     if average is not None:
+        warnings.warn("Parameter `average` has been replaced with `op` and will be removed in v1.0",
+                      DeprecationWarning)
         return Average if average else Sum
     return Average
 
@@ -175,6 +178,20 @@ def allreduce_(tensor, average=None, name=None, op=None, prescale_factor=1.0, po
     """Average (or sum, ...) `tensor` in place over all ranks; returns it."""
     return synchronize(allreduce_async_(tensor, average, name, op, prescale_factor, postscale_factor,
                                         process_set))
+
+
+def _allreduce_blocking_(tensor, name, op, prescale_factor=1.0, postscale_factor=1.0):
+    """allreduce_() as one blocking MPI call, for DistributedOptimizer's buckets.
+
+    It sums in the same order as `distml.DistributedOptimizer`'s blocking
+    Allreduce (a nonblocking one may use another algorithm, and another order).
+    """
+    comm = _comm()
+    negotiate(comm, Operation(Kind.ALLREDUCE, tensor.dtype, tuple(tensor.shape), tensor.numel(), name, op=int(op),
+                              scale=(prescale_factor, postscale_factor), blocking=True))
+    _scale_(tensor, prescale_factor)
+    comm.allreduce_(tensor, _MPI_OP[op], what=name)
+    return _finish_reduction(tensor, op, postscale_factor, comm.size)
 
 
 class _Allreduce(torch.autograd.Function):
@@ -521,7 +538,10 @@ def join(device=-1):
             comm.barrier(what="barrier (joined)")
             continue
         identity = _identity(outcome.op, outcome.dtype, outcome.numel)
-        contributions.append((comm.iallreduce_(identity, _MPI_OP[outcome.op]), identity))
+        if outcome.blocking:
+            comm.allreduce_(identity, _MPI_OP[outcome.op], what="allreduce (joined)")
+        else:
+            contributions.append((comm.iallreduce_(identity, _MPI_OP[outcome.op]), identity))
     for request, _ in contributions:
         comm.wait(request, what="join")
     return outcome.last_joined

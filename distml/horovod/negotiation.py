@@ -7,7 +7,7 @@ values, and one Allreduce(MAX) of the values and their negatives gives every
 rank the maximum and the minimum of each. Where they differ, or any rank
 found a local error (a root that does not exist, a name still in flight),
 every rank raises the same error instead of starting a collective that would
-hang or reduce garbage. The cost is one 176-byte Allreduce per operation.
+hang or reduce garbage. The cost is one 192-byte Allreduce per operation.
 
 The same exchange serves `join()`: a rank that has joined sends the minimum
 int64 (which changes no maximum) and learns from the others what they are
@@ -49,12 +49,13 @@ class Operation:
     root: int = -1
     op: int = -1
     scale: tuple = (1.0, 1.0)
+    blocking: bool = False     # a blocking MPI call (which only a blocking call may match)
 
     def fields(self):
         dtype = DTYPES.index(self.dtype) if self.dtype in DTYPES else -1
         scale = zlib.crc32(struct.pack("dd", *self.scale))
         return [self.kind, dtype, self.numel, _crc(repr(tuple(self.shape))), _crc(self.name or ""),
-                self.root, self.op, scale]
+                self.root, self.op, scale, int(self.blocking)]
 
     def describe(self):
         what = Kind.NAMES[self.kind]
@@ -76,6 +77,7 @@ class Outcome:
     dtype: torch.dtype = None
     numel: int = 0
     op: int = -1
+    blocking: bool = False
     all_joined: bool = False
     last_joined: int = -1   # the highest rank among those whose join completed the set
 
@@ -91,7 +93,7 @@ def negotiate(comm, operation, *, error=None, joined=False, first_join_round=Fal
             raise _everywhere(ValueError(error))
         if joined:
             return Outcome(all_joined=True, last_joined=comm.rank)
-        return Outcome(operation.kind, operation.dtype, operation.numel, operation.op)
+        return Outcome(operation.kind, operation.dtype, operation.numel, operation.op, operation.blocking)
     local = [_NONE] * _FIELDS if joined else operation.fields()
     flags = [1 if error else 0, 1 if joined else 0, comm.rank if first_join_round else -1]
     values = torch.tensor(local + flags, dtype=torch.int64)
@@ -109,7 +111,7 @@ def negotiate(comm, operation, *, error=None, joined=False, first_join_round=Fal
     if any_error or mismatch or unsupported:
         _raise_everywhere(comm, operation, error, joined, unsupported and not (any_error or mismatch))
     dtype = DTYPES[int(high[1])] if 0 <= int(high[1]) < len(DTYPES) else None
-    return Outcome(kind, dtype, int(high[2]), int(high[6]))
+    return Outcome(kind, dtype, int(high[2]), int(high[6]), bool(high[8]))
 
 
 def _raise_everywhere(comm, operation, error, joined, join_refused):

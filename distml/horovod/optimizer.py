@@ -12,6 +12,7 @@ backward passes, for Horovod's check that `backward_passes_per_step` holds.
 """
 import os
 import warnings
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -39,8 +40,7 @@ class _Channel:
         if self.compression.wire_dtype is not None and buffer.dtype.is_floating_point:
             wire = self._wire.setdefault(buffer.data_ptr(), torch.empty_like(buffer, dtype=self.compression.wire_dtype))
             wire.copy_(buffer)
-        mpi_ops.allreduce_(wire, op=Sum, name=f"DistributedOptimizer {what}", prescale_factor=self.prescale,
-                           postscale_factor=self.postscale)
+        mpi_ops._allreduce_blocking_(wire, f"DistributedOptimizer {what}", Sum, self.prescale, self.postscale)
         if wire is not buffer:
             buffer.copy_(wire)
         return buffer
@@ -90,7 +90,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                                         op="average" if self.op == Average else "sum")
         for hook in self._hooks:
             hook.remove()
-        self._hooks = [p.register_post_accumulate_grad_hook(self._count) for p in params] if size() > 1 else []
+        self._hooks = [p.register_post_accumulate_grad_hook(_counter(self)) for p in params] if size() > 1 else []
         self._passes = dict.fromkeys(params, 0)
 
     def _count(self, param):
@@ -165,6 +165,16 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def __repr__(self):
         return f"DistributedOptimizer({self.optimizer!r})"
+
+
+def _counter(optimizer):
+    """A hook that counts a backward pass for `optimizer` while it lives (hooks outlive their optimizer)."""
+    owner = weakref.ref(optimizer)
+
+    def count(param):
+        if owner() is not None:
+            owner()._count(param)
+    return count
 
 
 def _names(optimizer, named_parameters):
