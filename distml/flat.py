@@ -49,12 +49,14 @@ class Bucket:
         for p, view in zip(self.params, self.views):
             if p.grad is None:
                 view.zero_()
+            elif p.grad.is_sparse:  # a sparse Embedding's first gradient: reduced as a dense one
+                view.copy_(p.grad.to_dense())
             elif p.grad.data_ptr() != view.data_ptr():
                 view.copy_(p.grad)
             p.grad = view
 
     def grads_attached(self):
-        return all(p.grad is not None and p.grad.data_ptr() == v.data_ptr()
+        return all(p.grad is not None and not p.grad.is_sparse and p.grad.data_ptr() == v.data_ptr()
                    for p, v in zip(self.params, self.views))
 
 

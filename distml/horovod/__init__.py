@@ -21,6 +21,7 @@ from .compression import Compression
 from .functions import allgather_object, broadcast_object, broadcast_optimizer_state, broadcast_parameters
 from .mpi_ops import *  # noqa: F401,F403
 from .optimizer import DistributedOptimizer
+from .sync_batch_norm import SyncBatchNorm
 
 __all__ = [*basics.__all__, *mpi_ops.__all__, "Compression", "DistributedOptimizer", "broadcast_parameters",
-           "broadcast_optimizer_state", "broadcast_object", "allgather_object"]
+           "broadcast_optimizer_state", "broadcast_object", "allgather_object", "SyncBatchNorm"]

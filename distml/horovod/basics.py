@@ -90,30 +90,30 @@ def size():
     return _comm_checked().size
 
 
-def local_rank():
+def _topology(index):
     _comm_checked()
-    return _State.topology[0]
+    return _State.topology[index]
+
+
+def local_rank():
+    return _topology(0)
 
 
 def local_size():
-    _comm_checked()
-    return _State.topology[1]
+    return _topology(1)
 
 
 def cross_rank():
-    _comm_checked()
-    return _State.topology[2]
+    return _topology(2)
 
 
 def cross_size():
-    _comm_checked()
-    return _State.topology[3]
+    return _topology(3)
 
 
 def is_homogeneous():
     """Whether every node runs the same number of ranks."""
-    _comm_checked()
-    return _State.topology[4]
+    return _topology(4)
 
 
 def mpi_threads_supported():

@@ -410,6 +410,23 @@ def test_fp16_optimizer_sends_half_the_bytes_and_predivide_changes_nothing_in_ex
 
 
 @pytest.mark.mpi(min_size=2)
+def test_a_sparse_embedding_gradient_is_averaged_as_a_dense_one():
+    r, n = _rn()
+    embedding = nn.Embedding(4, 2, sparse=True)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(embedding.parameters(), lr=0.1), sparse_as_dense=True)
+    embedding.weight.grad = None  # as a user's model.zero_grad() leaves it: the first gradient is sparse
+
+    embedding(torch.tensor([r % 4, 3])).sum().backward()
+    opt.synchronize()
+
+    counts = torch.zeros(4)
+    for q in range(n):
+        counts[q % 4] += 1
+    counts[3] += n
+    assert torch.equal(embedding.weight.grad, (counts / n).unsqueeze(1).expand(4, 2))
+
+
+@pytest.mark.mpi(min_size=2)
 def test_synchronize_then_skip_synchronize_reduces_once_and_a_second_sync_warns():
     r, n = _rn()
     model = _model()
@@ -527,3 +544,36 @@ def test_optimizer_works_with_lr_schedulers_and_joined_ranks():
             scheduler.step()
     assert hvd.join() == 0
     assert opt.param_groups[0]["lr"] == (0.25 if r == 0 else 0.5)
+
+
+# -- SyncBatchNorm ----------------------------------------------------------------------------------------
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_sync_batch_norm_equals_batch_norm_on_the_union_of_uneven_batches(momentum):
+    r, n = _rn()
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(4 + q, 3, 5, generator=gen) * (q + 1) + q for q in range(n)]  # uneven, unlike ranks
+    cs = [torch.randn(4 + q, 3, 5, generator=gen) for q in range(n)]
+    sync, plain = hvd.SyncBatchNorm(3, momentum=momentum), nn.BatchNorm1d(3, momentum=momentum)
+    with torch.no_grad():
+        for bn in (sync, plain):
+            bn.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+            bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    x, union = xs[r].clone().requires_grad_(), torch.cat(xs).requires_grad_()
+
+    for _ in range(2):  # twice: the running statistics move twice
+        out = sync(x)
+    (out * cs[r]).sum().backward()  # the union's loss is the sum of every rank's
+    reference = plain(union)
+    reference = plain(union)
+    (reference * torch.cat(cs)).sum().backward()
+
+    first = sum(4 + q for q in range(r))
+    assert torch.allclose(out, reference[first:first + 4 + r], atol=1e-5)
+    assert torch.allclose(x.grad, union.grad[first:first + 4 + r], atol=1e-5)
+    grads = hvd.allreduce(torch.cat([sync.weight.grad, sync.bias.grad]), op=hvd.Sum)
+    assert torch.allclose(grads, torch.cat([plain.weight.grad, plain.bias.grad]), atol=1e-4)
+    assert torch.allclose(sync.running_mean, plain.running_mean, atol=1e-6)
+    assert torch.allclose(sync.running_var, plain.running_var, atol=1e-5)
+    sync.eval(), plain.eval()
+    assert torch.allclose(sync(xs[0]), plain(xs[0]), atol=1e-6)
