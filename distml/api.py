@@ -13,7 +13,7 @@ The CLI trainer uses exactly these pieces.
 import torch
 
 from . import comm as _comm
-from .reducer import GradientReducer
+from .reducer import DEFAULT_CHUNK_MB, GradientReducer
 
 __all__ = ["init", "rank", "size", "is_root", "allreduce", "broadcast_parameters",
            "broadcast_buffers", "DistributedOptimizer"]
@@ -73,12 +73,16 @@ class DistributedOptimizer:
     The gradients live in fused bucket buffers (see `reducer`), so zero_grad()
     zeroes them in place instead of setting them to None. op="sum" is for
     losses already divided by the global batch size (uneven last batches).
+    chunk_mb, compression ("fp16", "bf16") and overlap as `distml train`'s --chunk-mb, --compression
+    and --overlap (overlap needs one backward() per step).
     """
 
-    def __init__(self, optimizer, model=None, *, bucket_mb=25.0, op="average", comm=None):
+    def __init__(self, optimizer, model=None, *, bucket_mb=25.0, op="average", comm=None,
+                 chunk_mb=DEFAULT_CHUNK_MB, compression="none", overlap=False):
         self.optimizer = optimizer
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.reducer = GradientReducer(params, comm or _comm.world(), bucket_mb=bucket_mb, op=op)
+        self.reducer = GradientReducer(params, comm or _comm.world(), bucket_mb=bucket_mb, op=op,
+                                       chunk_mb=chunk_mb, compression=compression, overlap=overlap)
 
     @property
     def param_groups(self):

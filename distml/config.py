@@ -24,6 +24,7 @@ SERVER_OPTS = ("avg", "avgm", "adam", "yogi", "adagrad")
 SCHEDULES = ("constant", "cosine", "step")
 RANK_FAILURE = ("abort", "continue")
 ON_NAN = ("stop", "skip")
+COMPRESSIONS = ("none", "fp16", "bf16")
 RESUME_NEWEST = "newest"  # --resume without a path
 MAX_THREADS = 1024
 
@@ -88,8 +89,13 @@ class Config:
     warmup_epochs: float = setting("optimisation", 0.0, "linear warm-up from --lr/(its steps) to --lr over this many "
                                                         "epochs (federated: rounds)")
     # -- sync -------------------------------------------------------------------
-    bucket_mb: float = setting("sync", 25.0, "size of the fused gradient buckets reduced with one "
-                                             "Allreduce each")
+    bucket_mb: float = setting("sync", 25.0, "size of the fused gradient buckets the gradients live in")
+    chunk_mb: float = setting("sync", 4.0, "each bucket is reduced in pieces of this size, one Allreduce each "
+                                           "(shared memory is fastest at 2-16 MiB)")
+    compression: str = setting("sync", "none", "reduce the gradients in half precision: none, fp16 or bf16 "
+                                               "(the optimizer still steps in float32)")
+    overlap: bool = setting("sync", False, "start each bucket's reduction during backward, as soon as it is "
+                                           "filled (nonblocking Allreduce)")
     # -- async ------------------------------------------------------------------
     servers: int = setting("async", 1, "the first N ranks are parameter servers, each holding a range "
                                        "of the parameters")
@@ -170,7 +176,7 @@ class Config:
         for name, allowed in (("optimizer", OPTIMIZERS), ("partition", PARTITIONS),
                               ("algorithm", ALGORITHMS), ("server_opt", SERVER_OPTS),
                               ("lr_schedule", SCHEDULES + (None,)), ("on_rank_failure", RANK_FAILURE),
-                              ("on_nan", ON_NAN)):
+                              ("on_nan", ON_NAN), ("compression", COMPRESSIONS)):
             _check(getattr(self, name) in allowed,
                    f"--{_flag(name)} must be one of {', '.join(a for a in allowed if a)}, got {getattr(self, name)!r}")
         self._check_numbers()
@@ -208,6 +214,7 @@ class Config:
         _check(0 <= self.threads <= MAX_THREADS,
                f"--threads must be in [0, {MAX_THREADS}] (0 = automatic), got {self.threads}")
         _check(self.bucket_mb > 0, f"--bucket-mb must be > 0, got {self.bucket_mb}")
+        _check(self.chunk_mb > 0, f"--chunk-mb must be > 0, got {self.chunk_mb}")
         _check(self.servers >= 1, f"--servers must be >= 1, got {self.servers}")
         _check(self.timeout > 0, f"--timeout must be > 0 seconds, got {self.timeout}")
         _check(self.watchdog >= 0, f"--watchdog must be >= 0 seconds (0: off), got {self.watchdog}")

@@ -41,7 +41,7 @@ __all__ = ["run", "Result", "default_threads", "evaluate"]
 _FREE_ON_RESUME = ("threads", "save_model", "metrics", "quiet", "config", "checkpoint_dir", "checkpoint_every",
                    "checkpoint_every_s", "keep", "resume", "requeue", "timeout", "watchdog", "on_rank_failure",
                    "on_nan", "slow_rank", "slow_factor",
-                   "bucket_mb", "eval_every", "dataset", "batch_size")  # data: by content; batch: per mode
+                   "bucket_mb", "chunk_mb", "overlap", "eval_every", "dataset", "batch_size")  # data: by content; batch: per mode
 
 
 @dataclass
@@ -80,6 +80,7 @@ def run(cfg, comm=None, *, signals=None):
 
 def _run(cfg, comm, signals):
     wall = Timer()
+    bytes_before = comm.bytes_sent  # a second run in one process counts only its own
     report = Reporter(enabled=comm.is_root, quiet=cfg.quiet, metrics_path=cfg.metrics)
 
     # -- set-up: every usage error surfaces here, on all ranks, before training --
@@ -112,7 +113,7 @@ def _run(cfg, comm, signals):
         # -- summary and outputs (root only writes) -----------------------------
         comm.calls.context = "summary"
         strategy.share_model()
-        summary = _summary(cfg, comm, dataset, strategy, history, threads, wall)
+        summary = _summary(cfg, comm, dataset, strategy, history, threads, wall, bytes_before)
         if loop.lost:
             summary["ranks_lost"] = loop.lost
     if comm.is_root and cfg.save_model:
@@ -436,7 +437,7 @@ def evaluate(model, dataset, comm, batch_size=1024):
             "test_r2": 1 - correct_or_sse / y_deviation if y_deviation > 0 else None}
 
 
-def _summary(cfg, comm, dataset, strategy, history, threads, wall):
+def _summary(cfg, comm, dataset, strategy, history, threads, wall, bytes_before):
     """What every mode's summary says (a collective: the byte count), then the mode's own fields."""
     unit = strategy.unit
     train_time = sum(r[f"{unit}_time_s"] for r in history)
@@ -445,7 +446,7 @@ def _summary(cfg, comm, dataset, strategy, history, threads, wall):
     return {"summary": True, "mode": cfg.mode, "world_size": comm.size, "dataset": dataset.name,
             "model": cfg.model, "batch_size": cfg.batch_size, "threads": threads,
             "wall_time_s": wall.elapsed(),
-            "bytes_communicated": int(comm.allreduce_array([comm.bytes_sent])[0]),
+            "bytes_communicated": int(comm.allreduce_array([comm.bytes_sent - bytes_before])[0]),
             "train_loss": history[-1]["train_loss"], **scores, "train_time_s": train_time,
             "samples_per_s": sum(r["samples"] for r in history) / train_time,
             "nonfinite_skipped": sum(r.get("nonfinite_skipped", 0) for r in history),

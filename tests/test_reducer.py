@@ -365,3 +365,41 @@ def test_distributed_sgd_on_one_rank_equals_plain_sgd(momentum):
     # Assert
     for (name, a), b in zip(plain_model.named_parameters(), dist_model.parameters()):
         assert torch.equal(a, b), name
+
+
+# -- pieces and compression ---------------------------------------------------
+
+@pytest.mark.parametrize("chunk_mb, control", [(1e-4, 0), (1e-4, 3), (4.0, 3)])
+def test_pieces_tile_each_bucket_and_leave_the_control_elements_undivided(chunk_mb, control):
+    model = nn.Sequential(nn.Linear(10, 20), nn.Linear(20, 3))
+    reducer = GradientReducer(model.parameters(), comm.world(), chunk_mb=chunk_mb, control=control)
+
+    for bucket, pieces in zip(reducer.buckets, reducer._pieces):
+        assert sum(p.data.numel() for p in pieces) == bucket.buffer.numel()
+        assert pieces[0].data.data_ptr() == bucket.buffer.data_ptr()
+        assert all(a.data.data_ptr() + a.data.numel() * 4 == b.data.data_ptr() for a, b in zip(pieces, pieces[1:]))
+        assert sum(p.grads.numel() for p in pieces) == bucket.grads.numel()  # control elements left out
+    assert all(p.data.numel() * 4 <= max(chunk_mb * 2**20, 4) for ps in reducer._pieces for p in ps)
+
+
+@pytest.mark.parametrize("compression, wire", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_compression_gives_each_piece_a_half_twin_once_and_one_rank_no_rounding(compression, wire):
+    torch.manual_seed(0)
+    model = nn.Linear(30, 7)
+    reducer = GradientReducer(model.parameters(), comm.world(), chunk_mb=1e-4, compression=compression)
+    twins = [p.wire for ps in reducer._pieces for p in ps]
+    model(torch.randn(4, 30)).pow(2).sum().backward()
+    exact = [p.grad.clone() for p in model.parameters()]
+
+    reducer.allreduce_grads()
+
+    assert all(t.dtype == wire and t.numel() <= 26 for t in twins)
+    assert [p.wire for ps in reducer._pieces for p in ps] == twins  # made once, not per step
+    assert all(torch.equal(p.grad, e) for p, e in zip(model.parameters(), exact))
+
+
+def test_unknown_compression_or_chunk_raises_value_error():
+    with pytest.raises(ValueError, match="compression must be one of none, fp16, bf16"):
+        GradientReducer(nn.Linear(2, 2).parameters(), comm.world(), compression="int8")
+    with pytest.raises(ValueError, match="chunk_mb must be > 0"):
+        GradientReducer(nn.Linear(2, 2).parameters(), comm.world(), chunk_mb=0)

@@ -30,7 +30,8 @@ class SyncStrategy(Strategy):
         broadcast_parameters(self.model, comm=comm)  # distributed: all start from root's weights
         self.optimizer = make_optimizer(cfg, self.model.parameters())
         self.reducer = GradientReducer(self.model.parameters(), comm, bucket_mb=cfg.bucket_mb, op="sum",
-                                       control=3)  # Flags: stop, checkpoint, nonfinite
+                                       control=3,  # Flags: stop, checkpoint, nonfinite
+                                       chunk_mb=cfg.chunk_mb, compression=cfg.compression, overlap=cfg.overlap)
         self.global_batch = cfg.batch_size * comm.size  # kept when ranks are lost
         self.steps_per_epoch = num_steps(len(self.dataset.y_train), self.global_batch)
         self.stats = EpochStats()

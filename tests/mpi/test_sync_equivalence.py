@@ -32,13 +32,19 @@ def _optimizer(name, params):
 
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_sync_ranks_equal_one_process_on_global_batches_uneven(optimizer):
+@pytest.mark.parametrize("optimizer, reducer", [
+    ("sgd", {"bucket_mb": 1e-3}),                      # a bucket per parameter
+    ("adam", {"bucket_mb": 1e-3}),
+    ("sgd", {"chunk_mb": 1e-4}),                       # one bucket, reduced in 26-element pieces
+    ("sgd", {"chunk_mb": 25.0}),                       # one bucket, one piece
+    ("sgd", {"bucket_mb": 1e-3, "overlap": True}),     # reductions started from backward
+    ("adam", {"chunk_mb": 1e-4, "overlap": True}),
+])
+def test_sync_ranks_equal_one_process_on_global_batches_uneven(optimizer, reducer):
     X, y = _data()
     size, batch = distml.size(), 8  # 103 samples: last global batch is partial
     model, reference = _model(), _model()
-    opt = distml.DistributedOptimizer(_optimizer(optimizer, model.parameters()), model,
-                                      op="sum", bucket_mb=1e-3)
+    opt = distml.DistributedOptimizer(_optimizer(optimizer, model.parameters()), model, op="sum", **reducer)
     ref_opt = _optimizer(optimizer, reference.parameters())
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
 
@@ -81,3 +87,56 @@ def test_trainer_leaves_identical_batchnorm_statistics_on_every_rank():
     assert bn.num_batches_tracked.item() > 0 and bn.running_mean.abs().sum().item() > 0
     checksums = [float(b.double().sum()) for b in result.model.buffers()]
     assert len(set(map(tuple, distml.init().allgather_object(checksums)))) == 1
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("chunk_mb", [1e-4, 4.0])
+def test_average_in_pieces_equals_one_process_on_equal_batches(chunk_mb):
+    X, y = _data(n=48 * distml.size())
+    model, reference = _model(), _model()
+    opt = distml.DistributedOptimizer(_optimizer("sgd", model.parameters()), model, chunk_mb=chunk_mb)
+    ref_opt = _optimizer("sgd", reference.parameters())
+    rank, size = distml.rank(), distml.size()
+
+    for step in range(6):  # 6 global batches of 8 per rank
+        rows = torch.arange(step * 8 * size, (step + 1) * 8 * size)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X[rows[rank * 8:(rank + 1) * 8]]), y[rows[rank * 8:(rank + 1) * 8]]).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        nn.functional.cross_entropy(reference(X[rows]), y[rows]).backward()
+        ref_opt.step()
+
+    assert all((p - q).abs().max().item() <= 1e-5 for p, q in zip(model.parameters(), reference.parameters()))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_half_precision_reduction_costs_at_most_a_point_of_accuracy_on_digits():
+    runs = {c: distml.train(epochs=10, batch_size=16, quiet=True, compression=c, lr_schedule="constant",
+                            hidden="64").summary for c in ("none", "fp16", "bf16")}
+    accuracy = {c: s["test_accuracy"] for c, s in runs.items()}
+
+    assert accuracy["none"] > 0.9
+    for half in ("fp16", "bf16"):  # the gradients really travelled in 16 bits
+        assert runs[half]["bytes_communicated"] < 0.6 * runs["none"]["bytes_communicated"]
+    assert abs(accuracy["fp16"] - accuracy["none"]) <= 0.01
+    assert abs(accuracy["bf16"] - accuracy["none"]) <= 0.01
+
+
+@pytest.mark.mpi(min_size=2)
+def test_trainer_with_overlap_and_pieces_gives_the_weights_of_the_blocking_reducer():
+    settings = dict(epochs=2, batch_size=20, quiet=True, hidden="32,16", bucket_mb=1e-3)
+    blocking = distml.train(**settings).model
+    overlapped = distml.train(**settings, overlap=True, chunk_mb=1e-3).model
+
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(blocking.parameters(), overlapped.parameters()))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_overlap_refuses_a_second_backward_before_the_step():
+    model = _model()
+    opt = distml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, overlap=True)
+    X, y = _data(n=8)
+    nn.functional.cross_entropy(model(X), y).backward()
+    with pytest.raises(RuntimeError, match="one backward"):
+        nn.functional.cross_entropy(model(X), y).backward()
