@@ -138,7 +138,8 @@ def _finish_reduction(tensor, op, postscale, size):
 
 
 # -- allreduce ----------------------------------------------------------------------------------------
-def _allreduce_start(tensor, name, op, prescale_factor, postscale_factor, process_set, *, in_place):
+def _allreduce_start(tensor, name, op, prescale_factor, postscale_factor, process_set, *, in_place,
+                     blocking=False):
     error = _tensor_error(tensor, process_set, in_place=in_place) or _op_error(op)
     if error is None and tensor.dtype == torch.bool:
         error = "allreduce of bool tensors is not supported: convert to torch.uint8"
@@ -146,11 +147,14 @@ def _allreduce_start(tensor, name, op, prescale_factor, postscale_factor, proces
     shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else ()
     operation = Operation(Kind.ALLREDUCE, getattr(tensor, "dtype", None), shape,
                           getattr(tensor, "numel", lambda: 0)(), name, op=int(op),
-                          scale=(prescale_factor, postscale_factor))
+                          scale=(prescale_factor, postscale_factor), blocking=blocking)
 
     def begin(comm):
         with torch.no_grad():
             _scale_(buffer, prescale_factor)
+            if blocking:
+                comm.allreduce_(buffer.detach(), _MPI_OP[op], what=name)
+                return [], [buffer]
             return [comm.iallreduce_(buffer.detach(), _MPI_OP[op])], [buffer]
 
     def finish():
@@ -175,31 +179,22 @@ def allreduce_async(tensor, average=None, name=None, op=None, prescale_factor=1.
 
 def allreduce_(tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0,
                process_set=global_process_set):
-    """Average (or sum, ...) `tensor` in place over all ranks; returns it."""
-    return synchronize(allreduce_async_(tensor, average, name, op, prescale_factor, postscale_factor,
-                                        process_set))
+    """Average (or sum, ...) `tensor` in place over all ranks; returns it.
 
-
-def _allreduce_blocking_(tensor, name, op, prescale_factor=1.0, postscale_factor=1.0):
-    """allreduce_() as one blocking MPI call, for DistributedOptimizer's buckets.
-
-    It sums in the same order as `distml.DistributedOptimizer`'s blocking
-    Allreduce (a nonblocking one may use another algorithm, and another order).
+    The synchronous forms make blocking MPI calls: a nonblocking collective and
+    its wait cost more for small messages, and a blocking Allreduce sums in the
+    order `distml.DistributedOptimizer`'s does.
     """
-    comm = _comm()
-    negotiate(comm, Operation(Kind.ALLREDUCE, tensor.dtype, tuple(tensor.shape), tensor.numel(), name, op=int(op),
-                              scale=(prescale_factor, postscale_factor), blocking=True))
-    _scale_(tensor, prescale_factor)
-    comm.allreduce_(tensor, _MPI_OP[op], what=name)
-    return _finish_reduction(tensor, op, postscale_factor, comm.size)
+    return synchronize(_allreduce_start(tensor, name, _reduce_op(op, average), prescale_factor, postscale_factor,
+                                        process_set, in_place=True, blocking=True))
 
 
 class _Allreduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor, average, name, op, prescale_factor, postscale_factor, process_set):
         ctx.args = (average, op, prescale_factor, postscale_factor, process_set)
-        return synchronize(allreduce_async(tensor, average, name, op, prescale_factor, postscale_factor,
-                                           process_set))
+        return synchronize(_allreduce_start(tensor, name, _reduce_op(op, average), prescale_factor,
+                                            postscale_factor, process_set, in_place=False, blocking=True))
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -217,7 +212,8 @@ def allreduce(tensor, average=None, name=None, compression=Compression.none, op=
 
 
 # -- grouped allreduce: one fused buffer, one negotiation, one MPI call ----------------------------------
-def _grouped_start(tensors, name, op, prescale_factor, postscale_factor, process_set, *, in_place):
+def _grouped_start(tensors, name, op, prescale_factor, postscale_factor, process_set, *, in_place,
+                   blocking=False):
     tensors = list(tensors)
     error = next((e for e in (_tensor_error(t, process_set, in_place=in_place) for t in tensors) if e), None)
     error = error or _op_error(op) or ("grouped_allreduce needs at least one tensor" if not tensors else None)
@@ -226,10 +222,14 @@ def _grouped_start(tensors, name, op, prescale_factor, postscale_factor, process
     dtype = tensors[0].dtype if tensors and not error else None
     fused = torch.cat([t.detach().reshape(-1) for t in tensors]) if dtype is not None else torch.zeros(0)
     operation = Operation(Kind.ALLREDUCE, dtype, tuple(tuple(t.shape) for t in tensors) if dtype else (),
-                          fused.numel(), name, op=int(op), scale=(prescale_factor, postscale_factor))
+                          fused.numel(), name, op=int(op), scale=(prescale_factor, postscale_factor),
+                          blocking=blocking)
 
     def begin(comm):
         _scale_(fused, prescale_factor)
+        if blocking:
+            comm.allreduce_(fused, _MPI_OP[op], what=name)
+            return [], [fused]
         return [comm.iallreduce_(fused, _MPI_OP[op])], [fused]
 
     def finish():
@@ -260,16 +260,16 @@ def grouped_allreduce_async(tensors, average=None, name=None, op=None, prescale_
 
 def grouped_allreduce_(tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0,
                        process_set=global_process_set):
-    return synchronize(grouped_allreduce_async_(tensors, average, name, op, prescale_factor,
-                                                postscale_factor, process_set))
+    return synchronize(_grouped_start(tensors, name, _reduce_op(op, average), prescale_factor, postscale_factor,
+                                      process_set, in_place=True, blocking=True))
 
 
 class _GroupedAllreduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, average, name, op, prescale_factor, postscale_factor, process_set, *tensors):
         ctx.args = (average, op, prescale_factor, postscale_factor, process_set)
-        return tuple(synchronize(grouped_allreduce_async(list(tensors), average, name, op, prescale_factor,
-                                                         postscale_factor, process_set)))
+        return tuple(synchronize(_grouped_start(list(tensors), name, _reduce_op(op, average), prescale_factor,
+                                                postscale_factor, process_set, in_place=False, blocking=True)))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -340,7 +340,7 @@ def grouped_allgather(tensors, name=None, process_set=global_process_set):
 
 
 # -- broadcast ----------------------------------------------------------------------------------------
-def _broadcast_start(tensor, root_rank, name, process_set, *, in_place):
+def _broadcast_start(tensor, root_rank, name, process_set, *, in_place, blocking=False):
     size = _comm().size
     error = _tensor_error(tensor, process_set, in_place=in_place)
     if error is None and not (isinstance(root_rank, int) and 0 <= root_rank < size):
@@ -348,9 +348,12 @@ def _broadcast_start(tensor, root_rank, name, process_set, *, in_place):
     ok = error is None
     buffer = tensor if in_place or not ok else tensor.detach().clone(memory_format=torch.contiguous_format)
     operation = Operation(Kind.BROADCAST, tensor.dtype if ok else None, tuple(tensor.shape) if ok else (),
-                          0, name, root=root_rank if ok else -1)
+                          0, name, root=root_rank if ok else -1, blocking=blocking)
 
     def begin(comm):
+        if blocking:
+            comm.broadcast_(buffer.detach(), root_rank, what=name)
+            return [], [buffer]
         return [comm.ibroadcast_(buffer.detach(), root_rank)], [buffer]
     return _start(operation, begin, lambda: buffer, error)
 
@@ -368,14 +371,14 @@ def broadcast_async(tensor, root_rank, name=None, process_set=global_process_set
 def broadcast_(tensor, root_rank, name=None, process_set=global_process_set):
     """Overwrite `tensor` with root_rank's values on every rank; returns it."""
     with torch.no_grad():
-        return synchronize(broadcast_async_(tensor, root_rank, name, process_set))
+        return synchronize(_broadcast_start(tensor, root_rank, name, process_set, in_place=True, blocking=True))
 
 
 class _Broadcast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor, root_rank, name, process_set):
         ctx.root_rank, ctx.process_set = root_rank, process_set
-        return synchronize(broadcast_async(tensor, root_rank, name, process_set))
+        return synchronize(_broadcast_start(tensor, root_rank, name, process_set, in_place=False, blocking=True))
 
     @staticmethod
     def backward(ctx, grad_output):

@@ -96,22 +96,21 @@ def negotiate(comm, operation, *, error=None, joined=False, first_join_round=Fal
         return Outcome(operation.kind, operation.dtype, operation.numel, operation.op, operation.blocking)
     local = [_NONE] * _FIELDS if joined else operation.fields()
     flags = [1 if error else 0, 1 if joined else 0, comm.rank if first_join_round else -1]
-    values = torch.tensor(local + flags, dtype=torch.int64)
-    both = torch.cat([values, -values])
-    if joined:
-        both[len(values):len(values) + _FIELDS] = _NONE
-    comm.allreduce_max_(both, what="negotiation")
-    high, low = both[:len(values)], -both[len(values):]
+    negated = [_NONE] * _FIELDS if joined else [-v for v in local]  # a joined rank's: no effect either
+    both = np.array(local + flags + negated + [-f for f in flags], dtype=np.int64)  # numpy: cheaper than torch
+    comm.allreduce_max_(torch.from_numpy(both), what="negotiation")
+    values = both.tolist()
+    high, low = values[:_FIELDS + 3], [-v for v in values[_FIELDS + 3:]]
     any_error, any_joined, all_joined = high[_FIELDS] > 0, high[_FIELDS + 1] > 0, low[_FIELDS + 1] > 0
     if all_joined:
-        return Outcome(all_joined=True, last_joined=int(high[_FIELDS + 2]))
-    kind = int(high[0])
-    mismatch = bool((high[:_FIELDS] != low[:_FIELDS]).any())
+        return Outcome(all_joined=True, last_joined=high[_FIELDS + 2])
+    kind = high[0]
+    mismatch = high[:_FIELDS] != low[:_FIELDS]
     unsupported = any_joined and kind not in (Kind.ALLREDUCE, Kind.BARRIER)
     if any_error or mismatch or unsupported:
         _raise_everywhere(comm, operation, error, joined, unsupported and not (any_error or mismatch))
-    dtype = DTYPES[int(high[1])] if 0 <= int(high[1]) < len(DTYPES) else None
-    return Outcome(kind, dtype, int(high[2]), int(high[6]), bool(high[8]))
+    dtype = DTYPES[high[1]] if 0 <= high[1] < len(DTYPES) else None
+    return Outcome(kind, dtype, high[2], high[6], bool(high[8]))
 
 
 def _raise_everywhere(comm, operation, error, joined, join_refused):

@@ -40,7 +40,8 @@ class _Channel:
         if self.compression.wire_dtype is not None and buffer.dtype.is_floating_point:
             wire = self._wire.setdefault(buffer.data_ptr(), torch.empty_like(buffer, dtype=self.compression.wire_dtype))
             wire.copy_(buffer)
-        mpi_ops._allreduce_blocking_(wire, f"DistributedOptimizer {what}", Sum, self.prescale, self.postscale)
+        mpi_ops.allreduce_(wire, name=f"DistributedOptimizer {what}", op=Sum, prescale_factor=self.prescale,
+                           postscale_factor=self.postscale)
         if wire is not buffer:
             buffer.copy_(wire)
         return buffer

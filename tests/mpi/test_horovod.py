@@ -226,13 +226,14 @@ def test_join_lets_one_rank_reduce_alone_with_zeros_from_the_joined():
         extra.append(hvd.allreduce(torch.full((3,), 6.0), op=hvd.Sum).tolist())
         extra.append(hvd.allreduce(torch.full((2,), 6.0)).tolist())  # Average divides by every rank
         extra.append(hvd.allreduce(torch.full((2,), 6.0), op=hvd.Min).tolist())  # joined ranks do not count
+        extra.append(hvd.synchronize(hvd.allreduce_async(torch.full((2,), 6.0), op=hvd.Sum)).tolist())
         hvd.barrier()
 
     last = hvd.join()
 
     assert last == n - 1
     if r == n - 1:
-        assert extra == [[6.0] * 3, [6.0 / n] * 2, [6.0] * 2]
+        assert extra == [[6.0] * 3, [6.0 / n] * 2, [6.0] * 2, [6.0] * 2]
     assert hvd.allreduce(torch.ones(1), op=hvd.Sum).item() == n  # everyone is back
 
 
