@@ -1,6 +1,7 @@
-"""The `distml` command: `distml train ...`, `distml partition ...` and `distml info`.
+"""The `distml` command: `distml train ...`, `distml compare ...`, `distml partition ...` and `distml info`.
 
     mpirun -n 4 distml train --model cnn --epochs 5
+    mpirun -n 2 distml compare --epochs 20 --target-accuracy 0.9   # sync, async, federated: one table
     distml train --config run.toml --lr 0.01        # flags win over the file
     distml partition --clients 20 --partition dirichlet --alpha 0.1 --plot labels.png
 
@@ -48,14 +49,15 @@ class _Parser(argparse.ArgumentParser):
 def build_parser():
     parser = _Parser(prog="distml", description="Data-parallel training of PyTorch models over MPI.")
     parser.add_argument("--version", action="version", version=f"distml {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,partition,info}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,compare,partition,info}")
     train = sub.add_parser("train", help="train a model on all ranks",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     groups = {name: train.add_argument_group(what) for name, what in GROUPS.items()}
     for f in dataclasses.fields(Config):
         _add_flag(groups[f.metadata["group"]], f, f.metadata["help"], f.default)
-    part = sub.add_parser("partition", help="print (and plot) the label histogram of each federated client")
     fields = {f.name: f for f in dataclasses.fields(Config)}
+    _add_compare(sub, fields)
+    part = sub.add_parser("partition", help="print (and plot) the label histogram of each federated client")
     for name in PARTITION_FLAGS:
         _add_flag(part, fields[name], PARTITION_HELP.get(name, fields[name].metadata["help"]),
                   PARTITION_DEFAULTS.get(name, fields[name].default))
@@ -63,6 +65,20 @@ def build_parser():
                       help="also draw the histograms to this PNG (needs matplotlib)")
     sub.add_parser("info", help="show the MPI library, world size, torch version and threads")
     return parser
+
+
+def _add_compare(sub, fields):
+    """`distml compare`: the train flags every mode shares (and each mode's knobs), --modes and --out."""
+    from .compare import COMPARE_DEFAULTS, COMPARE_FLAGS, COMPARE_HELP
+    cmp = sub.add_parser("compare", help="train sync, async and federated on the same data, model and budget; "
+                                         "one table, CSV and PNG")
+    for name in COMPARE_FLAGS:
+        _add_flag(cmp, fields[name], COMPARE_HELP.get(name, fields[name].metadata["help"]),
+                  COMPARE_DEFAULTS.get(name, fields[name].default))
+    cmp.add_argument("--modes", default="sync,async,federated", help="the modes to train, in this order "
+                     "(default: sync,async,federated)")
+    cmp.add_argument("--out", metavar="DIR", default="results/compare", help="root writes compare.csv, "
+                     "compare_curves.csv, compare.png and each mode's MODE.jsonl here (default: results/compare)")
 
 
 def _add_flag(parser, f, text, default):
@@ -203,6 +219,7 @@ def main(argv=None, *, ignore_late_signals=False):
 
 
 def _main(comm, argv, signals):
+    cfg = None  # `distml compare` has one per mode, and no checkpoints
     try:
         from .agreement import agree
         command, args = agree(comm, lambda: parse_command(argv))
@@ -210,6 +227,9 @@ def _main(comm, argv, signals):
             return info(comm)
         if command == "partition":
             return agree(comm, lambda: show_partition(args) if comm.is_root else 0)
+        if command == "compare":
+            from .compare import compare
+            return compare(args, comm, signals)
         from .trainer import run
         cfg = agree(comm, lambda: train_config(args))
         run(cfg, comm, signals=signals)
@@ -234,7 +254,7 @@ def preempted(comm, error, cfg):
         print(f"distml: {error}; exit {EXIT_PREEMPTED}"
               + ("; continue with the same command and --resume" if error.checkpoint else ""),
               file=sys.stderr, flush=True)
-        if cfg.requeue:
+        if cfg is not None and cfg.requeue:
             from .cluster import requeue_job
             ok, message = requeue_job()
             print(f"distml: {message}", file=sys.stderr, flush=True)

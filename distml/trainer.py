@@ -106,7 +106,7 @@ def _run(cfg, comm, signals):
 
     # -- units of work; between any two, the job may stop, checkpoint or lose a rank
     with (HangDoctor(comm, cfg.watchdog) if cfg.watchdog and comm.size > 1 else nullcontext()) as doctor:
-        loop = _Loop(cfg, comm, strategy, model, dataset, report, signals, doctor)
+        loop = _Loop(cfg, comm, strategy, model, dataset, report, signals, doctor, bytes_before)
         loop.run(epoch, step, history, ckpt.position["elapsed_s"] if ckpt else 0.0,
                  ckpt.position.get("nonfinite_skipped", 0) if ckpt else 0)
 
@@ -133,8 +133,9 @@ class _Loop:
     rank (RankLost) is survived: see `survive`.
     """
 
-    def __init__(self, cfg, comm, strategy, model, dataset, report, signals, doctor):
+    def __init__(self, cfg, comm, strategy, model, dataset, report, signals, doctor, bytes_before):
         self.cfg, self.comm, self.strategy, self.model, self.dataset = cfg, comm, strategy, model, dataset
+        self.bytes_before = bytes_before  # this rank's count when the run began
         self.report, self.signals, self.doctor = report, signals, doctor
         self.saver = _Saver(cfg, comm, strategy, model, dataset, report)
         self.lost = []  # what the summary says of each lost rank
@@ -175,7 +176,7 @@ class _Loop:
                 self._checkpoint_or_stop(flags, timer)
         comm.calls.context = f"end of {strategy.unit} {self.epoch + 1}"
         record = _end_epoch(self.epoch, strategy, self.model, self.dataset, comm, cfg,
-                            timer.elapsed() + saver.epoch_s)
+                            timer.elapsed() + saver.epoch_s, self.bytes_before)
         record["nonfinite_skipped"], self.on_nan.in_epoch = self.on_nan.in_epoch, 0
         self.history.append(record)
         self.recorded = True
@@ -291,7 +292,7 @@ def _seed_rank(cfg, comm, work_done):
     torch.default_generator.manual_seed(seed)  # the CPU generator only (manual_seed also queues CUDA's)
 
 
-def _end_epoch(epoch, strategy, model, dataset, comm, cfg, elapsed):
+def _end_epoch(epoch, strategy, model, dataset, comm, cfg, elapsed, bytes_before):
     """The epoch's record: training totals, its time, and, every --eval-every epochs, test scores."""
     unit = strategy.unit
     record = {unit: epoch + 1, **strategy.end_epoch(epoch)}
@@ -302,7 +303,14 @@ def _end_epoch(epoch, strategy, model, dataset, comm, cfg, elapsed):
         strategy.share_model()  # every rank must evaluate the same model
         record.update(evaluate(model, dataset, comm))
         record.update(strategy.evaluate_extra())
+    record["bytes_communicated"] = _bytes_so_far(comm, bytes_before)  # after the evaluation: curves of accuracy vs bytes
     return record
+
+
+def _bytes_so_far(comm, bytes_before):
+    """Payload bytes every rank has handed to MPI since this run began (`bytes_before`: this rank's
+    count then), summed over ranks (a collective)."""
+    return int(comm.allreduce_array([comm.bytes_sent - bytes_before])[0])
 
 
 # -- checkpoints ------------------------------------------------------------------
@@ -446,7 +454,7 @@ def _summary(cfg, comm, dataset, strategy, history, threads, wall, bytes_before)
     return {"summary": True, "mode": cfg.mode, "world_size": comm.size, "dataset": dataset.name,
             "model": cfg.model, "batch_size": cfg.batch_size, "threads": threads,
             "wall_time_s": wall.elapsed(),
-            "bytes_communicated": int(comm.allreduce_array([comm.bytes_sent - bytes_before])[0]),
+            "bytes_communicated": _bytes_so_far(comm, bytes_before),
             "train_loss": history[-1]["train_loss"], **scores, "train_time_s": train_time,
             "samples_per_s": sum(r["samples"] for r in history) / train_time,
             "nonfinite_skipped": sum(r.get("nonfinite_skipped", 0) for r in history),
