@@ -5,7 +5,9 @@
     mpirun -n 2 distml compare --model cnn --epochs 5 --target-accuracy 0.95 --out results/cnn
 
 The modes train one after another inside the same MPI job, each through
-`trainer.run` with the same settings. The budget is the same number of passes
+`trainer.run` with the same settings, after one untimed epoch of the first
+mode (a process's first steps pay one-time costs that would count against
+whichever mode came first). The budget is the same number of passes
 over the training set, `--epochs`: sync trains that many epochs, async serves
 that many epochs' worth of gradients (`--epochs` is already its whole-job
 budget), and federated trains as many rounds as make that many passes (a round
@@ -46,6 +48,10 @@ def compare(args, comm, signals=None):
     from .trainer import run
     out, modes = args.pop("out"), args.pop("modes")
     configs, n_train = agree(comm, lambda: _configs(args, modes, out, comm))
+    first = next(iter(configs.values()))
+    if comm.is_root:
+        print(f"compare: warm-up, one {first.mode} epoch (not counted)", flush=True)
+    run(dataclasses.replace(first, epochs=1, rounds=1, metrics=None, quiet=True), comm, signals=signals)
     results = {}
     for i, (mode, cfg) in enumerate(configs.items()):
         if comm.is_root:
@@ -178,13 +184,17 @@ def _report(configs, results, size, n_train, out):
         curves[mode] = curve(results[mode].history, unit)
         rows.append(row(mode, results[mode], curves[mode], cfg, size, n_train))
     _write_csv(os.path.join(out, "compare.csv"), rows)
-    _write_csv(os.path.join(out, "compare_curves.csv"),
-               [{"mode": m, "evaluation": i + 1, **{k: v for k, v in p.items() if k not in ("epoch", "round")}}
-                for m, points in curves.items() for i, p in enumerate(points)])
+    _write_csv(os.path.join(out, "compare_curves.csv"), [_curve_row(m, p) for m, points in curves.items() for p in points])
     plot_curves(curves, rows[0]["target_accuracy"], os.path.join(out, "compare.png"))
     print(format_table(rows))
     print(f"compare: wrote {', '.join(os.path.join(out, f) for f in ('compare.csv', 'compare_curves.csv', 'compare.png'))}",
           flush=True)
+
+
+def _curve_row(mode, point):
+    unit = "round" if "round" in point else "epoch"
+    return {"mode": mode, "unit": unit, "number": point[unit], "time_s": point["time_s"], "bytes": point["bytes"],
+            "test_accuracy": point["test_accuracy"]}
 
 
 def _write_csv(path, rows):

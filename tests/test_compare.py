@@ -3,8 +3,8 @@ import csv
 
 import pytest
 
-from distml.compare import curve, federated_rounds, format_table, to_target
-from distml.config import Config
+from distml.compare import _modes, curve, federated_rounds, format_table, to_target
+from distml.config import Config, UsageError
 from launch import launch
 
 MODES = ["sync", "async", "federated"]
@@ -83,6 +83,13 @@ def test_table_says_not_reached_for_a_mode_below_the_target():
     assert lines[3].split(" | ")[-3:] == ["not reached", "–", "– |"]
 
 
+def test_async_on_one_process_is_a_usage_error_naming_the_fix():
+    # Prepare / Execute / Assert
+    with pytest.raises(UsageError, match="async mode, which needs at least 2 ranks.*--modes sync,federated"):
+        _modes("sync,async,federated", 1)
+    assert _modes("sync, federated", 1) == ["sync", "federated"]
+
+
 # -- the command under mpirun --------------------------------------------------------
 @pytest.mark.timeout(90)
 def test_compare_trains_three_modes_on_the_same_budget_and_writes_table_csv_and_png(tmp_path):
@@ -123,11 +130,3 @@ def test_compare_with_a_bad_mode_exits_2_with_one_line_and_writes_nothing(tmp_pa
         "distml: error: --modes must be a comma-separated list of sync, async, federated, each once, "
         "got 'sync,federal'"]
     assert not out.exists()
-
-
-def test_compare_on_one_process_names_the_missing_ranks_for_async(tmp_path):
-    done = launch(0, "compare", "--out", tmp_path / "cmp", timeout=60)
-
-    assert done.returncode == 2
-    assert "async mode, which needs at least 2 ranks" in done.stderr
-    assert not (tmp_path / "cmp").exists()
