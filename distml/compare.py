@@ -84,15 +84,17 @@ def _configs(args, modes, out, comm):
 
 
 def _make_out(out):
-    """--out: an existing directory, or one made in an existing one; writable."""
-    parent = os.path.dirname(os.path.abspath(out))
+    """--out: an existing directory, or one made (with its parents) in a writable one."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} exists and is not a directory")
-    if not os.path.isdir(parent):
-        raise UsageError(f"--out: directory {parent} does not exist")
-    _check_output_path(os.path.join(parent, "compare.csv"), "out")  # writable, before making anything
-    os.makedirs(out, exist_ok=True)
-    _check_output_path(os.path.join(out, "compare.csv"), "out")
+    existing = os.path.abspath(out)
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    _check_output_path(os.path.join(existing, "compare.csv"), "out")  # writable, before making anything
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out: cannot make {out}: {e.strerror}")
 
 
 def _modes(text, size):
