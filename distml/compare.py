@@ -150,7 +150,7 @@ def to_target(points, target):
 
 def row(mode, result, points, cfg, size, n_train):
     """The table's row for one mode (a dict, also the CSV's row)."""
-    s, unit = result.summary, "round" if mode == "federated" else "epoch"
+    s, unit = result.summary, _unit(mode)
     reached = to_target(points, cfg.target_accuracy)
     samples = sum(r["samples"] for r in result.history)
     return {"mode": mode, "layout": describe(cfg, size), "passes": samples / n_train,
@@ -170,10 +170,11 @@ def format_table(rows):
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         hit = r["to_target"] is not None
+        reached = [r["to_target"], f"{r['time_to_target_s']:.2f}", f"{r['bytes_to_target'] / 1e6:.1f}"] \
+            if hit else ["not reached", "–", "–"]
         cells = [r["mode"], r["layout"], f"{r['passes']:.1f}", f"{r['test_accuracy']:.4f}",
                  f"{r['train_time_s']:.2f}", f"{r['wall_time_s']:.2f}", f"{r['bytes_communicated'] / 1e6:.1f}",
-                 r["to_target"] if hit else "not reached",
-                 f"{r['time_to_target_s']:.2f}" if hit else "–", f"{r['bytes_to_target'] / 1e6:.1f}" if hit else "–"]
+                 *reached]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -182,19 +183,22 @@ def _report(configs, results, size, n_train, out):
     """Root: the table on stdout, the CSV files and the plot in `out`."""
     rows, curves = [], {}
     for mode, cfg in configs.items():
-        unit = "round" if mode == "federated" else "epoch"
-        curves[mode] = curve(results[mode].history, unit)
+        curves[mode] = curve(results[mode].history, _unit(mode))
         rows.append(row(mode, results[mode], curves[mode], cfg, size, n_train))
-    _write_csv(os.path.join(out, "compare.csv"), rows)
-    _write_csv(os.path.join(out, "compare_curves.csv"), [_curve_row(m, p) for m, points in curves.items() for p in points])
-    plot_curves(curves, rows[0]["target_accuracy"], os.path.join(out, "compare.png"))
+    files = [os.path.join(out, name) for name in ("compare.csv", "compare_curves.csv", "compare.png")]
+    _write_csv(files[0], rows)
+    _write_csv(files[1], [_curve_row(m, p) for m, points in curves.items() for p in points])
+    plot_curves(curves, rows[0]["target_accuracy"], files[2])
     print(format_table(rows))
-    print(f"compare: wrote {', '.join(os.path.join(out, f) for f in ('compare.csv', 'compare_curves.csv', 'compare.png'))}",
-          flush=True)
+    print(f"compare: wrote {', '.join(files)}", flush=True)
+
+
+def _unit(mode):
+    return "round" if mode == "federated" else "epoch"
 
 
 def _curve_row(mode, point):
-    unit = "round" if "round" in point else "epoch"
+    unit = _unit(mode)
     return {"mode": mode, "unit": unit, "number": point[unit], "time_s": point["time_s"], "bytes": point["bytes"],
             "test_accuracy": point["test_accuracy"]}
 
