@@ -130,3 +130,22 @@ def test_compare_with_a_bad_mode_exits_2_with_one_line_and_writes_nothing(tmp_pa
         "distml: error: --modes must be a comma-separated list of sync, async, federated, each once, "
         "got 'sync,federal'"]
     assert not out.exists()
+
+
+def test_readme_names_every_compare_flag_once_and_no_other():
+    # Prepare: the section's flag table and the paragraph after it ("It also takes ...")
+    import re
+    from pathlib import Path
+    from distml.cli import build_parser
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("## Which mode? `distml compare`", 1)[1].split("Measured on this machine", 1)[0]
+    table, takes = section.split("| flag |", 1)[1].split("\n\n", 2)[:2]
+    listed = re.findall(r"^\| `(--[a-z-]+)", table, re.M) + re.findall(r"`(--[a-z-]+)`", takes)
+    compare = build_parser()._subparsers._group_actions[0].choices["compare"]
+
+    # Execute
+    flags = {s for action in compare._actions for s in action.option_strings if s.startswith("--")} - {"--help"}
+
+    # Assert
+    assert len(listed) == len(set(listed)), "a flag listed twice"
+    assert set(listed) == flags
