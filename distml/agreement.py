@@ -11,6 +11,7 @@ import zlib
 import numpy as np
 
 from .config import UsageError
+from .data import read_rows
 from .sharding import rng
 
 __all__ = ["RankFailure", "agree", "check_same", "fingerprint", "data_fingerprint", "sample_rows"]
@@ -95,6 +96,8 @@ def data_fingerprint(dataset, salt=0, *, samples=4096):
       prod_j (1 - f_j) <= (1 - f) ** samples <= exp(-f * samples) (f_j: the
       changed fraction of stratum j, averaging f): 1.7% at f = 0.1%, below
       1e-17 at f = 1%. An array of at most `samples` rows is hashed whole.
+      The rows are read with data.read_rows: a page fault would read ahead
+      around each (8 MiB here), pulling in the whole file.
 
     The trainer draws `salt` afresh at each launch (agreed by every rank), so a
     difference the sample missed once is drawn for again the next time;
@@ -103,8 +106,8 @@ def data_fingerprint(dataset, salt=0, *, samples=4096):
     parts = [dataset.task, str(dataset.num_classes), dataset.source]
     for array in (dataset.X_train, dataset.y_train, dataset.X_test, dataset.y_test):
         rows = sample_rows(len(array), samples, salt)
-        parts += [str(array.shape), str(array.dtype),
-                  "%08x" % zlib.crc32(np.ascontiguousarray(array[rows] if rows is not None else array).tobytes())]
+        sample = np.ascontiguousarray(array if rows is None else read_rows(array, rows))
+        parts += [str(array.shape), str(array.dtype), "%08x" % zlib.crc32(sample.tobytes())]
     return "%08x" % zlib.crc32("|".join(parts).encode())
 
 

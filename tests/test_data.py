@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from distml.config import Config, UsageError
-from distml.data import check_finite, load_dataset, rows_of
+from distml.data import check_finite, load_dataset, read_rows, rows_of
 
 
 def _npz(path, compressed=False, **arrays):
@@ -396,3 +396,16 @@ def test_npz_source_holds_the_zip_checksum_of_every_array(tmp_path):
     # Assert: X's checksum differs, y's does not
     assert a.source.split()[0] != b.source.split()[0] and a.source.split()[1] == b.source.split()[1]
     assert a.source.startswith("X.npy:") and len(a.source.split()) == 2
+
+
+def test_read_rows_of_a_memory_map_equals_indexing_it(tmp_path):
+    # Prepare: a mapped X (its data not at the file's start) and a view of it, which is indexed instead
+    X, y = _xy(n=50, features=4)
+    data = load_dataset(Config(dataset=_npz(tmp_path / "d.npz", X=X, y=y, X_test=X[:5], y_test=y[:5])))
+    view = data.X_train[10:]
+
+    # Execute / Assert
+    assert np.array_equal(read_rows(data.X_train, range(7, 31)), X[7:31])
+    assert np.array_equal(read_rows(data.X_train, np.array([0, 3, 49])), X[[0, 3, 49]])
+    assert np.array_equal(read_rows(data.y_train, np.array([2, 40])), y[[2, 40]])
+    assert np.array_equal(read_rows(view, range(0, 3)), X[10:13])
