@@ -4,11 +4,19 @@ Every loader returns a `Dataset` of numpy arrays with a train and a test split.
 Integer targets mean classification (labels mapped to 0..K-1), floating-point
 targets mean regression. Loading is deterministic given the config, so every
 rank loads the same arrays and no data is sent over MPI.
+
+Set-up cost grows with a rank's shard, not with the file: an uncompressed .npz
+is memory-mapped, and each rank checks only its own block of rows for NaN and
+infinity (`rows_of`); the trainer makes the ranks agree, so a bad value
+anywhere is one usage error on every rank. Labels (one number a sample) are
+read whole: every rank needs the classes.
 """
 import csv
+import mmap
 import os
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +25,7 @@ import numpy as np
 from .config import UsageError
 from .sharding import rng
 
-__all__ = ["Dataset", "load_dataset", "BUILTIN"]
+__all__ = ["Dataset", "load_dataset", "rows_of", "read_rows", "check_finite", "BUILTIN"]
 
 BUILTIN = ("digits", "diabetes", "synthetic")
 
@@ -31,6 +39,7 @@ class Dataset:
     y_test: np.ndarray
     task: str  # "classification" or "regression"
     num_classes: int = 0
+    source: str = ""  # checksums of the file's whole content as written (see _npz_checksums); "" for built-ins
 
     @property
     def input_shape(self):
@@ -41,8 +50,12 @@ class Dataset:
         return self.num_classes if self.task == "classification" else 1
 
 
-def load_dataset(cfg):
-    """The Dataset named by `cfg.dataset`: a built-in name or a path to .npz / .csv."""
+def load_dataset(cfg, *, rank=0, size=1):
+    """The Dataset named by `cfg.dataset`: a built-in name or a path to .npz / .csv.
+
+    A file's values are checked for NaN and infinity in block `rank` of `size`
+    (`rows_of`) only; the default checks them all. Built-in sets are checked whole.
+    """
     name = cfg.dataset
     if name == "digits":
         return _digits(cfg)
@@ -53,8 +66,10 @@ def load_dataset(cfg):
     if name.endswith((".npz", ".csv")):
         if not os.path.isfile(name):
             raise UsageError(f"--dataset: no such file: {name}")
-        X, y, X_test, y_test = _read_npz(name) if name.endswith(".npz") else _read_csv(name, cfg.target)
-        return _finish(name, X, y, X_test, y_test, cfg)
+        X, y, X_test, y_test, source = _read_npz(name) if name.endswith(".npz") else _read_csv(name, cfg.target)
+        dataset = _finish(name, X, y, X_test, y_test, cfg, block=(rank, size))
+        dataset.source = source
+        return dataset
     raise UsageError(f"--dataset must be one of {', '.join(BUILTIN)} or a .npz/.csv file, got {name!r}")
 
 
@@ -112,13 +127,13 @@ def _synthetic(cfg):
     return _finish("synthetic", X, y.astype(np.int64), None, None, cfg)
 
 
-def _finish(name, X, y, X_test, y_test, cfg, standardize=False):
-    """Check shapes, hold out a test split if needed, set dtypes and the task."""
-    _check_pair(X, y, "X", "y", name)
+def _finish(name, X, y, X_test, y_test, cfg, standardize=False, block=(0, 1)):
+    """Check shapes and (in `block`, see rows_of) values, hold out a test split if needed, set dtypes and the task."""
+    _check_pair(X, y, "X", "y", name, block)
     if X_test is None:
         X, y, X_test, y_test = _hold_out(X, y, cfg.test_fraction, cfg.seed, name)
     else:
-        _check_pair(X_test, y_test, "X_test", "y_test", name)
+        _check_pair(X_test, y_test, "X_test", "y_test", name, block)
         if X_test.shape[1:] != X.shape[1:]:
             raise UsageError(f"{name}: X_test has sample shape {X_test.shape[1:]}, X has {X.shape[1:]}")
     task = "classification" if np.issubdtype(y.dtype, np.integer) else "regression"
@@ -133,7 +148,7 @@ def _finish(name, X, y, X_test, y_test, cfg, standardize=False):
     return Dataset(name, X, y, X_test, y_test, task, num_classes)
 
 
-def _check_pair(X, y, xname, yname, name):
+def _check_pair(X, y, xname, yname, name, block):
     if len(X) == 0:
         raise UsageError(f"{name}: {xname} has no samples")
     if X.ndim < 2:
@@ -144,8 +159,52 @@ def _check_pair(X, y, xname, yname, name):
     if not (np.issubdtype(X.dtype, np.number) and np.issubdtype(y.dtype, np.number)):
         raise UsageError(f"{name}: {xname} and {yname} must be numeric, got {X.dtype} and {y.dtype}")
     for array, label in ((X, xname), (y, yname)):
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-            raise UsageError(f"{name}: {label} contains NaN or infinite values")
+        check_finite(array, rows_of(len(array), *block), f"{name}: {label}")
+
+
+def rows_of(num_rows, rank, size):
+    """Rank `rank`'s block of `size` contiguous, nearly equal blocks of range(num_rows).
+
+    The blocks cover every row once, so when each rank checks its block and the
+    ranks agree (agreement.agree), the whole file is checked, each rank paying
+    for 1/size of it.
+    """
+    return range(num_rows * rank // size, num_rows * (rank + 1) // size)
+
+
+_CHUNK_BYTES = 16 << 20  # values checked at a time: bounds the temporary, not the work
+
+
+def check_finite(array, rows, what):
+    """UsageError naming the first row of `rows` (a range) where `array` holds NaN or infinity.
+
+    Reads only those rows, a chunk at a time (on a memory map: only their pages).
+    """
+    if not np.issubdtype(array.dtype, np.floating) or not rows or array.size == 0:
+        return
+    step = max(1, _CHUNK_BYTES // (array.size // len(array) * array.itemsize))
+    for start in range(rows.start, rows.stop, step):
+        chunk = read_rows(array, range(start, min(start + step, rows.stop)))
+        finite = np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
+        if not finite.all():
+            raise UsageError(f"{what} contains NaN or infinite values (row {start + int(np.argmin(finite))})")
+
+
+def read_rows(array, rows):
+    """array[rows], `rows` a range or ascending row numbers; a whole memory-mapped array by plain reads.
+
+    os.pread is faster than faulting the pages in (0.84 s against 1.13 s for a 2 GiB block here),
+    maps none into this rank (its RSS stays its own memory), and for scattered rows reads just those
+    pages, where a page fault reads ahead around each (8 MiB on this machine's disk).
+    """
+    if not (isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.flags.c_contiguous):
+        return array[rows.start:rows.stop] if isinstance(rows, range) else array[rows]  # in memory, or a view
+    row_bytes = array.nbytes // len(array)
+    spans = [(rows.start, rows.stop)] if isinstance(rows, range) else [(r, r + 1) for r in rows.tolist()]
+    with open(array.filename, "rb", buffering=0) as f:
+        data = b"".join(os.pread(f.fileno(), (stop - start) * row_bytes, array.offset + start * row_bytes)
+                        for start, stop in spans)
+    return np.frombuffer(data, array.dtype).reshape(-1, *array.shape[1:])
 
 
 def _hold_out(X, y, fraction, seed, name):
@@ -192,7 +251,20 @@ def _read_npz(path):
                          f"found {', '.join(sorted(members)) or 'none'}")
     if ("X_test" in members) != ("y_test" in members):
         raise UsageError(f"--dataset {path}: give both X_test and y_test, or neither")
-    return members["X"], members["y"], members.get("X_test"), members.get("y_test")
+    return (members["X"], members["y"], members.get("X_test"), members.get("y_test"),
+            _npz_checksums(path, [f"{k}.npy" for k in ("X", "y", "X_test", "y_test") if k in members]))
+
+
+def _npz_checksums(path, names):
+    """The CRC-32 and size of each named member, from the zip's central directory.
+
+    A zip records the CRC-32 of every member's whole content when it is written
+    (np.savez does), so this digest of all the data costs no data read. It
+    describes the file as written: a file changed in place afterwards keeps its
+    old checksums (agreement.data_fingerprint's sampled rows look at the values).
+    """
+    with zipfile.ZipFile(path) as archive:
+        return " ".join(f"{n}:{archive.getinfo(n).CRC:08x}:{archive.getinfo(n).file_size}" for n in names)
 
 
 def _map_npz(path):
@@ -264,7 +336,9 @@ def _read_csv(path, target):
     y = values[:, column]
     if all(_is_int(v) for v in y_text):
         y = y.astype(np.int64)
-    return features, y, None, None
+    with open(path, "rb") as f:  # parsed whole on every rank anyway: its checksum costs less than that
+        source = "csv:%08x" % zlib.crc32(f.read())
+    return features, y, None, None, source
 
 
 def _parse_floats(body, lines, path):

@@ -15,6 +15,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -86,8 +87,9 @@ def _run(cfg, comm, signals):
     # -- set-up: every usage error surfaces here, on all ranks, before training --
     agree(comm, lambda: cfg.validate(writes_outputs=comm.is_root).validate_world(comm.size))
     agree(comm, lambda: _check_fault_tolerance(cfg, comm))
-    dataset, model = agree(comm, lambda: _load(cfg, comm.size))
-    check_same(comm, "settings, data or model", fingerprint(cfg, dataset, model))
+    dataset, model = agree(comm, lambda: _load(cfg, comm))  # each rank checks its block of the data's values
+    salt = comm.bcast_object(int.from_bytes(os.urandom(8), "little") if comm.is_root else None)
+    check_same(comm, "settings, data or model", fingerprint(cfg, dataset, model, salt))  # rows sampled by salt
     default = default_threads(comm)  # a collective: every rank calls it
     threads = cfg.threads or default
     torch.set_num_threads(threads)
@@ -280,9 +282,9 @@ class _OnNan:
         return None
 
 
-def _load(cfg, size):
-    dataset = load_dataset(cfg)
-    cfg.validate_data(dataset, size)
+def _load(cfg, comm):
+    dataset = load_dataset(cfg, rank=comm.rank, size=comm.size)
+    cfg.validate_data(dataset, comm.size)
     return dataset, build_model(cfg.model, dataset, cfg.hidden_sizes(), cfg.seed)
 
 
@@ -323,9 +325,14 @@ class _Saver:
 
     def __init__(self, cfg, comm, strategy, model, dataset, report):
         self.cfg, self.comm, self.strategy, self.model, self.report = cfg, comm, strategy, model, report
-        self.data = data_fingerprint(dataset)
+        self.dataset = dataset
         self.last = time.monotonic()
         self.epoch_s = 0.0
+
+    @cached_property
+    def data(self):
+        """The data's fingerprint in a checkpoint: salt 0, a function of the data alone (root, at the first save)."""
+        return data_fingerprint(self.dataset)
 
     def due(self):
         every = self.cfg.checkpoint_every_s

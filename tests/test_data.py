@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from distml.config import Config, UsageError
-from distml.data import load_dataset
+from distml.data import check_finite, load_dataset, read_rows, rows_of
 
 
 def _npz(path, compressed=False, **arrays):
@@ -336,3 +336,76 @@ def test_bundled_data_is_cached_and_equals_sklearns(tmp_path, monkeypatch):
     for data, target in (first, again, repaired):
         assert np.array_equal(data, reference.data) and np.array_equal(target, reference.target)
     assert np.load(cached)["data"].shape == reference.data.shape  # written anew
+
+
+# -- set-up cost: each rank checks its own block of rows ------------------------
+
+@pytest.mark.parametrize("num_rows", [1, 7, 10, 1001])
+@pytest.mark.parametrize("size", [1, 2, 3, 5])
+def test_rank_blocks_cover_every_row_once(num_rows, size):
+    # Execute
+    blocks = [rows_of(num_rows, rank, size) for rank in range(size)]
+
+    # Assert
+    assert [r for block in blocks for r in block] == list(range(num_rows))
+    assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+
+
+def test_each_rank_checks_only_its_block_of_rows_for_nan(tmp_path):
+    # Prepare: 10 rows, a NaN in row 7 of X (rank 1's block of 2) and an infinity in row 1 of X_test (rank 0's)
+    X, y = _xy(n=10)
+    X[7, 2] = np.nan
+    X_test, y_test = _xy(n=4, seed=1)
+    X_test[1, 0] = np.inf
+    path = _npz(tmp_path / "d.npz", X=X, y=y, X_test=X_test, y_test=y_test)
+
+    # Execute / Assert
+    with pytest.raises(UsageError, match=r"X_test contains NaN or infinite values \(row 1\)"):
+        load_dataset(Config(dataset=path), rank=0, size=2)
+    with pytest.raises(UsageError, match=r": X contains NaN or infinite values \(row 7\)"):
+        load_dataset(Config(dataset=path), rank=1, size=2)
+    with pytest.raises(UsageError, match=r": X contains NaN or infinite values \(row 7\)"):
+        load_dataset(Config(dataset=path))  # one process checks every row
+    assert isinstance(load_dataset(Config(dataset=path), rank=0, size=3).X_train, np.memmap)  # rows 0-2: clean
+
+
+def test_nan_check_reads_the_block_in_chunks_and_names_the_first_bad_row(tmp_path, monkeypatch):
+    # Prepare: chunks of 2 rows (12 bytes a row), NaNs in rows 5 and 8 of rank 1's block 5..9
+    import distml.data
+    monkeypatch.setattr(distml.data, "_CHUNK_BYTES", 24)
+    X, y = _xy(n=10)
+    X[8, 0] = X[5, 1] = np.nan
+
+    # Execute / Assert
+    with pytest.raises(UsageError, match=r"row 5\)"):
+        check_finite(X, rows_of(10, 1, 2), "X")
+    check_finite(X, rows_of(10, 0, 2), "X")  # rows 0..4 are clean
+    check_finite(X, range(9, 10), "X")
+
+
+def test_npz_source_holds_the_zip_checksum_of_every_array(tmp_path):
+    # Prepare: two files differing in one value of one middle row
+    X, y = _xy(n=100)
+    first = _npz(tmp_path / "a.npz", X=X, y=y)
+    X[50, 1] += 1
+    second = _npz(tmp_path / "b.npz", X=X, y=y)
+
+    # Execute
+    a, b = (load_dataset(Config(dataset=p)) for p in (first, second))
+
+    # Assert: X's checksum differs, y's does not
+    assert a.source.split()[0] != b.source.split()[0] and a.source.split()[1] == b.source.split()[1]
+    assert a.source.startswith("X.npy:") and len(a.source.split()) == 2
+
+
+def test_read_rows_of_a_memory_map_equals_indexing_it(tmp_path):
+    # Prepare: a mapped X (its data not at the file's start) and a view of it, which is indexed instead
+    X, y = _xy(n=50, features=4)
+    data = load_dataset(Config(dataset=_npz(tmp_path / "d.npz", X=X, y=y, X_test=X[:5], y_test=y[:5])))
+    view = data.X_train[10:]
+
+    # Execute / Assert
+    assert np.array_equal(read_rows(data.X_train, range(7, 31)), X[7:31])
+    assert np.array_equal(read_rows(data.X_train, np.array([0, 3, 49])), X[[0, 3, 49]])
+    assert np.array_equal(read_rows(data.y_train, np.array([2, 40])), y[[2, 40]])
+    assert np.array_equal(read_rows(view, range(0, 3)), X[10:13])
