@@ -18,6 +18,7 @@ Variants:
   distml-1piece   chunk_mb = 25: each bucket in one Allreduce
   distml-overlap  overlap=True with 1 MB buckets: reductions start from backward hooks
   distml-fp16     compression="fp16"
+  distml-chunkN   chunk_mb=N, for a sweep (not in the default list)
 Table: samples/s, ms per step, communication share (t - t_nocomm) / t, paired ratios
 (per repeat, then the median, with min-max) to DDP and to the ceiling, peak RSS (max over
 ranks). Writes results/bench_vs_ddp.csv and .png.
@@ -66,6 +67,8 @@ def make_step(variant, name, batch_size, world):
     if variant.startswith("distml"):
         options = {"distml-sum": {"op": "sum"}, "distml-1piece": {"chunk_mb": 25.0},
                    "distml-overlap": {"overlap": True, "bucket_mb": 1.0}, "distml-fp16": {"compression": "fp16"}}.get(variant, {})
+        if variant.startswith("distml-chunk"):  # a sweep: distml-chunk2 is chunk_mb=2
+            options = {"chunk_mb": float(variant[len("distml-chunk"):])}
         sgd = distml.DistributedOptimizer(sgd, model, **options)
         if variant == "distml-sum":
             global_batch = batch_size * world.size
@@ -180,7 +183,7 @@ def main():
     if args.worker:
         return worker(args)
     models, variants = args.models.split(","), args.variants.split(",")
-    if set(models) - set(MODELS) or set(variants) - set(VARIANTS):
+    if set(models) - set(MODELS) or {v for v in variants if not v.startswith("distml-chunk")} - set(VARIANTS):
         ap.error(f"--models from {','.join(MODELS)}; --variants from {','.join(VARIANTS)}")
     line = f"# {args.ranks} ranks x 1 thread, batch {args.batch_size}/rank, {args.steps} steps, " \
            f"{args.repeats} repeats; load avg before {os.getloadavg()[0]:.2f}"
