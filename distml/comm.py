@@ -240,7 +240,11 @@ class Comm:
             self._call("barrier", 0, what, self.mpi_comm.Barrier)
 
     def allreduce_max_(self, values, *, what=None):
-        """Elementwise maximum of an int64 tensor over ranks, in place (small control messages)."""
+        """Elementwise maximum of an int64 tensor over ranks, in place.
+
+        For control messages that are not payload (distml.horovod's negotiation):
+        unlike allreduce_(..., "max"), it leaves `bytes_sent` alone.
+        """
         if self.size > 1:
             self._call("allreduce", values.numel() * 8, what, self.mpi_comm.Allreduce,
                        self._MPI.IN_PLACE, buffer_of(values), self._MPI.MAX)
@@ -406,6 +410,7 @@ class Comm:
 
 
 _COMBINE = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum, "prod": torch.mul}
+_HALVES = (torch.float16, torch.bfloat16)
 _HALF_OPS = {}  # (dtype, op) -> MPI.Op, made on first use
 
 
@@ -419,17 +424,18 @@ def _reduction(MPI, tensor, op):
     """
     if op not in _COMBINE:
         raise ValueError(f"op must be one of {', '.join(_COMBINE)}, got {op!r}")
-    if tensor.dtype not in (torch.float16, torch.bfloat16):
-        return _typed(MPI, tensor), getattr(MPI, op.upper())
+    buffer = _typed(MPI, tensor)
+    if tensor.dtype not in _HALVES:
+        return buffer, getattr(MPI, op.upper())
     key = (tensor.dtype, op)
     if key not in _HALF_OPS:
         _HALF_OPS[key] = MPI.Op.Create(_half_reducer(tensor.dtype, _COMBINE[op]), commute=True)
-    return _typed(MPI, tensor), _HALF_OPS[key]
+    return buffer, _HALF_OPS[key]
 
 
 def _typed(MPI, tensor):
     """[buffer, datatype] for moving `tensor` unchanged (16-bit integers for the half types)."""
-    if tensor.dtype in (torch.float16, torch.bfloat16):
+    if tensor.dtype in _HALVES:
         return [buffer_of(tensor.view(torch.int16)), MPI.INT16_T]
     array = buffer_of(tensor)
     return [array, MPI.Datatype.fromcode(array.dtype.char)]

@@ -21,7 +21,7 @@ import torch
 
 from .flat import Bucket
 
-__all__ = ["plan_buckets", "GradientReducer", "DEFAULT_CHUNK_MB", "COMPRESSION"]
+__all__ = ["plan_buckets", "GradientReducer", "DEFAULT_CHUNK_MB", "COMPRESSION", "weak_grad_hook"]
 
 DEFAULT_CHUNK_MB = 4.0  # the middle of the measured 2-16 MiB sweet spot
 COMPRESSION = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -140,9 +140,9 @@ class GradientReducer:
         self._order, self._ready, self._started = order, [0] * len(self.buckets), []
         for i, bucket in enumerate(self.buckets):
             for p in bucket.params:
-                p.register_post_accumulate_grad_hook(_hook(self, i))
+                p.register_post_accumulate_grad_hook(weak_grad_hook(self, "_grad_ready", i))
 
-    def _grad_ready(self, index):
+    def _grad_ready(self, index, param):
         self._ready[index] += 1
         if self._ready[index] > len(self.buckets[index].params):
             raise RuntimeError("overlap=True reduces a bucket as soon as backward has filled it: take one "
@@ -173,14 +173,19 @@ class GradientReducer:
         self._ready, self._started = [0] * len(self.buckets), []
 
 
-def _hook(reducer, index):
-    """A post-accumulate-grad hook that tells `reducer` (while it lives) a gradient of bucket `index` is in."""
-    owner = weakref.ref(reducer)
+def weak_grad_hook(owner, method, *args):
+    """A post-accumulate-grad hook calling owner.method(*args, param) while `owner` lives.
 
-    def ready(param):
-        if owner() is not None:
-            owner()._grad_ready(index)
-    return ready
+    Hooks stay on the parameters after their owner is gone (a reducer or an
+    optimizer made anew for the same model): a weak reference keeps them inert.
+    """
+    ref = weakref.ref(owner)
+
+    def hook(param):
+        target = ref()
+        if target is not None:
+            getattr(target, method)(*args, param)
+    return hook
 
 
 def _pieces(bucket, chunk_mb, wire_dtype):

@@ -12,12 +12,11 @@ backward passes, for Horovod's check that `backward_passes_per_step` holds.
 """
 import os
 import warnings
-import weakref
 from contextlib import contextmanager
 
 import torch
 
-from ..reducer import GradientReducer
+from ..reducer import GradientReducer, weak_grad_hook
 from . import mpi_ops
 from .basics import Adasum, Average, Sum, _check_process_set, global_process_set, size
 from .compression import Compression
@@ -91,7 +90,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
                                         op="average" if self.op == Average else "sum")
         for hook in self._hooks:
             hook.remove()
-        self._hooks = [p.register_post_accumulate_grad_hook(_counter(self)) for p in params] if size() > 1 else []
+        hooks = size() > 1
+        self._hooks = [p.register_post_accumulate_grad_hook(weak_grad_hook(self, "_count")) for p in params if hooks]
         self._passes = dict.fromkeys(params, 0)
 
     def _count(self, param):
@@ -166,16 +166,6 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def __repr__(self):
         return f"DistributedOptimizer({self.optimizer!r})"
-
-
-def _counter(optimizer):
-    """A hook that counts a backward pass for `optimizer` while it lives (hooks outlive their optimizer)."""
-    owner = weakref.ref(optimizer)
-
-    def count(param):
-        if owner() is not None:
-            owner()._count(param)
-    return count
 
 
 def _names(optimizer, named_parameters):
