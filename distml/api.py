@@ -70,8 +70,8 @@ class DistributedOptimizer:
 
     It reduces the gradients of the parameters the optimizer updates; `model`
     is accepted for Horovod-style call sites and not needed.
-    The gradients live in fused bucket buffers (see `reducer`), so zero_grad()
-    zeroes them in place instead of setting them to None. op="sum" is for
+    The gradients live in fused bucket buffers (see `reducer`): after
+    zero_grad() they are None, and backward writes them into the buffers. op="sum" is for
     losses already divided by the global batch size (uneven last batches).
     chunk_mb, compression ("fp16", "bf16") and overlap as `distml train`'s --chunk-mb, --compression
     and --overlap (overlap needs one backward() per step).
@@ -88,9 +88,9 @@ class DistributedOptimizer:
     def param_groups(self):
         return self.optimizer.param_groups
 
-    def zero_grad(self, set_to_none=None):
-        """Zero all gradients in place; `set_to_none` is accepted and ignored."""
-        self.reducer.zero_grad()
+    def zero_grad(self, set_to_none=True):
+        """As torch's: None (the fast path, see `reducer`), or zeroed in place with set_to_none=False."""
+        self.reducer.zero_grad(set_to_none)
 
     def synchronize(self):
         """Reduce the gradients now (step() calls this)."""

@@ -52,7 +52,7 @@ class Bucket:
             elif p.grad.is_sparse:  # a sparse Embedding's first gradient: reduced as a dense one
                 view.copy_(p.grad.to_dense())
             elif p.grad.data_ptr() != view.data_ptr():
-                view.copy_(p.grad)
+                view.copy_(p.grad.detach())  # detached: a create_graph gradient requires grad
             p.grad = view
 
     def grads_attached(self):

@@ -1,10 +1,13 @@
 """Gradient averaging over fused flat buckets, copying nothing.
 
 Like PyTorch DDP with `gradient_as_bucket_view=True`: each parameter's `.grad`
-is made a view into a flat bucket buffer, so backward() accumulates straight
-into the buffers MPI reduces, and in-place Allreduces average every gradient
-in it. A gather-copy-scatter reducer spends most of MPI's advantage on the
-copies.
+is a view into a flat bucket buffer, and in-place Allreduces average every
+gradient in it. A gather-copy-scatter reducer spends most of MPI's advantage on
+the copies. After zero_grad() the gradients are None and a hook on each
+parameter writes backward's gradient straight into its bucket slice, which
+autograd then keeps as `.grad`: one pass over the bytes, where zeroing the
+buckets and accumulating into them (what DDP does) takes three. Later backward
+passes accumulate in place, as plain PyTorch.
 
 Each bucket is reduced in pieces of `chunk_mb`: shared-memory Allreduce here
 moves 2-16 MiB messages about three times faster than 32 MiB and more (see the
@@ -87,29 +90,65 @@ class GradientReducer:
         self._labels = [[f"bucket {i + 1} of {len(self.buckets)}" + (f", piece {j + 1} of {len(pieces)}"
                                                                      if len(pieces) > 1 else "")
                          for j in range(len(pieces))] for i, pieces in enumerate(self._pieces)]  # the call record's
+        hooks = [p.register_hook(weak_grad_hook(self, "_into_bucket", p, view))
+                 for bucket in self.buckets for p, view in zip(bucket.params, bucket.views)]
+        weakref.finalize(self, _remove, hooks)  # a reducer made anew for the same model: no stale hooks
         self.overlap = overlap and comm.size > 1
         if self.overlap:
             self._start_overlap(control)
 
-    def zero_grad(self):
-        """Zero the buckets in place (set_to_none would detach the grads from them)."""
+    def zero_grad(self, set_to_none=True):
+        """Set the gradients to None, so that the next backward writes them into the buckets.
+
+        set_to_none=False zeroes the buckets in place instead (the `.grad` stay
+        views of them, at the cost of a pass over the bytes and a slower backward).
+        """
         if self.overlap:
             if self._started:
                 raise RuntimeError("zero_grad() while bucket reductions started by backward() are in flight: "
                                    "call allreduce_grads() (the optimizer's step()) first")
             self._ready = [0] * len(self.buckets)
+        self.control.zero_()
         for bucket in self.buckets:
-            if not bucket.grads_attached():
-                bucket.attach_grads()  # before zeroing: it copies a replaced .grad into the buffer
-            bucket.buffer.zero_()
+            if set_to_none:
+                for p in bucket.params:
+                    p.grad = None
+            else:
+                self._attach(bucket)  # before zeroing: it copies a replaced .grad into the buffer
+                bucket.grads.zero_()
+
+    def _into_bucket(self, param, view, grad):
+        """Backward's gradient for `param`: into its bucket slice when `.grad` is None (a tensor hook).
+
+        autograd keeps an incoming gradient that nothing else references as
+        `.grad` (no copy), so a fresh view of the slice holding the gradient
+        becomes the `.grad`. Where autograd would copy it anyway (create_graph,
+        a sparse gradient, a non-contiguous parameter) or accumulates, the
+        gradient passes unchanged and `attach_grads()` takes care of it.
+        """
+        if param.grad is not None or grad.is_sparse or torch.is_grad_enabled() or not param.is_contiguous():
+            return None
+        return view.view(view.shape).copy_(grad)
+
+    def attach_grads(self):
+        """Make every `.grad` a view of its bucket slice (a zero one where backward left it None).
+
+        allreduce_grads() does this first; call it yourself to read the buckets before.
+        """
+        for bucket in self.buckets:
+            self._attach(bucket)
+
+    @staticmethod
+    def _attach(bucket):
+        if not bucket.grads_attached():  # None (unused parameter, no backward) or replaced by the user
+            bucket.attach_grads()
 
     def allreduce_grads(self):
         """Reduce every bucket in place, piece by piece; afterwards each `.grad` holds the result."""
         if self.overlap:
             return self._finish_overlap()
         for bucket, pieces, labels in zip(self.buckets, self._pieces, self._labels):
-            if not bucket.grads_attached():  # user set grads to None or replaced them
-                bucket.attach_grads()
+            self._attach(bucket)
             if self.comm.size == 1:
                 continue  # nothing to reduce (and no rounding to half precision)
             for piece, label in zip(pieces, labels):
@@ -162,9 +201,7 @@ class GradientReducer:
 
     def _finish_overlap(self):
         for index in self._order[len(self._started):]:
-            bucket = self.buckets[index]
-            if not bucket.grads_attached():
-                bucket.attach_grads()
+            self._attach(self.buckets[index])
             self._start_bucket(index)
         for index, requests in self._started:
             for piece, request, label in zip(self._pieces[index], requests, self._labels[index]):
@@ -174,23 +211,35 @@ class GradientReducer:
 
 
 def weak_grad_hook(owner, method, *args):
-    """A post-accumulate-grad hook calling owner.method(*args, param) while `owner` lives.
+    """A hook returning owner.method(*args, value) while `owner` lives, else None (a no-op).
 
-    Hooks stay on the parameters after their owner is gone (a reducer or an
-    optimizer made anew for the same model): a weak reference keeps them inert.
+    For post-accumulate-grad hooks (value: the parameter) and tensor hooks
+    (value: the gradient). Hooks stay on the parameters after their owner is
+    gone (a reducer or an optimizer made anew for the same model): a weak
+    reference keeps them inert.
     """
     ref = weakref.ref(owner)
 
-    def hook(param):
+    def hook(value):
         target = ref()
-        if target is not None:
-            getattr(target, method)(*args, param)
+        return None if target is None else getattr(target, method)(*args, value)
     return hook
 
 
+def _remove(handles):
+    for handle in handles:
+        handle.remove()
+
+
 def _pieces(bucket, chunk_mb, wire_dtype):
-    """A bucket's buffer cut into pieces of at most `chunk_mb` (at least one element each)."""
+    """A bucket's buffer cut into the fewest pieces of at most `chunk_mb`, all of about one size.
+
+    Equal sizes: a 4.2 MB bucket in 4 MiB pieces is two of 2.1 MB, not 4 MiB and a
+    small remainder that costs a whole call's latency.
+    """
     buffer = bucket.buffer
-    step = max(1, int(chunk_mb * 2**20) // buffer.element_size())
+    most = max(1, int(chunk_mb * 2**20) // buffer.element_size())
+    count = -(-buffer.numel() // most)
+    step = max(1, -(-buffer.numel() // max(count, 1)))
     return [_Piece(buffer, start, min(start + step, buffer.numel()), bucket.grads.numel(), wire_dtype)
             for start in range(0, max(buffer.numel(), 1), step)]

@@ -272,7 +272,7 @@ def test_grads_set_to_none_are_reattached_with_correct_values(bucket_mb):
         torch.testing.assert_close(p.grad, want, rtol=0, atol=0)
 
 
-def test_zero_grad_zeroes_in_place_and_keeps_the_views():
+def test_zero_grad_without_set_to_none_zeroes_in_place_and_keeps_the_views():
     # Prepare
     model = _model()
     reducer = GradientReducer(model.parameters(), comm.world())
@@ -280,7 +280,7 @@ def test_zero_grad_zeroes_in_place_and_keeps_the_views():
     pointers = [p.grad.data_ptr() for p in model.parameters() if p.requires_grad]
 
     # Execute
-    reducer.zero_grad()
+    reducer.zero_grad(set_to_none=False)
 
     # Assert
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -296,13 +296,127 @@ def test_zero_grad_after_grads_were_replaced_gives_zero_attached_grads():
     _loss(model).backward()
 
     # Execute
-    reducer.zero_grad()
+    reducer.zero_grad(set_to_none=False)
 
     # Assert
     for p in model.parameters():
         if p.requires_grad:
             assert _in_buffer(p.grad, _bucket_of(reducer, p).buffer)
             assert torch.all(p.grad == 0)
+
+
+# -- zero_grad() sets None; backward writes straight into the buckets -------------------
+
+def _poisoned(reducer):
+    """zero_grad(), then NaN in every bucket: a gradient read from a slice backward did not write shows."""
+    reducer.zero_grad()
+    for bucket in reducer.buckets:
+        bucket.buffer.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("bucket_mb", BUCKET_MB)
+def test_after_zero_grad_backward_writes_each_gradient_into_its_slice_without_zeroing(bucket_mb):
+    # Prepare
+    model = _model()
+    expected = _reference_grads(model, seed=3)
+    reducer = GradientReducer(model.parameters(), comm.world(), bucket_mb=bucket_mb)
+    _poisoned(reducer)
+    slices = {id(p): v.data_ptr() for b in reducer.buckets for p, v in zip(b.params, b.views)}
+
+    # Execute
+    _loss(model, seed=3).backward()
+    kept = {name: p.grad is not None and p.grad.data_ptr() == slices[id(p)]
+            for name, p in model.named_parameters() if p.requires_grad and expected[name] is not None}
+    reducer.allreduce_grads()
+
+    # Assert: autograd kept the slices as .grad (no copy), values exact, the unused one zero
+    assert all(kept.values()), kept
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad.data_ptr() == slices[id(p)], name
+            want = torch.zeros_like(p) if expected[name] is None else expected[name]
+            torch.testing.assert_close(p.grad, want, rtol=0, atol=0)
+
+
+def test_zero_grad_sets_none_and_a_second_backward_accumulates_in_the_slices():
+    # Prepare
+    model = _model()
+    first, second = _reference_grads(model, seed=1), _reference_grads(model, seed=2)
+    reducer = GradientReducer(model.parameters(), comm.world(), bucket_mb=1e-4)
+    _poisoned(reducer)
+    assert all(p.grad is None for p in model.parameters())
+
+    # Execute
+    _loss(model, seed=1).backward()
+    _loss(model, seed=2).backward()
+    reducer.allreduce_grads()
+
+    # Assert
+    for name, p in model.named_parameters():
+        if p.requires_grad and first[name] is not None:
+            assert _in_buffer(p.grad, _bucket_of(reducer, p).buffer), name
+            torch.testing.assert_close(p.grad, first[name] + second[name], rtol=0, atol=0)
+
+
+def test_attach_grads_before_the_reduction_shows_this_steps_gradients_in_the_buckets():
+    # Prepare: what the trainer's non-finite check reads; stale NaN must not survive in unused slices
+    model = _model()
+    reducer = GradientReducer(model.parameters(), comm.world())
+    _poisoned(reducer)
+    _loss(model).backward()
+
+    # Execute
+    reducer.attach_grads()
+
+    # Assert
+    assert all(torch.isfinite(b.grads).all() for b in reducer.buckets)
+    assert torch.all(model.unused.grad == 0)
+
+
+def test_gradients_autograd_would_copy_still_reach_the_buckets_exactly():
+    # Prepare: create_graph (autograd copies), a channels_last conv weight (a contiguous slice
+    # breaks its layout), and a sparse embedding gradient: all go the attach_grads() way
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3).to(memory_format=torch.channels_last)
+    embedding = nn.Embedding(10, 4, sparse=True)
+    x, ids = torch.randn(2, 2, 5, 5), torch.tensor([1, 3, 3])
+    reference = copy.deepcopy((conv, embedding))
+    loss_of = lambda c, e: c(x).pow(2).sum() + e(ids).pow(2).sum()  # noqa: E731
+    loss_of(*reference).backward()
+    reducer = GradientReducer([*conv.parameters(), *embedding.parameters()], comm.world())
+    _poisoned(reducer)
+
+    # Execute
+    loss_of(conv, embedding).backward(create_graph=True)
+    reducer.allreduce_grads()
+
+    # Assert
+    for got, want in zip([*conv.parameters(), *embedding.parameters()],
+                         [*reference[0].parameters(), *reference[1].parameters()]):
+        assert _in_buffer(got.grad, _bucket_of(reducer, got).buffer)
+        torch.testing.assert_close(got.grad, want.grad.to_dense(), rtol=0, atol=0)
+
+
+def test_two_reducers_on_one_model_each_reduce_the_right_gradients_and_a_dropped_one_unhooks():
+    # Prepare
+    model = _model()
+    expected = _reference_grads(model)
+    first = GradientReducer(model.parameters(), comm.world())
+    hooks = len(model.fc.weight._backward_hooks)
+    second = GradientReducer(model.parameters(), comm.world())
+
+    # Execute
+    for reducer in (first, second):
+        reducer.zero_grad()
+        _loss(model).backward()
+        reducer.allreduce_grads()
+        got = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+        # Assert
+        for name, value in got.items():
+            want = torch.zeros_like(value) if expected[name] is None else expected[name]
+            torch.testing.assert_close(value, want, rtol=0, atol=0)
+    del first
+    assert len(model.fc.weight._backward_hooks) == hooks
 
 
 @pytest.mark.parametrize("bucket_mb", [0, -1.0])
@@ -380,6 +494,10 @@ def test_pieces_tile_each_bucket_and_leave_the_control_elements_undivided(chunk_
         assert all(a.data.data_ptr() + a.data.numel() * 4 == b.data.data_ptr() for a, b in zip(pieces, pieces[1:]))
         assert sum(p.grads.numel() for p in pieces) == bucket.grads.numel()  # control elements left out
     assert all(p.data.numel() * 4 <= max(chunk_mb * 2**20, 4) for ps in reducer._pieces for p in ps)
+    for pieces in reducer._pieces:  # the fewest pieces under the cap, of about one size: no small remainder
+        sizes = [p.data.numel() for p in pieces]
+        assert len(sizes) == -(-sum(sizes) * 4 // max(int(chunk_mb * 2**20), 4))
+        assert max(sizes) - min(sizes) < len(sizes)
 
 
 @pytest.mark.parametrize("compression, wire", [("fp16", torch.float16), ("bf16", torch.bfloat16)])

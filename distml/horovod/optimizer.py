@@ -128,8 +128,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         return self.optimizer.step(closure)
 
     def zero_grad(self, set_to_none=True):
-        """Zero the gradient buckets in place (`set_to_none` would detach the gradients from them)."""
-        self._reducer.zero_grad()
+        """As torch's: None, and backward writes the next gradients into the buckets (see distml.reducer)."""
+        self._reducer.zero_grad(set_to_none)
         self._passes = dict.fromkeys(self._passes, 0)
 
     def set_backward_passes_per_step(self, passes):

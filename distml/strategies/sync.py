@@ -57,6 +57,7 @@ class SyncStrategy(Strategy):
                 summed = loss_sum(self.model(x), y, data.task)
                 (summed / batch.global_size).backward()
             loss = summed.item()
+        self.reducer.attach_grads()  # the buckets hold this step's gradients (zero where backward gave none)
         self.nonfinite = first_nonfinite(loss, [b.grads for b in self.reducer.buckets], self.model)
         mine = wants()
         mine.nonfinite = self.nonfinite is not None
