@@ -48,6 +48,7 @@ def check(variant, loss, reducer, model):
     if variant == "loss":
         return not math.isfinite(loss)
     if variant == "loss+grads":
+        reducer.attach_grads()  # as the trainer: the buckets hold this step's gradients
         return first_nonfinite(loss, [b.grads for b in reducer.buckets], model) is not None
     return False
 

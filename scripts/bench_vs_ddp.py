@@ -12,6 +12,8 @@ Models (float32, batch --batch-size per rank, 1 torch thread per rank, SGD lr 0.
   cnn     PyTorch's MNIST example CNN without dropout, 1x28x28 inputs
 Variants:
   nocomm          every rank steps on its own: the ceiling
+  lockstep        as nocomm, plus an Allreduce of one number per step: what keeping the ranks in
+                  step costs without moving any gradient (the ceiling of any synchronous method)
   ddp             DistributedDataParallel on gloo, 25 MB buckets, gradient_as_bucket_view
   distml          distml.DistributedOptimizer, the defaults (average, 4 MiB pieces)
   distml-sum      op="sum", loss divided by the global batch (what `distml train` does)
@@ -19,6 +21,10 @@ Variants:
   distml-overlap  overlap=True with 1 MB buckets: reductions start from backward hooks
   distml-fp16     compression="fp16"
   distml-chunkN   chunk_mb=N, for a sweep (not in the default list)
+Every variant runs with glibc's heap kept (MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_; --malloc
+default leaves glibc's own): otherwise glibc hands freed gradients back to the kernel and the next
+backward faults them in again, 4,000-8,500 page faults a step on mlp10m with no communication at all,
+and which runs suffer decides the table more than the communication does.
 Table: samples/s, ms per step, communication share (t - t_nocomm) / t, paired ratios
 (per repeat, then the median, with min-max) to DDP and to the ceiling, peak RSS (max over
 ranks). Writes results/bench_vs_ddp.csv and .png.
@@ -35,7 +41,8 @@ import time
 from pathlib import Path
 
 MODELS = ("mlp1m", "mlp10m", "cnn")
-VARIANTS = ("nocomm", "ddp", "distml", "distml-sum", "distml-1piece", "distml-overlap", "distml-fp16")
+PINNED_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(4 << 30), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}  # glibc's maximum
+VARIANTS = ("nocomm", "lockstep", "ddp", "distml", "distml-sum", "distml-1piece", "distml-overlap", "distml-fp16")
 
 
 # -- the worker: one (model, variant) in one MPI job ----------------------------------------------------
@@ -74,10 +81,14 @@ def make_step(variant, name, batch_size, world):
             global_batch = batch_size * world.size
             loss_fn = lambda out, y: F.cross_entropy(out, y, reduction="sum") / global_batch  # noqa: E731
 
+    tick = torch.zeros(1)
+
     def step():
         x, y = next(batches)
         sgd.zero_grad()
         loss_fn(model(x), y).backward()
+        if variant == "lockstep":
+            world.allreduce_(tick)
         sgd.step()
     return step
 
@@ -112,7 +123,8 @@ def run_worker(args, model, variant):
     command = [str(mpirun), "-n", str(args.ranks), sys.executable, __file__, "--worker", "--model", model,
                "--variant", variant, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--batch-size", str(args.batch_size)]
-    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    env = {**ENV, **(PINNED_MALLOC if args.malloc == "pinned" else {})}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode:
         raise SystemExit(f"{model} {variant} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -157,7 +169,7 @@ def write_png(rows, models, path):
     for ax, model in zip(axes[0], models):
         mine = [r for r in rows if r["model"] == model]
         ax.bar([r["variant"] for r in mine], [r["samples_per_s"] for r in mine],
-               color=["C7" if r["variant"] == "nocomm" else "C2" if r["variant"] == "ddp" else "C0" for r in mine])
+               color=["C7" if r["variant"] in ("nocomm", "lockstep") else "C2" if r["variant"] == "ddp" else "C0" for r in mine])
         ax.set_title(model)
         ax.tick_params(axis="x", labelrotation=45, labelsize=7)
     axes[0][0].set_ylabel("samples/s (median)")
@@ -176,6 +188,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--csv", default="results/bench_vs_ddp.csv")
+    ap.add_argument("--malloc", choices=("pinned", "default"), default="pinned",
+                    help="pinned (default): glibc keeps freed memory, no page faults between steps")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
@@ -186,7 +200,7 @@ def main():
     if set(models) - set(MODELS) or {v for v in variants if not v.startswith("distml-chunk")} - set(VARIANTS):
         ap.error(f"--models from {','.join(MODELS)}; --variants from {','.join(VARIANTS)}")
     line = f"# {args.ranks} ranks x 1 thread, batch {args.batch_size}/rank, {args.steps} steps, " \
-           f"{args.repeats} repeats; load avg before {os.getloadavg()[0]:.2f}"
+           f"{args.repeats} repeats, {args.malloc} malloc; load avg before {os.getloadavg()[0]:.2f}"
     runs = {m: {v: [] for v in variants} for m in models}
     for repeat in range(args.repeats):
         for model in models:
