@@ -146,6 +146,13 @@ def _bucket_of(reducer, param):
     return bucket
 
 
+def _poisoned(reducer):
+    """zero_grad(), then NaN in every bucket: a gradient read from a slice backward did not write shows."""
+    reducer.zero_grad()
+    for bucket in reducer.buckets:
+        bucket.buffer.fill_(float("nan"))
+
+
 BUCKET_MB = [1e-9, 1e-4, 25.0]  # one parameter per bucket, a few per bucket, one bucket
 
 
@@ -216,11 +223,14 @@ def test_backward_accumulates_into_the_buffers_in_place(bucket_mb):
             torch.testing.assert_close(p.grad, expected[name], rtol=0, atol=0)
 
 
-def test_two_backwards_without_zero_grad_sum_in_the_buffers():
-    # Prepare
+@pytest.mark.parametrize("after_zero_grad", [False, True])
+def test_two_backwards_sum_in_the_buffers(after_zero_grad):
+    # Prepare: grads attached (zero) as made, or None after zero_grad() with NaN left in the buckets
     model = _model()
     first, second = _reference_grads(model, seed=1), _reference_grads(model, seed=2)
     reducer = GradientReducer(model.parameters(), comm.world(), bucket_mb=1e-4)
+    if after_zero_grad:
+        _poisoned(reducer)
 
     # Execute
     _loss(model, seed=1).backward()
@@ -231,7 +241,7 @@ def test_two_backwards_without_zero_grad_sum_in_the_buffers():
     for name, p in model.named_parameters():
         if p.requires_grad and first[name] is not None:
             assert _in_buffer(p.grad, _bucket_of(reducer, p).buffer), name
-            torch.testing.assert_close(p.grad, first[name] + second[name])
+            torch.testing.assert_close(p.grad, first[name] + second[name], rtol=0, atol=0)
 
 
 def test_unused_parameter_keeps_a_zero_grad():
@@ -307,13 +317,6 @@ def test_zero_grad_after_grads_were_replaced_gives_zero_attached_grads():
 
 # -- zero_grad() sets None; backward writes straight into the buckets -------------------
 
-def _poisoned(reducer):
-    """zero_grad(), then NaN in every bucket: a gradient read from a slice backward did not write shows."""
-    reducer.zero_grad()
-    for bucket in reducer.buckets:
-        bucket.buffer.fill_(float("nan"))
-
-
 @pytest.mark.parametrize("bucket_mb", BUCKET_MB)
 def test_after_zero_grad_backward_writes_each_gradient_into_its_slice_without_zeroing(bucket_mb):
     # Prepare
@@ -336,26 +339,6 @@ def test_after_zero_grad_backward_writes_each_gradient_into_its_slice_without_ze
             assert p.grad.data_ptr() == slices[id(p)], name
             want = torch.zeros_like(p) if expected[name] is None else expected[name]
             torch.testing.assert_close(p.grad, want, rtol=0, atol=0)
-
-
-def test_zero_grad_sets_none_and_a_second_backward_accumulates_in_the_slices():
-    # Prepare
-    model = _model()
-    first, second = _reference_grads(model, seed=1), _reference_grads(model, seed=2)
-    reducer = GradientReducer(model.parameters(), comm.world(), bucket_mb=1e-4)
-    _poisoned(reducer)
-    assert all(p.grad is None for p in model.parameters())
-
-    # Execute
-    _loss(model, seed=1).backward()
-    _loss(model, seed=2).backward()
-    reducer.allreduce_grads()
-
-    # Assert
-    for name, p in model.named_parameters():
-        if p.requires_grad and first[name] is not None:
-            assert _in_buffer(p.grad, _bucket_of(reducer, p).buffer), name
-            torch.testing.assert_close(p.grad, first[name] + second[name], rtol=0, atol=0)
 
 
 def test_attach_grads_before_the_reduction_shows_this_steps_gradients_in_the_buckets():
