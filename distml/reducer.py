@@ -90,8 +90,14 @@ class GradientReducer:
         self._labels = [[f"bucket {i + 1} of {len(self.buckets)}" + (f", piece {j + 1} of {len(pieces)}"
                                                                      if len(pieces) > 1 else "")
                          for j in range(len(pieces))] for i, pieces in enumerate(self._pieces)]  # the call record's
-        hooks = [p.register_hook(weak_grad_hook(self, "_into_bucket", p, view))
-                 for bucket in self.buckets for p, view in zip(bucket.params, bucket.views)]
+        # A pre-hook on each parameter's gradient accumulator, as DDP's: it runs after the user's
+        # tensor hooks and not for torch.autograd.grad(), whose results must not alias a bucket.
+        with torch.enable_grad():  # a reducer made under no_grad() still finds them
+            self._accumulators = [p.view_as(p).grad_fn.next_functions[0][0]
+                                  for bucket in self.buckets for p in bucket.params]  # kept, or the hooks go
+        hooks = [acc.register_prehook(weak_grad_hook(self, "_into_bucket", p, view))
+                 for acc, (p, view) in zip(self._accumulators,
+                                           ((p, v) for b in self.buckets for p, v in zip(b.params, b.views)))]
         weakref.finalize(self, _remove, hooks)  # a reducer made anew for the same model: no stale hooks
         self.overlap = overlap and comm.size > 1
         if self.overlap:
@@ -117,8 +123,8 @@ class GradientReducer:
                 self._attach(bucket)  # before zeroing: it copies a replaced .grad into the buffer
                 bucket.grads.zero_()
 
-    def _into_bucket(self, param, view, grad):
-        """Backward's gradient for `param`: into its bucket slice when `.grad` is None (a tensor hook).
+    def _into_bucket(self, param, view, grads):
+        """Backward's gradient for `param`: into its bucket slice when `.grad` is None.
 
         autograd keeps an incoming gradient that nothing else references as
         `.grad` (no copy), so a fresh view of the slice holding the gradient
@@ -126,9 +132,10 @@ class GradientReducer:
         a sparse gradient, a non-contiguous parameter) or accumulates, the
         gradient passes unchanged and `attach_grads()` takes care of it.
         """
+        (grad,) = grads
         if param.grad is not None or grad.is_sparse or torch.is_grad_enabled() or not param.is_contiguous():
             return None
-        return view.view(view.shape).copy_(grad)
+        return (view.view(view.shape).copy_(grad),)
 
     def attach_grads(self):
         """Make every `.grad` a view of its bucket slice (a zero one where backward left it None).
@@ -193,6 +200,7 @@ class GradientReducer:
             self._start_bucket(nxt)
 
     def _start_bucket(self, index):
+        self._attach(self.buckets[index])  # a gradient autograd kept outside its slice (sparse, hooks...)
         requests = []
         for piece in self._pieces[index]:
             target = piece.data if piece.wire is None else piece.wire.copy_(piece.data)
@@ -201,7 +209,6 @@ class GradientReducer:
 
     def _finish_overlap(self):
         for index in self._order[len(self._started):]:
-            self._attach(self.buckets[index])
             self._start_bucket(index)
         for index, requests in self._started:
             for piece, request, label in zip(self._pieces[index], requests, self._labels[index]):
@@ -213,8 +220,8 @@ class GradientReducer:
 def weak_grad_hook(owner, method, *args):
     """A hook returning owner.method(*args, value) while `owner` lives, else None (a no-op).
 
-    For post-accumulate-grad hooks (value: the parameter) and tensor hooks
-    (value: the gradient). Hooks stay on the parameters after their owner is
+    For post-accumulate-grad hooks (value: the parameter) and gradient
+    accumulator pre-hooks (value: the incoming gradients). Hooks stay on the parameters after their owner is
     gone (a reducer or an optimizer made anew for the same model): a weak
     reference keeps them inert.
     """

@@ -4,6 +4,8 @@ The reducer runs on the size-1 world (no mpirun), where Allreduce is the
 identity, so the gradients must equal those of a model trained without it.
 """
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -380,12 +382,11 @@ def test_gradients_autograd_would_copy_still_reach_the_buckets_exactly():
         torch.testing.assert_close(got.grad, want.grad.to_dense(), rtol=0, atol=0)
 
 
-def test_two_reducers_on_one_model_each_reduce_the_right_gradients_and_a_dropped_one_unhooks():
+def test_two_reducers_on_one_model_each_reduce_the_right_gradients_and_a_dropped_one_is_collected():
     # Prepare
     model = _model()
     expected = _reference_grads(model)
     first = GradientReducer(model.parameters(), comm.world())
-    hooks = len(model.fc.weight._backward_hooks)
     second = GradientReducer(model.parameters(), comm.world())
 
     # Execute
@@ -398,8 +399,79 @@ def test_two_reducers_on_one_model_each_reduce_the_right_gradients_and_a_dropped
         for name, value in got.items():
             want = torch.zeros_like(value) if expected[name] is None else expected[name]
             torch.testing.assert_close(value, want, rtol=0, atol=0)
+    dropped = weakref.ref(first)
     del first
-    assert len(model.fc.weight._backward_hooks) == hooks
+    gc.collect()
+    assert dropped() is None  # the hooks on the parameters hold it weakly
+
+
+def test_autograd_grad_results_are_not_views_of_the_buckets():
+    # Prepare: torch.autograd.grad() with .grad None must not return (and later overwrite) a bucket slice
+    model = _model()
+    reducer = GradientReducer(model.parameters(), comm.world())
+    reducer.zero_grad()
+
+    # Execute
+    (first,) = torch.autograd.grad(_loss(model, seed=1), model.fc.weight)
+    kept = first.clone()
+    torch.autograd.grad(_loss(model, seed=2), model.fc.weight)
+    _loss(model, seed=3).backward()
+    reducer.allreduce_grads()
+
+    # Assert
+    assert not _in_buffer(first, _bucket_of(reducer, model.fc.weight).buffer)
+    assert torch.equal(first, kept)
+
+
+class _TwoRanks:
+    """A size-2 communicator whose other rank holds this rank's values + 1: the average is local + 0.5."""
+    size = 2
+
+    def allreduce_(self, tensor, what=None):
+        return tensor.mul_(2).add_(1)
+
+    def iallreduce_(self, tensor, op="sum"):
+        return tensor
+
+    def wait(self, request, what=None):
+        request.mul_(2).add_(1)
+
+
+class _Odd(nn.Module):
+    """Gradients autograd keeps outside their slices: channels_last conv, sparse embedding, a user hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3).to(memory_format=torch.channels_last)
+        self.embedding = nn.Embedding(10, 27, sparse=True)
+        self.fc = nn.Linear(27, 2)
+
+    def forward(self, x, ids):
+        return self.fc(self.conv(x).flatten(1) + self.embedding(ids))
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_gradients_kept_outside_the_slices_are_reduced_with_and_without_overlap(overlap):
+    # Prepare
+    torch.manual_seed(0)
+    model = _Odd()
+    reference = copy.deepcopy(model)
+    for m in (model, reference):
+        m.fc.weight.register_hook(lambda g: g * 2)  # a user's hook returning a new tensor
+    x, ids = torch.randn(2, 2, 5, 5), torch.tensor([1, 3])
+    reducer = GradientReducer(model.parameters(), _TwoRanks(), bucket_mb=1e-9, overlap=overlap)
+
+    for step in range(2):
+        # Execute
+        reducer.zero_grad()
+        model(x * (step + 1), ids).pow(2).sum().backward()
+        reducer.allreduce_grads()
+        reference.zero_grad()
+        reference(x * (step + 1), ids).pow(2).sum().backward()
+
+        # Assert
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad.to_dense() + 0.5, msg=f"step {step} {name}")
 
 
 @pytest.mark.parametrize("bucket_mb", [0, -1.0])
