@@ -92,18 +92,18 @@ class GradientReducer:
         self._labels = [[f"bucket {i + 1} of {len(self.buckets)}" + (f", piece {j + 1} of {len(pieces)}"
                                                                      if len(pieces) > 1 else "")
                          for j in range(len(pieces))] for i, pieces in enumerate(self._pieces)]  # the call record's
-        # A pre-hook on each parameter's gradient accumulator, as DDP's: it runs after the user's
-        # tensor hooks and not for torch.autograd.grad(), whose results must not alias a bucket.
-        with torch.enable_grad():  # a reducer made under no_grad() still finds them
-            self._accumulators = [p.view_as(p).grad_fn.next_functions[0][0]
-                                  for bucket in self.buckets for p in bucket.params]  # kept, or the hooks go
-        hooks = [acc.register_prehook(weak_grad_hook(self, "_into_bucket", p, view))
-                 for acc, (p, view) in zip(self._accumulators,
-                                           ((p, v) for b in self.buckets for p, v in zip(b.params, b.views)))]
-        weakref.finalize(self, _remove, hooks)  # a reducer made anew for the same model: no stale hooks
+        self._accumulators, hooks = [], []  # accumulators kept, or their hooks go with them
+        for bucket in self.buckets:
+            for p, view in zip(bucket.params, bucket.views):
+                # A pre-hook on the gradient accumulator, as DDP's: it runs after the user's tensor
+                # hooks and not for torch.autograd.grad(), whose results must not alias a bucket.
+                with torch.enable_grad():  # a reducer made under no_grad() still finds it
+                    self._accumulators.append(p.view_as(p).grad_fn.next_functions[0][0])
+                hooks.append(self._accumulators[-1].register_prehook(weak_grad_hook(self, "_into_bucket", p, view)))
         self.overlap = overlap and comm.size > 1
         if self.overlap:
-            self._start_overlap(control)
+            hooks += self._start_overlap(control)
+        weakref.finalize(self, _remove, hooks)  # a reducer made anew for the same model: no stale hooks
 
     def zero_grad(self, set_to_none=True):
         """Set the gradients to None, so that the next backward writes them into the buckets.
@@ -168,7 +168,7 @@ class GradientReducer:
                 self._unpack(piece)
 
     def _unpack(self, piece):
-        """A reduced piece back into float32 (from its half twin) and divided, while still in cache."""
+        """A reduced piece back into float32 (from its half twin) and, for op="average", divided."""
         if piece.wire is not None:
             piece.data.copy_(piece.wire)
         if self.op == "average":
@@ -180,15 +180,14 @@ class GradientReducer:
 
         Backward finishes the last layers first, so the order is the plan's,
         reversed; the bucket carrying control elements goes last, since the
-        caller writes them after backward.
+        caller writes them after backward. Returns the hooks' handles.
         """
         order = list(range(len(self.buckets)))[::-1]
         if control and order:
             order.append(order.pop(0))
         self._order, self._ready, self._started = order, [0] * len(self.buckets), []
-        for i, bucket in enumerate(self.buckets):
-            for p in bucket.params:
-                p.register_post_accumulate_grad_hook(weak_grad_hook(self, "_grad_ready", i))
+        return [p.register_post_accumulate_grad_hook(weak_grad_hook(self, "_grad_ready", i))
+                for i, bucket in enumerate(self.buckets) for p in bucket.params]
 
     def _grad_ready(self, index, param):
         self._ready[index] += 1
@@ -223,9 +222,9 @@ def weak_grad_hook(owner, method, *args):
     """A hook returning owner.method(*args, value) while `owner` lives, else None (a no-op).
 
     For post-accumulate-grad hooks (value: the parameter) and gradient
-    accumulator pre-hooks (value: the incoming gradients). Hooks stay on the parameters after their owner is
-    gone (a reducer or an optimizer made anew for the same model): a weak
-    reference keeps them inert.
+    accumulator pre-hooks (value: the incoming gradients). A hook whose owner
+    is gone (a reducer or an optimizer made anew for the same model) stays
+    inert until its handle is removed.
     """
     ref = weakref.ref(owner)
 
