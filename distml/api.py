@@ -71,8 +71,10 @@ class DistributedOptimizer:
     It reduces the gradients of the parameters the optimizer updates; `model`
     is accepted for Horovod-style call sites and not needed.
     The gradients live in fused bucket buffers (see `reducer`): after
-    zero_grad() they are None, and backward writes them into the buffers. op="sum" is for
-    losses already divided by the global batch size (uneven last batches).
+    zero_grad() they are None, and backward writes them into the buffers, for
+    op="average" already divided by the world size (this rank's share: read or
+    change gradients after synchronize()). op="sum" is for losses already
+    divided by the global batch size (uneven last batches).
     chunk_mb, compression ("fp16", "bf16") and overlap as `distml train`'s --chunk-mb, --compression
     and --overlap (overlap needs one backward() per step).
     """

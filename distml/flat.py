@@ -46,18 +46,27 @@ class Bucket:
 
     def attach_grads(self):
         """Point every `.grad` at its slice of the buffer, keeping current values."""
-        for p, view in zip(self.params, self.views):
-            if p.grad is None:
-                view.zero_()
-            elif p.grad.is_sparse:  # a sparse Embedding's first gradient: reduced as a dense one
-                view.copy_(p.grad.to_dense())
-            elif p.grad.data_ptr() != view.data_ptr():
-                view.copy_(p.grad.detach())  # detached: a create_graph gradient requires grad
-            p.grad = view
+        for k in range(len(self.params)):
+            if not self.holds(k):
+                self.take(k)
 
-    def grads_attached(self):
-        return all(p.grad is not None and not p.grad.is_sparse and p.grad.data_ptr() == v.data_ptr()
-                   for p, v in zip(self.params, self.views))
+    def holds(self, k):
+        """Whether parameter k's `.grad` is its slice of the buffer."""
+        grad = self.params[k].grad
+        return grad is not None and not grad.is_sparse and grad.data_ptr() == self.views[k].data_ptr()
+
+    def take(self, k, scale=None):
+        """Parameter k's current gradient (times `scale`) into its slice, which becomes its `.grad`."""
+        p, view = self.params[k], self.views[k]
+        if p.grad is None:
+            view.zero_()
+        elif p.grad.is_sparse:  # a sparse Embedding's first gradient: reduced as a dense one
+            view.copy_(p.grad.to_dense())
+        elif p.grad.data_ptr() != view.data_ptr():
+            view.copy_(p.grad.detach())  # detached: a create_graph gradient requires grad
+        if scale is not None:
+            view.mul_(scale)
+        p.grad = view
 
 
 class FlatModel:

@@ -12,9 +12,12 @@ plain PyTorch.
 
 Each bucket is reduced in equal pieces of at most `chunk_mb`: shared-memory
 Allreduce here moves 2-16 MiB messages about three times faster than 32 MiB and
-more (see the README's Performance section). op="average" divides a piece right
-after its reduction, a pass measured at 6-8% of an MLP's step; op="sum" with the
-loss divided by the global batch (the trainer's way) avoids it.
+more (see the README's Performance section). op="average" divides as DDP does,
+while the gradient is written into its slice (a multiply in that one pass,
+where a division after the reduction cost 6-8% of an MLP's step), so from
+backward to the reduction a `.grad` holds this rank's share: its gradient over
+the world size. Reducers sharing a parameter divide after the reduction instead
+(one's share would be the other's gradient).
 `compression` ("fp16", "bf16") reduces each piece in half precision through a
 buffer made once, and the optimizer still sees float32 gradients. `overlap`
 starts a bucket's nonblocking reductions from backward, as soon as its last
@@ -27,6 +30,9 @@ import torch
 from .flat import Bucket
 
 __all__ = ["plan_buckets", "GradientReducer", "DEFAULT_CHUNK_MB", "COMPRESSION", "weak_grad_hook"]
+
+_LIVE = weakref.WeakSet()  # every reducer alive, to find those sharing a parameter
+_GENERATION = [0]  # bumped when a reducer is made or collected: each then checks its sharing anew
 
 DEFAULT_CHUNK_MB = 4.0  # the middle of the measured 2-16 MiB sweet spot
 COMPRESSION = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -65,8 +71,10 @@ class _Piece:
 class GradientReducer:
     """Sums or averages the gradients of `params` over `comm`, one Allreduce per piece of a bucket.
 
-    op="average" divides by the world size (Horovod's default); op="sum" leaves
-    the sum, for callers that already scaled their loss by the global batch size.
+    op="average" divides by the world size (Horovod's default), as each gradient
+    enters its bucket: until the reduction, `.grad` holds this rank's share (read or
+    change gradients after it, as Horovod asks). op="sum" leaves the sum, for
+    callers that already scaled their loss by the global batch size.
     `control` extra elements ride at the end of the last bucket (`self.control`):
     a caller writes per-rank values there before `allreduce_grads()` and reads
     their sum after, with no message of its own (the trainer's stop flag).
@@ -85,6 +93,12 @@ class GradientReducer:
             raise ValueError("distml reduces CPU tensors; move the model to the CPU")
         self.comm = comm
         self.op = op
+        self._params = {id(p) for p in params}
+        _LIVE.add(self)
+        _GENERATION[0] += 1
+        for other in list(_LIVE):  # before the new buckets copy their gradients: whole ones, not shares
+            if other is not self:
+                other._check_sharing()
         plan = plan_buckets(params, int(bucket_mb * 2**20))
         self.buckets = [Bucket(b, extra=control if i == len(plan) - 1 else 0) for i, b in enumerate(plan)]
         self.control = self.buckets[-1].extra if self.buckets else torch.zeros(0)
@@ -92,14 +106,18 @@ class GradientReducer:
         self._labels = [[f"bucket {i + 1} of {len(self.buckets)}" + (f", piece {j + 1} of {len(pieces)}"
                                                                      if len(pieces) > 1 else "")
                          for j in range(len(pieces))] for i, pieces in enumerate(self._pieces)]  # the call record's
+        # The share: 1/size while no other reducer holds these parameters (op="average"), else None.
+        # _round counts reductions; _shared[i][k] == _round: bucket i's slice k holds its share.
+        self._share, self._generation = None, None
+        self._round, self._shared = 0, [[-1] * len(b.params) for b in self.buckets]
         self._accumulators, hooks = [], []  # accumulators kept, or their hooks go with them
-        for bucket in self.buckets:
-            for p, view in zip(bucket.params, bucket.views):
+        for i, bucket in enumerate(self.buckets):
+            for k, p in enumerate(bucket.params):
                 # A pre-hook on the gradient accumulator, as DDP's: it runs after the user's tensor
                 # hooks and not for torch.autograd.grad(), whose results must not alias a bucket.
                 with torch.enable_grad():  # a reducer made under no_grad() still finds it
                     self._accumulators.append(p.view_as(p).grad_fn.next_functions[0][0])
-                hooks.append(self._accumulators[-1].register_prehook(weak_grad_hook(self, "_into_bucket", p, view)))
+                hooks.append(self._accumulators[-1].register_prehook(weak_grad_hook(self, "_into_bucket", i, k)))
         self.overlap = overlap and comm.size > 1
         if self.overlap:
             hooks += self._start_overlap(control)
@@ -122,42 +140,84 @@ class GradientReducer:
                 for p in bucket.params:
                     p.grad = None
             else:
-                self._attach(bucket)  # before zeroing: it copies a replaced .grad into the buffer
+                bucket.attach_grads()
                 bucket.grads.zero_()
 
-    def _into_bucket(self, param, view, grads):
-        """Backward's gradient for `param`: into its bucket slice when `.grad` is None.
+    def _into_bucket(self, i, k, grads):
+        """Backward's gradient for parameter k of bucket i: into its slice when `.grad` is None.
 
         autograd keeps an incoming gradient that nothing else references as
-        `.grad` (no copy), so a fresh view of the slice holding the gradient
-        becomes the `.grad`. Where autograd would copy it anyway (create_graph,
-        a sparse gradient, a non-contiguous parameter) or accumulates, the
-        gradient passes unchanged and `attach_grads()` takes care of it.
+        `.grad` (no copy), so a fresh view of the slice holding the gradient (or
+        its share) becomes the `.grad`. Where autograd would copy it anyway
+        (create_graph, a sparse gradient, a non-contiguous parameter) the
+        gradient passes unchanged and `attach_grads()` takes care of it. A
+        later backward accumulates into the slice: its share, for the average.
         """
         (grad,) = grads
-        if param.grad is not None or grad.is_sparse or torch.is_grad_enabled() or not param.is_contiguous():
+        self._check_sharing()
+        bucket, shared = self.buckets[i], self._shared[i]
+        if bucket.params[k].grad is None:
+            if grad.is_sparse or torch.is_grad_enabled() or not bucket.params[k].is_contiguous():
+                return None
+            shared[k] = self._round
+            out = bucket.views[k].view(bucket.views[k].shape)
+            return (out.copy_(grad) if self._share is None else torch.mul(grad, self._share, out=out),)
+        if self._share is None or not bucket.holds(k):
+            return None  # plain accumulation (attach_grads() brings a `.grad` kept elsewhere in)
+        if torch.is_grad_enabled():  # create_graph: autograd adds out of place, so the slice is left behind
+            if shared[k] == self._round:
+                bucket.views[k].mul_(self.comm.size)  # the whole gradient again, for attach_grads() to copy
+                shared[k] = -1
             return None
-        return (view.view(view.shape).copy_(grad),)
+        if shared[k] != self._round:  # the last reduction's result, or zeroed in place
+            bucket.take(k, self._share)
+            shared[k] = self._round
+        return (grad * self._share,)
+
+    def _check_sharing(self):
+        """Divide as gradients enter the buckets only while no other reducer holds these parameters.
+
+        Run when reducers come or go (rarely): a reducer dividing after the
+        reduction first makes the shares in its slices whole again.
+        """
+        if self._generation == _GENERATION[0] or (self.overlap and self._started):
+            return
+        self._generation = _GENERATION[0]
+        alone = not any(other is not self and other._params & self._params for other in list(_LIVE))
+        share = 1.0 / self.comm.size if alone and self.op == "average" and self.comm.size > 1 else None
+        if share != self._share:
+            for bucket, shared in zip(self.buckets, self._shared):
+                for k, view in enumerate(bucket.views):
+                    if self._share is not None and shared[k] == self._round and bucket.holds(k):
+                        view.mul_(self.comm.size)  # a share made whole again
+                    shared[k] = -1
+            self._share = share
 
     def attach_grads(self):
         """Make every `.grad` a view of its bucket slice (a zero one where backward left it None).
 
-        allreduce_grads() does this first; call it yourself to read the buckets before.
+        allreduce_grads() does this first; call it yourself to read the buckets
+        before. For op="average" a slice then holds its gradient's share.
         """
-        for bucket in self.buckets:
-            self._attach(bucket)
+        for i in range(len(self.buckets)):
+            self._attach(i)
 
-    @staticmethod
-    def _attach(bucket):
-        if not bucket.grads_attached():  # None (unused parameter, no backward) or replaced by the user
-            bucket.attach_grads()
+    def _attach(self, i):
+        self._check_sharing()
+        bucket, shared = self.buckets[i], self._shared[i]
+        for k in range(len(bucket.params)):
+            if not bucket.holds(k):  # None (unused parameter, no backward) or kept elsewhere
+                bucket.take(k, self._share)
+            elif self._share is not None and shared[k] != self._round:
+                bucket.take(k, self._share)
+            shared[k] = self._round
 
     def allreduce_grads(self):
         """Reduce every bucket in place, piece by piece; afterwards each `.grad` holds the result."""
         if self.overlap:
             return self._finish_overlap()
-        for bucket, pieces, labels in zip(self.buckets, self._pieces, self._labels):
-            self._attach(bucket)
+        for i, (pieces, labels) in enumerate(zip(self._pieces, self._labels)):
+            self._attach(i)
             if self.comm.size == 1:
                 continue  # nothing to reduce (and no rounding to half precision)
             for piece, label in zip(pieces, labels):
@@ -166,12 +226,13 @@ class GradientReducer:
                 else:
                     self.comm.allreduce_(piece.wire.copy_(piece.data), what=label)
                 self._unpack(piece)
+        self._round += 1
 
     def _unpack(self, piece):
-        """A reduced piece back into float32 (from its half twin) and, for op="average", divided."""
+        """A reduced piece back into float32 (from its half twin); divided for an average of whole gradients."""
         if piece.wire is not None:
             piece.data.copy_(piece.wire)
-        if self.op == "average":
+        if self.op == "average" and self._share is None:
             piece.grads.div_(self.comm.size)
 
     # -- overlap: a bucket's reduction starts in backward, once its last gradient is in ----------------
@@ -201,7 +262,7 @@ class GradientReducer:
             self._start_bucket(nxt)
 
     def _start_bucket(self, index):
-        self._attach(self.buckets[index])  # a gradient autograd kept outside its slice (sparse, hooks...)
+        self._attach(index)  # a gradient autograd kept outside its slice (sparse, hooks...)
         requests = []
         for piece in self._pieces[index]:
             target = piece.data if piece.wire is None else piece.wire.copy_(piece.data)
@@ -216,6 +277,7 @@ class GradientReducer:
                 self.comm.wait(request, what=label)
                 self._unpack(piece)
         self._ready, self._started = [0] * len(self.buckets), []
+        self._round += 1
 
 
 def weak_grad_hook(owner, method, *args):
@@ -237,6 +299,7 @@ def weak_grad_hook(owner, method, *args):
 def _remove(handles):
     for handle in handles:
         handle.remove()
+    _GENERATION[0] += 1
 
 
 def _pieces(bucket, chunk_mb, wire_dtype):

@@ -424,17 +424,25 @@ def test_autograd_grad_results_are_not_views_of_the_buckets():
 
 
 class _TwoRanks:
-    """A size-2 communicator whose other rank holds this rank's values + 1: the average is local + 0.5."""
+    """A size-2 communicator whose other rank's gradients are this rank's + 1: their average is local + 0.5.
+
+    The other rank's buffer holds its share, (gradient + 1) / 2, that is this
+    rank's share + 0.5; or, with whole=True (reducers that divide after the
+    reduction), this rank's buffer + 1.
+    """
     size = 2
 
+    def __init__(self, whole=False):
+        self.offset = 1.0 if whole else 0.5
+
     def allreduce_(self, tensor, what=None):
-        return tensor.mul_(2).add_(1)
+        return tensor.mul_(2).add_(self.offset)
 
     def iallreduce_(self, tensor, op="sum"):
         return tensor
 
     def wait(self, request, what=None):
-        request.mul_(2).add_(1)
+        request.mul_(2).add_(self.offset)
 
 
 class _Odd(nn.Module):
@@ -472,6 +480,119 @@ def test_gradients_kept_outside_the_slices_are_reduced_with_and_without_overlap(
         # Assert
         for (name, p), q in zip(model.named_parameters(), reference.parameters()):
             torch.testing.assert_close(p.grad, q.grad.to_dense() + 0.5, msg=f"step {step} {name}")
+
+
+# -- op="average" divides as gradients enter the buckets --------------------------------
+
+def _slices(reducer):
+    return {id(p): v for b in reducer.buckets for p, v in zip(b.params, b.views)}
+
+
+def _want(expected, name, p, plus=0.0):
+    return (torch.zeros_like(p) if expected[name] is None else expected[name]) + plus
+
+
+@pytest.mark.parametrize("op, share", [("average", 0.5), ("sum", 1.0)])
+def test_until_the_reduction_each_slice_holds_this_ranks_share_and_the_result_needs_no_division(op, share):
+    # Prepare
+    model = _model()
+    expected = _reference_grads(model)
+    reducer = GradientReducer(model.parameters(), _TwoRanks(whole=op == "sum"), bucket_mb=1e-4, op=op)
+    _poisoned(reducer)
+    slices = _slices(reducer)
+
+    # Execute
+    _loss(model).backward()
+    reducer.attach_grads()
+    before = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    reducer.allreduce_grads()
+
+    # Assert: shares exact (a power of two), .grad the slice, and the reduced average local + 0.5 exactly
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad.data_ptr() == slices[id(p)].data_ptr(), name
+            torch.testing.assert_close(before[name], _want(expected, name, p) * share, rtol=0, atol=0)
+            if op == "average":
+                torch.testing.assert_close(p.grad, _want(expected, name, p, 0.5), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("start", ["zero_grad", "in_place_zeros", "after_a_reduction", "create_graph", "attached"])
+def test_a_second_backward_adds_its_share_however_the_first_gradient_got_into_the_slice(start):
+    # Prepare: the first gradient stolen into the slice, accumulated into zeros, on top of the last
+    # result, or attached before; the second adds to it (with create_graph: out of place)
+    model = _model()
+    first, second = _reference_grads(model, seed=1), _reference_grads(model, seed=2)
+    reducer = GradientReducer(model.parameters(), _TwoRanks(), bucket_mb=1e-4)
+    previous = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    if start == "after_a_reduction":
+        _loss(model, seed=3).backward()
+        reducer.allreduce_grads()
+        previous = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    else:
+        reducer.zero_grad(set_to_none=start != "in_place_zeros")
+
+    # Execute
+    _loss(model, seed=1).backward()
+    if start == "attached":
+        reducer.attach_grads()
+    _loss(model, seed=2).backward(create_graph=start == "create_graph")
+    reducer.allreduce_grads()
+
+    # Assert: the average of (previous + first + second) and that + 1
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            want = previous[name] + _want(first, name, p) + _want(second, name, p) + 0.5
+            torch.testing.assert_close(p.grad.detach(), want, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_sparse_gradient_accumulated_into_a_share_is_scaled_too():
+    # Prepare: the embedding's dense slice attached (holding a share); the next sparse gradient adds in place
+    torch.manual_seed(0)
+    model = _Odd()
+    reference = copy.deepcopy(model)
+    x, ids = torch.randn(2, 2, 5, 5), torch.tensor([1, 3])
+    reducer = GradientReducer(model.parameters(), _TwoRanks(), bucket_mb=1e-9)
+    reducer.zero_grad()
+
+    # Execute
+    for _ in range(2):
+        model(x, ids).pow(2).sum().backward()
+        reducer.attach_grads()
+        reference(x, ids).pow(2).sum().backward()
+    reducer.allreduce_grads()
+
+    # Assert
+    assert not model.embedding.weight.grad.is_sparse
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad.to_dense() + 0.5, msg=name)
+
+
+def test_reducers_sharing_parameters_divide_after_the_reduction_and_a_lone_one_divides_on_entry_again():
+    # Prepare: the first writes shares, then a second on the same parameters appears before the reduction
+    model = _model()
+    expected = _reference_grads(model)
+    ranks = _TwoRanks(whole=True)
+    first = GradientReducer(model.parameters(), ranks, bucket_mb=1e-4)
+    first.zero_grad()
+    _loss(model).backward()
+    second = GradientReducer(model.parameters(), ranks, bucket_mb=1e-4)
+
+    # Execute / Assert: whole gradients from now on, each reducer's average exact
+    for reducer in (first, second, first):
+        reducer.allreduce_grads()
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, _want(expected, name, p, 0.5), rtol=0, atol=0, msg=name)
+        reducer.zero_grad()
+        _loss(model).backward()
+    del second
+    gc.collect()
+    first.zero_grad()
+    _loss(model).backward()
+    first.attach_grads()
+    for name, p in model.named_parameters():  # alone again: shares
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, _want(expected, name, p) * 0.5, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("bucket_mb", [0, -1.0])
