@@ -160,7 +160,7 @@ class GradientReducer:
             if grad.is_sparse or torch.is_grad_enabled() or not bucket.params[k].is_contiguous():
                 return None
             shared[k] = self._round
-            out = bucket.views[k].view(bucket.views[k].shape)
+            out = bucket.views[k].detach()  # a fresh tensor on the slice: autograd keeps it, uncopied
             return (out.copy_(grad) if self._share is None else torch.mul(grad, self._share, out=out),)
         if self._share is None or not bucket.holds(k):
             return None  # plain accumulation (attach_grads() brings a `.grad` kept elsewhere in)
