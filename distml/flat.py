@@ -61,7 +61,7 @@ class Bucket:
         if p.grad is None:
             view.zero_()
         elif p.grad.is_sparse:  # a sparse Embedding's first gradient: reduced as a dense one
-            view.copy_(p.grad.to_dense())
+            view.copy_(p.grad.detach().to_dense())
         elif p.grad.data_ptr() != view.data_ptr():
             view.copy_(p.grad.detach())  # detached: a create_graph gradient requires grad
         if scale is not None:

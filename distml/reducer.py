@@ -91,14 +91,12 @@ class GradientReducer:
         params = list({id(p): p for p in params if p.requires_grad}.values())  # each once
         if any(p.device.type != "cpu" for p in params):
             raise ValueError("distml reduces CPU tensors; move the model to the CPU")
-        self.comm = comm
-        self.op = op
-        self._params = {id(p) for p in params}
-        _LIVE.add(self)
-        _GENERATION[0] += 1
-        for other in list(_LIVE):  # before the new buckets copy their gradients: whole ones, not shares
-            if other is not self:
-                other._check_sharing()
+        self.comm, self.op = comm, op
+        # The share: 1/size while no other reducer holds these parameters (op="average"), else None.
+        # _round counts reductions; _shared[i][k] == _round: bucket i's slice k holds its share.
+        self._params, self._share, self._generation, self._round = {id(p) for p in params}, None, None, 0
+        self.buckets, self._shared, self.overlap = [], [], False  # what others' _check_sharing() reads
+        self._join_live()
         plan = plan_buckets(params, int(bucket_mb * 2**20))
         self.buckets = [Bucket(b, extra=control if i == len(plan) - 1 else 0) for i, b in enumerate(plan)]
         self.control = self.buckets[-1].extra if self.buckets else torch.zeros(0)
@@ -106,10 +104,7 @@ class GradientReducer:
         self._labels = [[f"bucket {i + 1} of {len(self.buckets)}" + (f", piece {j + 1} of {len(pieces)}"
                                                                      if len(pieces) > 1 else "")
                          for j in range(len(pieces))] for i, pieces in enumerate(self._pieces)]  # the call record's
-        # The share: 1/size while no other reducer holds these parameters (op="average"), else None.
-        # _round counts reductions; _shared[i][k] == _round: bucket i's slice k holds its share.
-        self._share, self._generation = None, None
-        self._round, self._shared = 0, [[-1] * len(b.params) for b in self.buckets]
+        self._shared = [[-1] * len(b.params) for b in self.buckets]
         self._accumulators, hooks = [], []  # accumulators kept, or their hooks go with them
         for i, bucket in enumerate(self.buckets):
             for k, p in enumerate(bucket.params):
@@ -173,6 +168,17 @@ class GradientReducer:
             bucket.take(k, self._share)
             shared[k] = self._round
         return (grad * self._share,)
+
+    def _join_live(self):
+        """Join the live reducers; those sharing a parameter make their shares whole (the new buckets copy them)."""
+        sharing = [other for other in list(_LIVE) if other._params & self._params]
+        if any(other.overlap and other._started for other in sharing):
+            raise RuntimeError("a GradientReducer over parameters whose bucket reductions, started by backward(), "
+                               "are in flight: call allreduce_grads() (the optimizer's step()) on the first one before")
+        _LIVE.add(self)
+        _GENERATION[0] += 1
+        for other in sharing:
+            other._check_sharing()
 
     def _check_sharing(self):
         """Divide as gradients enter the buckets only while no other reducer holds these parameters.

@@ -595,6 +595,110 @@ def test_reducers_sharing_parameters_divide_after_the_reduction_and_a_lone_one_d
             torch.testing.assert_close(p.grad, _want(expected, name, p) * 0.5, rtol=0, atol=0, msg=name)
 
 
+def test_a_lone_reducer_left_by_the_other_in_mid_step_sends_whole_gradients_as_shares():
+    # Prepare: two reducers (whole gradients in the slices), the other one goes before the reduction
+    model = _model()
+    expected = _reference_grads(model)
+    first = GradientReducer(model.parameters(), _TwoRanks(), bucket_mb=1e-4)
+    second = GradientReducer(model.parameters(), _TwoRanks(), bucket_mb=1e-4)
+    first.zero_grad()
+    _loss(model).backward()
+    first.attach_grads()
+    del second
+    gc.collect()
+
+    # Execute
+    first.allreduce_grads()
+
+    # Assert
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, _want(expected, name, p, 0.5), rtol=0, atol=0, msg=name)
+
+
+def test_with_overlap_a_backward_after_the_reduction_adds_to_the_average():
+    # Prepare
+    model = _model()
+    first, second = _reference_grads(model, seed=1), _reference_grads(model, seed=2)
+    reducer = GradientReducer(model.parameters(), _TwoRanks(), bucket_mb=1e-4, overlap=True)
+    reducer.zero_grad()
+    _loss(model, seed=1).backward()
+    reducer.allreduce_grads()
+
+    # Execute
+    _loss(model, seed=2).backward()
+    reducer.allreduce_grads()
+
+    # Assert
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            want = _want(first, name, p, 0.5) + _want(second, name, p, 0.5)
+            torch.testing.assert_close(p.grad, want, msg=name)
+
+
+def test_a_reducer_over_parameters_with_reductions_in_flight_raises_and_the_first_stays_exact():
+    # Prepare: overlap started all buckets but the last from backward
+    model = _model()
+    expected = _reference_grads(model)
+    first = GradientReducer(model.parameters(), _TwoRanks(), bucket_mb=1e-4, overlap=True)
+    first.zero_grad()
+    _loss(model).backward()
+
+    # Execute / Assert
+    with pytest.raises(RuntimeError, match="in flight"):
+        GradientReducer(model.parameters(), _TwoRanks(), bucket_mb=1e-4)
+    first.allreduce_grads()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, _want(expected, name, p, 0.5), rtol=0, atol=0, msg=name)
+
+
+def test_a_reducer_whose_construction_failed_does_not_break_later_ones(monkeypatch):
+    # Prepare: the bucket allocation fails, and the half-made reducer stays referenced by the traceback
+    model = _model()
+    expected = _reference_grads(model)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("no memory for a bucket")
+    with monkeypatch.context() as patch:
+        patch.setattr("distml.reducer.Bucket", no_memory)
+        with pytest.raises(MemoryError) as failed:
+            GradientReducer(model.parameters(), _TwoRanks())
+
+    # Execute
+    reducer = GradientReducer(model.parameters(), _TwoRanks(whole=True))
+    reducer.zero_grad()
+    _loss(model).backward()
+    reducer.allreduce_grads()
+
+    # Assert
+    assert failed.traceback  # still held
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, _want(expected, name, p, 0.5), rtol=0, atol=0, msg=name)
+
+
+def test_a_sparse_gradient_with_create_graph_is_reduced_detached():
+    # Prepare: the embedding's gradient depends on fc, so with create_graph it requires grad
+    torch.manual_seed(0)
+    embedding, fc = nn.Embedding(10, 4, sparse=True), nn.Linear(4, 1)
+    reference = copy.deepcopy((embedding, fc))
+    ids = torch.tensor([1, 3])
+    reference[1](reference[0](ids)).pow(2).sum().backward()
+    reducer = GradientReducer([*embedding.parameters(), *fc.parameters()], _TwoRanks())
+    reducer.zero_grad()
+
+    # Execute
+    fc(embedding(ids)).pow(2).sum().backward(create_graph=True)
+    reducer.allreduce_grads()
+
+    # Assert
+    for got, want in zip([*embedding.parameters(), *fc.parameters()],
+                         [*reference[0].parameters(), *reference[1].parameters()]):
+        assert not got.grad.requires_grad
+        torch.testing.assert_close(got.grad, want.grad.to_dense() + 0.5)
+
+
 @pytest.mark.parametrize("bucket_mb", [0, -1.0])
 def test_bucket_mb_not_positive_raises_value_error(bucket_mb):
     # Prepare
