@@ -85,6 +85,7 @@ class DistributedOptimizer:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         self.reducer = GradientReducer(params, comm or _comm.world(), bucket_mb=bucket_mb, op=op,
                                        chunk_mb=chunk_mb, compression=compression, overlap=overlap)
+        self._synchronized = False
 
     @property
     def param_groups(self):
@@ -93,14 +94,40 @@ class DistributedOptimizer:
     def zero_grad(self, set_to_none=True):
         """As torch's: None (the fast path, see `reducer`), or zeroed in place with set_to_none=False."""
         self.reducer.zero_grad(set_to_none)
+        self._synchronized = False
 
     def synchronize(self):
-        """Reduce the gradients now (step() calls this)."""
+        """Reduce the gradients now; the next step() does not reduce them again.
+
+        For `backward(); synchronize(); clip_grad_norm_(...); step()`: clipping
+        before it would see this rank's share, not the average.
+        """
         self.reducer.allreduce_grads()
+        self._synchronized = True
 
     def step(self, closure=None):
-        self.synchronize()
-        return self.optimizer.step(closure)
+        """Reduce the gradients (unless synchronize() did since the last step), then step.
+
+        A closure (LBFGS evaluates several) is reduced after each evaluation, and
+        the loss it returns combined over the ranks by `op`, so that every rank
+        takes the same decisions from the same numbers.
+        """
+        if closure is not None:
+            return self.optimizer.step(self._reduced(closure))
+        if not self._synchronized:
+            self.synchronize()
+        self._synchronized = False
+        return self.optimizer.step()
+
+    def _reduced(self, closure):
+        def evaluate():
+            loss = closure()
+            self.reducer.allreduce_grads()
+            if loss is None:
+                return None
+            total = self.reducer.comm.allreduce_(torch.tensor([float(loss.detach())], dtype=torch.float64), what="the loss")
+            return total[0] / (self.reducer.comm.size if self.reducer.op == "average" else 1)
+        return evaluate
 
     def state_dict(self):
         return self.optimizer.state_dict()

@@ -110,6 +110,66 @@ def test_average_in_pieces_equals_one_process_on_equal_batches(chunk_mb):
     assert all((p - q).abs().max().item() <= 1e-5 for p, q in zip(model.parameters(), reference.parameters()))
 
 
+def _equal_shards(step, size, rank, per_rank=8):
+    rows = torch.arange(step * per_rank * size, (step + 1) * per_rank * size)
+    return rows[rank * per_rank:(rank + 1) * per_rank], rows
+
+
+@pytest.mark.mpi(min_size=2)
+def test_clipping_between_synchronize_and_step_equals_one_process_and_step_reduces_nothing_more():
+    X, y = _data(n=48 * distml.size())
+    model, reference = _model(), _model()
+    opt = distml.DistributedOptimizer(_optimizer("sgd", model.parameters()), model)
+    ref_opt = _optimizer("sgd", reference.parameters())
+    world = distml.init()
+
+    for step in range(6):
+        mine, rows = _equal_shards(step, distml.size(), distml.rank())
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X[mine]), y[mine]).backward()
+        opt.synchronize()
+        norm = nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        sent = world.bytes_sent
+        opt.step()
+        assert world.bytes_sent == sent  # synchronize() did the reduction
+        ref_opt.zero_grad()
+        nn.functional.cross_entropy(reference(X[rows]), y[rows]).backward()
+        ref_norm = nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+        ref_opt.step()
+        assert abs(norm.item() - ref_norm.item()) <= 1e-5 * ref_norm.item()
+
+    assert ref_norm.item() > 0.05  # the clipping acted
+    assert all((p - q).abs().max().item() <= 1e-5 for p, q in zip(model.parameters(), reference.parameters()))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_lbfgs_closure_steps_equal_one_process():
+    X, y = _data(n=16 * distml.size())
+    model, reference = _model().double(), _model().double()
+    opt = distml.DistributedOptimizer(torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5), model)
+    ref_opt = torch.optim.LBFGS(reference.parameters(), lr=0.5, max_iter=5)
+    mine, rows = _equal_shards(0, distml.size(), distml.rank(), per_rank=16)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(X[mine].double()), y[mine])
+        loss.backward()
+        return loss
+
+    def ref_closure():
+        ref_opt.zero_grad()
+        loss = nn.functional.cross_entropy(reference(X[rows].double()), y[rows])
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        loss, ref_loss = opt.step(closure), ref_opt.step(ref_closure)
+        assert abs(loss.item() - ref_loss.item()) <= 1e-10
+
+    assert ref_opt.state[ref_opt._params[0]]["func_evals"] > 3  # several evaluations per step
+    assert all((p - q).abs().max().item() <= 1e-9 for p, q in zip(model.parameters(), reference.parameters()))
+
+
 @pytest.mark.mpi(min_size=2)
 def test_half_precision_reduction_costs_at_most_a_point_of_accuracy_on_digits():
     runs = {c: distml.train(epochs=10, batch_size=16, quiet=True, compression=c, lr_schedule="constant",
