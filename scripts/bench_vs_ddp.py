@@ -112,6 +112,8 @@ def worker(args):
     from mpi4py import MPI
     elapsed = world.mpi_comm.allreduce(time.perf_counter() - started, op=MPI.MAX)
     rss = world.mpi_comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, root=0)
+    if args.variant == "ddp":  # gloo's threads left running can abort the interpreter's exit
+        torch.distributed.destroy_process_group()
     if world.is_root:
         print(json.dumps({"ms": 1e3 * elapsed / args.steps, "rss_mb": max(rss)}), flush=True)
 
