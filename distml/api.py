@@ -97,40 +97,60 @@ class DistributedOptimizer:
         self._synchronized = False
 
     def synchronize(self):
-        """Reduce the gradients now; the next step() does not reduce them again.
+        """Reduce the gradients now; step() then steps on them without reducing again.
 
         For `backward(); synchronize(); clip_grad_norm_(...); step()`: clipping
-        before it would see this rank's share, not the average.
+        before it would see this rank's share, not the average. A backward (or
+        a `.grad` replaced) after synchronize() is reduced by step() as usual.
         """
         self.reducer.allreduce_grads()
         self._synchronized = True
 
     def step(self, closure=None):
-        """Reduce the gradients (unless synchronize() did since the last step), then step.
+        """Reduce the gradients (unless synchronize() did and nothing changed since), then step.
 
-        A closure (LBFGS evaluates several) is reduced after each evaluation, and
-        the loss it returns combined over the ranks by `op`, so that every rank
-        takes the same decisions from the same numbers.
+        A closure (LBFGS evaluates several) is reduced after each evaluation,
+        and the loss it returns combined over the ranks by `op`, so that every
+        rank takes the same decisions from the same numbers.
         """
+        synchronized, self._synchronized = self._synchronized, False
         if closure is not None:
-            return self.optimizer.step(self._reduced(closure))
-        if not self._synchronized:
-            self.synchronize()
-        self._synchronized = False
+            comm = self.reducer.comm
+            return self.optimizer.step(reduced_closure(closure, self._reduce_changed, comm.allreduce_, comm.size,
+                                                       average=self.reducer.op == "average"))
+        if not (synchronized and self.reducer.reduced()):
+            self.reducer.allreduce_grads()
         return self.optimizer.step()
 
-    def _reduced(self, closure):
-        def evaluate():
-            loss = closure()
+    def _reduce_changed(self):
+        if not self.reducer.reduced():
             self.reducer.allreduce_grads()
-            if loss is None:
-                return None
-            total = self.reducer.comm.allreduce_(torch.tensor([float(loss.detach())], dtype=torch.float64), what="the loss")
-            return total[0] / (self.reducer.comm.size if self.reducer.op == "average" else 1)
-        return evaluate
 
     def state_dict(self):
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state):
+        self._synchronized = False
         self.optimizer.load_state_dict(state)
+
+
+def reduced_closure(closure, reduce, allreduce_sum, size, *, average):
+    """`closure` for an optimizer's step(): gradients reduced after each evaluation, the loss combined.
+
+    Every rank then sees the same gradients and the same loss, so an optimizer
+    that decides from them (LBFGS's line search and stopping tests) takes the
+    same path everywhere. The loss comes back detached, as the closure's type:
+    a tensor of its dtype, or a float.
+    """
+    def evaluate():
+        loss = closure()
+        reduce()
+        value = 0.0 if loss is None else float(loss.detach() if torch.is_tensor(loss) else loss)
+        total = allreduce_sum(torch.tensor([value, loss is not None], dtype=torch.float64))
+        if total[1].item() not in (0, size):  # the same sum everywhere, so every rank raises
+            raise ValueError("the closure returned a loss on some ranks and None on others")
+        if loss is None:
+            return None
+        combined = total[0].item() / (size if average else 1)
+        return torch.tensor(combined, dtype=loss.dtype) if torch.is_tensor(loss) else combined
+    return evaluate

@@ -96,6 +96,7 @@ class GradientReducer:
         # _round counts reductions; _shared[i][k] == _round: bucket i's slice k holds its share.
         self._params, self._share, self._generation, self._round = {id(p) for p in params}, None, None, 0
         self.buckets, self._shared, self.overlap = [], [], False  # what others' _check_sharing() reads
+        self._arrivals, self._reduced_at = 0, -1  # gradients backward brought; their count at the last reduction
         self._join_live()
         plan = plan_buckets(params, int(bucket_mb * 2**20))
         self.buckets = [Bucket(b, extra=control if i == len(plan) - 1 else 0) for i, b in enumerate(plan)]
@@ -149,6 +150,7 @@ class GradientReducer:
         later backward accumulates into the slice: its share, for the average.
         """
         (grad,) = grads
+        self._arrivals += 1
         self._check_sharing()
         bucket, shared = self.buckets[i], self._shared[i]
         if bucket.params[k].grad is None:
@@ -199,6 +201,11 @@ class GradientReducer:
                     shared[k] = -1
             self._share = share
 
+    def reduced(self):
+        """Whether the buckets still hold the last reduction's result (no backward since, no `.grad` replaced)."""
+        return (self._reduced_at == self._arrivals and not (self.overlap and self._started)
+                and all(bucket.holds(k) for bucket in self.buckets for k in range(len(bucket.params))))
+
     def attach_grads(self):
         """Make every `.grad` a view of its bucket slice (a zero one where backward left it None).
 
@@ -232,7 +239,7 @@ class GradientReducer:
                 else:
                     self.comm.allreduce_(piece.wire.copy_(piece.data), what=label)
                 self._unpack(piece)
-        self._round += 1
+        self._round, self._reduced_at = self._round + 1, self._arrivals
 
     def _unpack(self, piece):
         """A reduced piece back into float32 (from its half twin); divided for an average of whole gradients."""
@@ -283,7 +290,7 @@ class GradientReducer:
                 self.comm.wait(request, what=label)
                 self._unpack(piece)
         self._ready, self._started = [0] * len(self.buckets), []
-        self._round += 1
+        self._round, self._reduced_at = self._round + 1, self._arrivals
 
 
 def weak_grad_hook(owner, method, *args):

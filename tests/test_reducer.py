@@ -699,6 +699,23 @@ def test_a_sparse_gradient_with_create_graph_is_reduced_detached():
         torch.testing.assert_close(got.grad, want.grad.to_dense() + 0.5)
 
 
+def test_reduced_says_whether_the_buckets_still_hold_the_last_result():
+    # Prepare
+    model = _model()
+    reducer = GradientReducer(model.parameters(), _TwoRanks(), bucket_mb=1e-4)
+    before = reducer.reduced()
+    _loss(model).backward()
+    reducer.allreduce_grads()
+
+    # Execute / Assert: a reduction makes it true; a backward, or a replaced .grad, false again
+    assert not before and reducer.reduced()
+    _loss(model).backward()
+    assert not reducer.reduced()
+    reducer.allreduce_grads()
+    model.fc.bias.grad = torch.zeros(5)
+    assert not reducer.reduced()
+
+
 @pytest.mark.parametrize("bucket_mb", [0, -1.0])
 def test_bucket_mb_not_positive_raises_value_error(bucket_mb):
     # Prepare

@@ -13,9 +13,11 @@ backward passes, for Horovod's check that `backward_passes_per_step` holds.
 import os
 import warnings
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 
+from ..api import reduced_closure
 from ..reducer import GradientReducer, weak_grad_hook
 from . import mpi_ops
 from .basics import Adasum, Average, Sum, _check_process_set, global_process_set, size
@@ -117,6 +119,17 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._should_synchronize = True
 
     def step(self, closure=None):
+        """Horovod's, except that a closure is reduced after each evaluation (see distml.api.reduced_closure).
+
+        Horovod reduces before the closure runs, so LBFGS stepped on unreduced gradients.
+        """
+        if closure is not None:
+            loss_sum = partial(mpi_ops.allreduce, op=Sum, name="DistributedOptimizer closure loss")
+            try:
+                return self.optimizer.step(reduced_closure(closure, self.synchronize, loss_sum, size(),
+                                                           average=self.op == Average))
+            finally:
+                self._synchronized = False
         if self._should_synchronize:
             if self._synchronized:
                 warnings.warn("optimizer.step() called without optimizer.skip_synchronize() context after "
@@ -125,7 +138,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                               "optimizer.synchronize() in your code.")
             self.synchronize()
         self._synchronized = False
-        return self.optimizer.step(closure)
+        return self.optimizer.step()
 
     def zero_grad(self, set_to_none=True):
         """As torch's: None, and backward writes the next gradients into the buckets (see distml.reducer)."""

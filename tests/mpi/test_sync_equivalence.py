@@ -142,25 +142,32 @@ def test_clipping_between_synchronize_and_step_equals_one_process_and_step_reduc
     assert all((p - q).abs().max().item() <= 1e-5 for p, q in zip(model.parameters(), reference.parameters()))
 
 
+def _lbfgs_pair(make_optimizer, size):
+    """(model, distributed LBFGS, closure) on this rank's rows, and the same on all rows, float64."""
+    X, y = _data(n=16 * size)
+    mine, rows = _equal_shards(0, size, distml.rank() if size > 1 else 0, per_rank=16)
+    pairs = []
+    for opt_of, part in ((make_optimizer, mine), (lambda o, m: o, rows)):
+        model = _model().double()
+        opt = opt_of(torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5), model)
+
+        def closure(model=model, opt=opt, part=part):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(X[part].double()), y[part])
+            loss.backward()
+            return loss
+        pairs.append((model, opt, closure))
+    return pairs
+
+
 @pytest.mark.mpi(min_size=2)
-def test_lbfgs_closure_steps_equal_one_process():
-    X, y = _data(n=16 * distml.size())
-    model, reference = _model().double(), _model().double()
-    opt = distml.DistributedOptimizer(torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5), model)
-    ref_opt = torch.optim.LBFGS(reference.parameters(), lr=0.5, max_iter=5)
-    mine, rows = _equal_shards(0, distml.size(), distml.rank(), per_rank=16)
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(X[mine].double()), y[mine])
-        loss.backward()
-        return loss
-
-    def ref_closure():
-        ref_opt.zero_grad()
-        loss = nn.functional.cross_entropy(reference(X[rows].double()), y[rows])
-        loss.backward()
-        return loss
+@pytest.mark.parametrize("api", ["distml", "horovod"])
+def test_lbfgs_closure_steps_equal_one_process(api):
+    import distml.horovod as hvd
+    hvd.init()
+    wrap = {"distml": lambda o, m: distml.DistributedOptimizer(o, m),
+            "horovod": lambda o, m: hvd.DistributedOptimizer(o, named_parameters=m.named_parameters())}[api]
+    (model, opt, closure), (reference, ref_opt, ref_closure) = _lbfgs_pair(wrap, distml.size())
 
     for _ in range(3):
         loss, ref_loss = opt.step(closure), ref_opt.step(ref_closure)
@@ -168,6 +175,55 @@ def test_lbfgs_closure_steps_equal_one_process():
 
     assert ref_opt.state[ref_opt._params[0]]["func_evals"] > 3  # several evaluations per step
     assert all((p - q).abs().max().item() <= 1e-9 for p, q in zip(model.parameters(), reference.parameters()))
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_backward_after_synchronize_is_reduced_by_step(overlap):
+    X, y = _data(n=16 * distml.size())
+    model, reference = _model(), _model()
+    opt = distml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, overlap=overlap)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+
+    for step in range(2):  # the first global batch, synchronize(), the second added, step()
+        mine, rows = _equal_shards(step, distml.size(), distml.rank())
+        nn.functional.cross_entropy(model(X[mine]), y[mine]).backward()
+        if step == 0:
+            opt.synchronize()
+        nn.functional.cross_entropy(reference(X[rows]), y[rows]).backward()
+    opt.step()
+    ref_opt.step()
+
+    assert all((p - q).abs().max().item() <= 1e-6 for p, q in zip(model.parameters(), reference.parameters()))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_closure_after_synchronize_that_only_returns_the_loss_reduces_nothing_more():
+    X, y = _data(n=8 * distml.size())
+    model, reference = _model(), _model()
+    opt = distml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, op="sum")
+    mine, rows = _equal_shards(0, distml.size(), distml.rank())
+    loss = nn.functional.cross_entropy(model(X[mine]), y[mine], reduction="sum") / len(rows)
+    loss.backward()
+    opt.synchronize()
+
+    returned = opt.step(lambda: loss.item())  # a float is a loss too (torch's SGD takes it)
+    ref_loss = nn.functional.cross_entropy(reference(X[rows]), y[rows])
+    ref_loss.backward()
+    torch.optim.SGD(reference.parameters(), lr=0.1).step()
+
+    assert isinstance(returned, float) and abs(returned - ref_loss.item()) <= 1e-6
+    assert all((p - q).abs().max().item() <= 1e-6 for p, q in zip(model.parameters(), reference.parameters()))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_closure_returning_none_on_some_ranks_raises_on_every_rank():
+    model = _model()
+    opt = distml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+
+    with pytest.raises(ValueError, match="None on others"):
+        opt.step(lambda: None if distml.rank() == 0 else torch.tensor(1.0))
+    assert opt.step(lambda: None) is None  # None everywhere is fine
 
 
 @pytest.mark.mpi(min_size=2)
