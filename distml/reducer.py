@@ -158,7 +158,7 @@ class GradientReducer:
                 return None
             shared[k] = self._round
             out = bucket.views[k].detach()  # a fresh tensor on the slice: autograd keeps it, uncopied
-            return (out.copy_(grad) if self._share is None else torch.mul(grad, self._share, out=out),)
+            return (out.copy_(grad) if self._share is None else torch.mul(grad, self._share_t, out=out),)
         if self._share is None or not bucket.holds(k):
             return None  # plain accumulation (attach_grads() brings a `.grad` kept elsewhere in)
         if torch.is_grad_enabled():  # create_graph: autograd adds out of place, so the slice is left behind
@@ -192,14 +192,16 @@ class GradientReducer:
             return
         self._generation = _GENERATION[0]
         alone = not any(other is not self and other._params & self._params for other in list(_LIVE))
-        share = 1.0 / self.comm.size if alone and self.op == "average" and self.comm.size > 1 else None
-        if share != self._share:
+        share = alone and self.op == "average" and self.comm.size > 1
+        if share != (self._share is not None):
             for bucket, shared in zip(self.buckets, self._shared):
                 for k, view in enumerate(bucket.views):
                     if self._share is not None and shared[k] == self._round and bucket.holds(k):
                         view.mul_(self.comm.size)  # a share made whole again
                     shared[k] = -1
-            self._share = share
+            self._share = 1.0 / self.comm.size if share else None
+            # as a 0-dim tensor for the hook's torch.mul(..., out=): 1 us on a small gradient, with a float 2.6
+            self._share_t = torch.tensor(self._share, dtype=torch.float64) if share else None
 
     def reduced(self):
         """Whether the buckets still hold the last reduction's result (no backward since, no `.grad` replaced)."""
