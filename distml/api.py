@@ -10,6 +10,8 @@
 
 The CLI trainer uses exactly these pieces.
 """
+import sys
+
 import torch
 
 from . import comm as _comm
@@ -20,8 +22,26 @@ __all__ = ["init", "rank", "size", "is_root", "allreduce", "broadcast_parameters
 
 
 def init():
-    """Start MPI (idempotent) and return the world communicator."""
-    return _comm.world()
+    """Start MPI (idempotent) and return the world communicator.
+
+    With several ranks, an uncaught exception then ends the whole job: its
+    traceback, one line naming the rank, MPI Abort. Without that the failed
+    rank finalizes MPI and exits, and the others wait in their next collective
+    forever (mpirun was still waiting after 60 s).
+    """
+    world = _comm.world()
+    if world.size > 1 and sys.excepthook is sys.__excepthook__:
+        sys.excepthook = _aborting_excepthook(world)
+    return world
+
+
+def _aborting_excepthook(world):
+    def hook(kind, value, traceback):
+        sys.__excepthook__(kind, value, traceback)
+        print(f"distml: rank {world.rank} of {world.size} failed: {kind.__name__}: {value} (aborting all ranks)",
+              file=sys.stderr, flush=True)
+        world.abort(130 if issubclass(kind, KeyboardInterrupt) else 1)
+    return hook
 
 
 def rank():

@@ -13,7 +13,7 @@ from distml.checkpoint import newest_checkpoint
 from distml.cli import parse_config
 from distml.strategies import federated
 from distml.trainer import run
-from launch import ROOT, launch, summary
+from launch import ROOT, launch, launch_python, summary
 
 MODEL = str(ROOT / "tests" / "mpi" / "fault_model.py") + ":make"
 BASE = ("train", "--model", MODEL, "--quiet", "--batch-size", 16)
@@ -165,3 +165,22 @@ def test_async_losing_a_worker_finishes_the_budget_with_the_others(tmp_path):
     assert s["updates_applied"] == 2 * 3 * 30  # 1437 samples in 3 shards of 479: 30 batches of 16 each
     assert [r["rank"] for r in s["ranks_lost"]] == [2] and len(s["worker_samples"]) == 2
     assert s["test_accuracy"] > 0.8
+
+
+# -- the Python API ---------------------------------------------------------------------
+def test_an_uncaught_exception_in_a_python_api_script_ends_every_rank_by_name(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("import distml\n"
+                      "distml.init()\n"
+                      "if distml.rank() == 1:\n"
+                      "    raise RuntimeError('boom')\n"
+                      "distml.allreduce(1.0)  # rank 0 waits here for a rank that is gone\n"
+                      "print('rank', distml.rank(), 'finished')\n")
+
+    started = time.monotonic()
+    done = launch_python(2, script, timeout=60)
+
+    assert done.returncode != 0
+    assert time.monotonic() - started < 30
+    assert "distml: rank 1 of 2 failed: RuntimeError: boom (aborting all ranks)" in done.stderr
+    assert "Traceback" in done.stderr and "finished" not in done.stdout
