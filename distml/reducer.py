@@ -94,7 +94,8 @@ class GradientReducer:
         self.comm, self.op = comm, op
         # The share: 1/size while no other reducer holds these parameters (op="average"), else None.
         # _round counts reductions; _shared[i][k] == _round: bucket i's slice k holds its share.
-        self._params, self._share, self._generation, self._round = {id(p) for p in params}, None, None, 0
+        self._params, self._share, self._share_t = {id(p) for p in params}, None, None
+        self._generation, self._round = None, 0
         self.buckets, self._shared, self.overlap = [], [], False  # what others' _check_sharing() reads
         self._arrivals, self._reduced_at = 0, -1  # gradients backward brought; their count at the last reduction
         self._join_live()
@@ -221,9 +222,8 @@ class GradientReducer:
         self._check_sharing()
         bucket, shared = self.buckets[i], self._shared[i]
         for k in range(len(bucket.params)):
-            if not bucket.holds(k):  # None (unused parameter, no backward) or kept elsewhere
-                bucket.take(k, self._share)
-            elif self._share is not None and shared[k] != self._round:
+            # None (unused parameter, no backward), kept elsewhere, or a whole value in a slice meant for a share
+            if not bucket.holds(k) or (self._share is not None and shared[k] != self._round):
                 bucket.take(k, self._share)
             shared[k] = self._round
 
