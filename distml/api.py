@@ -136,14 +136,23 @@ class DistributedOptimizer:
         synchronized, self._synchronized = self._synchronized, False
         if closure is not None:
             comm = self.reducer.comm
-            return self.optimizer.step(reduced_closure(closure, self._reduce_changed, comm.allreduce_, comm.size,
-                                                       average=self.reducer.op == "average"))
-        if not (synchronized and self.reducer.reduced()):
+            return self.optimizer.step(reduced_closure(closure, self._reduce_unless_reduced, comm.allreduce_,
+                                                       comm.size, average=self.reducer.op == "average"))
+        if synchronized:
+            self._reduce_unless_reduced()
+        else:
             self.reducer.allreduce_grads()
         return self.optimizer.step()
 
-    def _reduce_changed(self):
-        if not self.reducer.reduced():
+    def _reduce_unless_reduced(self):
+        """Reduce unless every rank's buckets still hold the last result.
+
+        The ranks agree first (one int64 MAX): a rank without data may have
+        skipped its backward, and deciding alone it would skip an Allreduce
+        the others wait in.
+        """
+        changed = torch.tensor([0 if self.reducer.reduced() else 1], dtype=torch.int64)
+        if self.reducer.comm.allreduce_max_(changed, what="whether gradients changed since the reduction").item():
             self.reducer.allreduce_grads()
 
     def state_dict(self):

@@ -198,6 +198,34 @@ def test_a_backward_after_synchronize_is_reduced_by_step(overlap):
 
 
 @pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("closure", [False, True])
+def test_a_backward_after_synchronize_on_rank_0_only_is_reduced_on_every_rank(closure):
+    # Prepare: every rank's first batch, synchronize(); then only rank 0 has data for a second backward
+    X, y = _data(n=16 * distml.size())
+    size, rank = distml.size(), distml.rank()
+    model, reference = _model(), _model()
+    opt = distml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    mine, rows = _equal_shards(0, size, rank)
+    nn.functional.cross_entropy(model(X[mine]), y[mine]).backward()
+    opt.synchronize()
+    extra, _ = _equal_shards(1, size, 0)
+
+    def second():
+        if rank == 0:
+            nn.functional.cross_entropy(model(X[extra]), y[extra]).backward()
+        return None
+
+    # Execute: ranks disagree on whether their gradients changed; none may skip the Allreduce alone
+    opt.step(second) if closure else (second(), opt.step())
+
+    # Assert: the average of the first batch, plus rank 0's second gradient over the size
+    nn.functional.cross_entropy(reference(X[rows]), y[rows]).backward()
+    (nn.functional.cross_entropy(reference(X[extra]), y[extra]) / size).backward()
+    torch.optim.SGD(reference.parameters(), lr=0.1).step()
+    assert all((p - q).abs().max().item() <= 1e-6 for p, q in zip(model.parameters(), reference.parameters()))
+
+
+@pytest.mark.mpi(min_size=2)
 def test_a_closure_after_synchronize_that_only_returns_the_loss_reduces_nothing_more():
     X, y = _data(n=8 * distml.size())
     model, reference = _model(), _model()
