@@ -174,7 +174,7 @@ class GradientReducer:
 
     def _join_live(self):
         """Join the live reducers; those sharing a parameter make their shares whole (the new buckets copy them)."""
-        sharing = [other for other in list(_LIVE) if other._params & self._params]
+        sharing = self._sharing()
         if any(other.overlap and other._started for other in sharing):
             raise RuntimeError("a GradientReducer over parameters whose bucket reductions, started by backward(), "
                                "are in flight: call allreduce_grads() (the optimizer's step()) on the first one before")
@@ -182,6 +182,10 @@ class GradientReducer:
         _GENERATION[0] += 1
         for other in sharing:
             other._check_sharing()
+
+    def _sharing(self):
+        """The other live reducers holding any of these parameters."""
+        return [other for other in list(_LIVE) if other is not self and other._params & self._params]
 
     def _check_sharing(self):
         """Divide as gradients enter the buckets only while no other reducer holds these parameters.
@@ -192,8 +196,7 @@ class GradientReducer:
         if self._generation == _GENERATION[0] or (self.overlap and self._started):
             return
         self._generation = _GENERATION[0]
-        alone = not any(other is not self and other._params & self._params for other in list(_LIVE))
-        share = alone and self.op == "average" and self.comm.size > 1
+        share = not self._sharing() and self.op == "average" and self.comm.size > 1
         if share != (self._share is not None):
             for bucket, shared in zip(self.buckets, self._shared):
                 for k, view in enumerate(bucket.views):
