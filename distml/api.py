@@ -11,6 +11,7 @@
 The CLI trainer uses exactly these pieces.
 """
 import sys
+import time
 
 import torch
 
@@ -31,16 +32,30 @@ def init():
     """
     world = _comm.world()
     if world.size > 1 and sys.excepthook is sys.__excepthook__:
-        sys.excepthook = _aborting_excepthook(world)
+        sys.excepthook = aborting_excepthook(lambda: world)
     return world
 
 
-def _aborting_excepthook(world):
-    def hook(kind, value, traceback):
-        sys.__excepthook__(kind, value, traceback)
-        print(f"distml: rank {world.rank} of {world.size} failed: {kind.__name__}: {value} (aborting all ranks)",
+_REPORT_WAIT_S = 10.0
+
+
+def aborting_excepthook(comm_of, name="distml"):
+    """A sys.excepthook ending the whole job: the traceback, one line naming the rank, MPI Abort.
+
+    `comm_of()` gives the communicator to abort. An error every rank raises
+    alike (marked `error.everywhere`, as distml.horovod's disagreements are)
+    is printed by rank 0 only; the others wait for its abort, since aborting
+    first could end rank 0 before it has printed.
+    """
+    def hook(kind, error, tb):
+        comm = comm_of()
+        if getattr(error, "everywhere", False) and comm.rank != 0:
+            time.sleep(_REPORT_WAIT_S)  # rank 0's MPI Abort ends this process; if it never comes, abort
+            comm.abort(1)
+        sys.__excepthook__(kind, error, tb)
+        print(f"{name}: rank {comm.rank} of {comm.size} failed: {kind.__name__}: {error} (aborting all ranks)",
               file=sys.stderr, flush=True)
-        world.abort(130 if issubclass(kind, KeyboardInterrupt) else 1)
+        comm.abort(130 if issubclass(kind, KeyboardInterrupt) else 1)
     return hook
 
 

@@ -6,10 +6,9 @@ over its own duplicate of MPI_COMM_WORLD, so a script's own mpi4py traffic
 cannot be mistaken for Horovod's.
 """
 import sys
-import time
-import traceback
 
 from .. import comm as _comm
+from ..api import aborting_excepthook
 
 __all__ = ["init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size", "cross_rank",
            "cross_size", "is_homogeneous", "mpi_threads_supported", "mpi_enabled", "mpi_built", "gloo_enabled",
@@ -56,7 +55,7 @@ def init(comm=None, process_sets=None):
     _State.comm = _comm.Comm(world.duplicate()) if world.size > 1 else world
     _State.topology = _State.comm.topology()
     if _State.comm.size > 1 and sys.excepthook is sys.__excepthook__:
-        sys.excepthook = _abort_job
+        sys.excepthook = aborting_excepthook(lambda: _State.comm or _comm.world(), "distml.horovod")
 
 
 def _is_whole_world(comm, world):
@@ -197,23 +196,3 @@ class _Elastic:
 
 
 elastic = _Elastic()
-
-
-# -- one failing rank ends the job --------------------------------------------------------------------
-_REPORT_WAIT_S = 10.0
-
-
-def _abort_job(kind, error, tb):
-    """sys.excepthook after init(): print the traceback naming the rank, then end every rank (no hang).
-
-    An error every rank raises alike (HorovodInternalError, a refused
-    argument) is printed by rank 0 only; the others wait for its abort.
-    """
-    comm = _State.comm or _comm.world()
-    if getattr(error, "everywhere", False) and comm.rank != 0:
-        time.sleep(_REPORT_WAIT_S)
-        comm.abort(1)
-    print(f"distml.horovod: rank {comm.rank} of {comm.size} failed; aborting all ranks", file=sys.stderr)
-    traceback.print_exception(kind, error, tb)
-    sys.stderr.flush()
-    comm.abort(1 if not isinstance(error, KeyboardInterrupt) else 130)

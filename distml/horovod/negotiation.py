@@ -135,5 +135,5 @@ def _raise_everywhere(comm, operation, error, joined, join_refused):
 
 
 def _everywhere(error):
-    error.everywhere = True  # every rank raises it: only rank 0 need print it (basics._abort_job)
+    error.everywhere = True  # every rank raises it: only rank 0 need print it (api.aborting_excepthook)
     return error
