@@ -53,8 +53,9 @@ def aborting_excepthook(comm_of, name="distml"):
             time.sleep(_REPORT_WAIT_S)  # rank 0's MPI Abort ends this process; if it never comes, abort
             comm.abort(1)
         sys.__excepthook__(kind, error, tb)
-        print(f"{name}: rank {comm.rank} of {comm.size} failed: {kind.__name__}: {error} (aborting all ranks)",
-              file=sys.stderr, flush=True)
+        what = f"{kind.__name__}: {error}" if str(error) else kind.__name__
+        print(f"{name}: rank {comm.rank} of {comm.size} failed: {what} (aborting all ranks)", file=sys.stderr,
+              flush=True)
         comm.abort(130 if issubclass(kind, KeyboardInterrupt) else 1)
     return hook
 

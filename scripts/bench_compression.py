@@ -1,19 +1,22 @@
 """What half-precision reduction saves and costs: bytes, accuracy and speed on digits.
 
-    python scripts/bench_compression.py [--seeds 5] [--models mlp,cnn] [--epochs 20]
+    python scripts/bench_compression.py [--seeds 5] [--models mlp,cnn] [--epochs 20] [--out PREFIX]
 
 Runs the real CLI, `mpirun -n 2 python -m distml train --compression C`, for
 C in none, fp16 and bf16 with the same seed side by side (in rotating order),
 over --seeds seeds and each model, default settings otherwise (batch 32 per
-rank, SGD with momentum, cosine schedule). The accuracy cost is paired: each
-seed's half-precision test accuracy minus float32's with that seed, in points
+rank, 1 thread per rank, SGD with momentum, cosine schedule). The accuracy cost
+is paired: each seed's float32 test accuracy minus half precision's with that
+seed, in points (positive: half precision lost accuracy)
 (median and min-max over seeds). Bytes are those handed to MPI, summed over
 ranks. Prints one table, writes results/bench_compression.csv (one row per
 run) and results/bench_compression.png (test accuracy, one line per seed).
 """
 import argparse
+import os
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from benchlib import ROOT, train_records, write_csv
@@ -47,7 +50,7 @@ def spread(values, fmt):
 
 def table(rows):
     """Markdown rows: per model and compression, accuracy, paired cost in points, bytes, speed."""
-    lines = ["| model | compression | test accuracy | cost vs none, points | bytes via MPI | bytes / none | samples/s |",
+    lines = ["| model | compression | test accuracy (min to max) | cost vs none, points | bytes via MPI | bytes / none | samples/s |",
              "|---|---|---|---|---|---|---|"]
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
@@ -57,8 +60,9 @@ def table(rows):
             cost = [100 * (base[r["seed"]]["test_accuracy"] - r["test_accuracy"]) for r in runs]
             sent = statistics.median(r["bytes_communicated"] for r in runs)
             ratio = sent / statistics.median(r["bytes_communicated"] for r in base.values())
+            paired = "+0.00" if kind == "none" else spread(cost, "{:+.2f}")
             lines.append(f"| {model} | {kind} | {spread([r['test_accuracy'] for r in runs], '{:.4f}')} | "
-                         f"{spread(cost, '{:+.2f}')} | {sent / 1e6:,.1f} MB | {ratio:.3f} | "
+                         f"{paired} | {sent / 1e6:,.1f} MB | {ratio:.3f} | "
                          f"{statistics.median(r['samples_per_s'] for r in runs):,.0f} |")
     return "\n".join(lines)
 
@@ -88,10 +92,12 @@ def main():
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--out", default=str(ROOT / "results" / "bench_compression"))
     args = parser.parse_args()
+    start = time.perf_counter()
     rows = run_all(args)
     print(table(rows))
     write_csv(rows, args.out + ".csv")
     plot(rows, args.out + ".png")
+    print(f"# total {time.perf_counter() - start:.0f} s; load avg {os.getloadavg()[0]:.2f}")
     print(f"wrote {args.out}.csv and {args.out}.png")
 
 
