@@ -28,13 +28,15 @@ def train(config=None, **settings):
     are raised on every rank alike; any other error on one rank aborts the
     whole MPI job (as the CLI does), so no rank is left waiting.
     """
+    from .agreement import agree
     from .cli import abort_on_error
     from .comm import world
+    from .config import from_settings
     from .nonfinite import NonFinite
     from .signals import Preempted
     from .trainer import run
     try:
-        return run(config or Config(**settings))
+        return run(config or agree(world(), lambda: from_settings(settings)))
     except (UsageError, Preempted, NonFinite):
         raise
     except BaseException as error:  # noqa: BLE001

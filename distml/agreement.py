@@ -51,8 +51,14 @@ def agree(comm, fn):
     if kind == "exit" and everywhere:
         raise SystemExit(message)
     if kind != "usage":
-        raise RankFailure(rank, message if kind == "crash" else f"SystemExit: {message}")
-    raise UsageError(message if everywhere else f"rank {rank}: {message}")
+        raise _alike(RankFailure(rank, message if kind == "crash" else f"SystemExit: {message}"))
+    raise _alike(UsageError(message if everywhere else f"rank {rank}: {message}"))
+
+
+def _alike(error):
+    """Mark an error every rank raises alike, so that one rank reports it (api.aborting_excepthook)."""
+    error.everywhere = True
+    return error
 
 
 def check_same(comm, what, value):
@@ -60,8 +66,8 @@ def check_same(comm, what, value):
     values = comm.allgather_object(value)
     odd = [rank for rank, v in enumerate(values) if v != values[0]]
     if odd:
-        raise UsageError(f"ranks disagree on {what}: rank {odd[0]} differs from rank 0 "
-                         f"(every rank must see the same flags, config and data files)")
+        raise _alike(UsageError(f"ranks disagree on {what}: rank {odd[0]} differs from rank 0 "
+                                f"(every rank must see the same flags, config and data files)"))
 
 
 def fingerprint(cfg, dataset, model, salt=0):

@@ -141,7 +141,13 @@ def newest_checkpoint(directory, warn):
 
 
 def _first_line(error):
-    return (str(error).strip().splitlines() or [""])[0][:200]
+    """The error's gist in one line. torch's refusal under weights_only=True opens with advice to load
+    unsafely, which is not ours to give: its reason follows "WeightsUnpickler error:"."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        text = "refused by weights-only loading: " + " ".join(text.split("WeightsUnpickler error:", 1)[1].split())
+        text = text.split(" Check the documentation", 1)[0]
+    return (text.strip().splitlines() or [""])[0][:200]
 
 
 def atomic_write(path, write):
@@ -198,4 +204,4 @@ def load_state_dict(path):
     except FileNotFoundError:
         raise UsageError(f"no such checkpoint: {path}")
     except Exception as e:
-        raise UsageError(f"{path} is not a readable weights-only checkpoint: {e}")
+        raise UsageError(f"{path} is not a readable weights-only checkpoint ({type(e).__name__}: {_first_line(e)})")

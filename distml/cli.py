@@ -244,6 +244,11 @@ def _main(comm, argv, signals):
         return 2
     except SystemExit as e:  # --help / --version
         return e.code or 0
+    except BrokenPipeError as e:  # `distml train | head`: whoever read the output has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        if comm.size == 1:
+            return 141  # as a shell reports a process ended by SIGPIPE, and as quietly
+        abort_on_error(comm, e)
     except BaseException as e:  # noqa: BLE001  (anything else ends the whole job)
         abort_on_error(comm, e)
 
@@ -303,5 +308,5 @@ def _failure_line(comm, error):
     else:
         rank, reporter = comm.members[comm.rank], comm.rank
         what = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
-    return reporter, (f"distml: rank {rank} of {comm.size} failed: {what} (aborting all ranks; "
-                      f"set DISTML_DEBUG=1 for the traceback)")
+    hint = "" if os.environ.get("DISTML_DEBUG") else "; set DISTML_DEBUG=1 for the traceback"
+    return reporter, f"distml: rank {rank} of {comm.size} failed: {what} (aborting all ranks{hint})"

@@ -154,8 +154,9 @@ class Config:
     # -- outputs ----------------------------------------------------------------
     save_model: Optional[str] = setting("outputs", None, "rank 0 writes the final state_dict here "
                                                          "(torch.save, atomic)")
-    metrics: Optional[str] = setting("outputs", None, "rank 0 appends JSON lines here: one object per "
-                                                      "epoch or round, and a summary")
+    metrics: Optional[str] = setting("outputs", None, "rank 0 writes JSON lines here: one object per "
+                                                      "epoch or round, and a summary (a new run starts the "
+                                                      "file anew)")
     quiet: bool = setting("outputs", False, "no progress bar or epoch lines")
     config: Optional[str] = setting("outputs", None, "TOML file with the same keys as these flags "
                                                      "(flags win)", toml=False)
@@ -333,6 +334,14 @@ class Config:
             seen[real] = flag
 
 
+def from_settings(settings):
+    """A Config from keyword settings (distml.train's); an unknown name is a UsageError, not a TypeError."""
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(Config)})
+    _check(not unknown, f"unknown setting {', '.join(map(repr, unknown))}: the settings are distml train's "
+                        f"flags with _ for - (distml.Config's fields)")
+    return Config(**settings)
+
+
 def load_toml(path):
     """The settings in a TOML file, checked against the Config fields and their types."""
     try:
@@ -388,7 +397,8 @@ def _check_checkpoint_dir(path):
         with tempfile.TemporaryFile(dir=target):
             pass
     except OSError as e:
-        raise UsageError(f"--checkpoint-dir: cannot write in {target}: {e.strerror}")
+        where = f"cannot write in {target}" if target == path else f"cannot make {path} in {target}"
+        raise UsageError(f"--checkpoint-dir: {where}: {e.strerror}")
 
 
 def _check(condition, message):

@@ -26,6 +26,8 @@ EXIT_NONFINITE = 65  # EX_DATAERR from sysexits.h: the data (or what training ma
 class NonFinite(Exception):
     """Raised on every rank after the agreed non-finite stop; the CLI exits 65."""
 
+    everywhere = True  # raised alike on every rank: one reports it (api.aborting_excepthook)
+
     def __init__(self, where, ranks, tensor):
         super().__init__(f"non-finite {tensor} at {where} on {describe_ranks(ranks)}: every rank stopped there, "
                          f"no checkpoint written (the newest one is the last good state)")

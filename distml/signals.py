@@ -20,6 +20,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 class Preempted(Exception):
     """Raised on every rank after the agreed stop (and checkpoint); the CLI exits 75."""
 
+    everywhere = True  # raised alike on every rank: one reports it (api.aborting_excepthook)
+
     def __init__(self, signal_name, where, checkpoint):
         what = f"wrote {checkpoint}" if checkpoint else "no --checkpoint-dir, so nothing was saved"
         super().__init__(f"stopped by {signal_name} at {where}: {what}")

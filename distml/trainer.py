@@ -487,5 +487,6 @@ def _epoch_line(record, unit, total):
 def _summary_line(s, unit):
     moved = (f"  {s['bytes_up'] + s['bytes_down']:,} model bytes moved," if "bytes_up" in s else "")
     count = s.get("epochs", s.get("rounds"))
-    return (f"done: {s['mode']}, {s['world_size']} rank(s), {count} {unit}s in {s['train_time_s']:.2f}s  "
+    units = f"{count} {unit}" + ("s" if count != 1 else "")
+    return (f"done: {s['mode']}, {s['world_size']} rank(s), {units} in {s['train_time_s']:.2f}s  "
             f"{_score(s)}  {s['samples_per_s']:,.0f} samples/s{moved}  {s['bytes_communicated']:,} bytes via MPI")

@@ -163,9 +163,12 @@ def test_a_pickle_holding_an_arbitrary_object_is_refused_without_running_it(tmp_
     CALLS.clear()
 
     # Execute / Assert
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(UsageError, match=message) as refused:
         load(path)
     assert CALLS == []
+    message = str(refused.value)  # one line, with torch's reason but not its advice to load unsafely
+    assert "\n" not in message and "weights_only` set to `False" not in message
+    assert "refused by weights-only loading: Unsupported global" in message
 
 
 # -- the checkpoint format --------------------------------------------------------

@@ -1,10 +1,10 @@
-"""Unit tests for `distml.config` (Config.validate, load_toml) and `distml.cli.parse_config`."""
+"""Unit tests for `distml.config` (Config.validate, load_toml), `distml.cli.parse_config` and its failure line."""
 import pytest
 
 from distml import comm
 from distml.agreement import agree
 from distml.cli import parse_config
-from distml.config import Config, UsageError, load_toml
+from distml.config import Config, UsageError, from_settings, load_toml
 
 
 def _toml(tmp_path, text):
@@ -295,6 +295,26 @@ def test_help_and_version_exit_0_through_agree(argv, capsys):
     assert "distml" in capsys.readouterr().out
 
 
+def test_an_error_agree_raises_is_marked_as_raised_alike_on_every_rank():
+    # Prepare / Execute: a world of one, so "every rank" is this one
+    with pytest.raises(UsageError, match="--epochs must be >= 1") as refused:
+        agree(comm.world(), lambda: Config(epochs=-1).validate())
+
+    # Assert: the aborting excepthook lets rank 0 alone print what every rank raised
+    assert refused.value.everywhere is True
+
+
+def test_from_settings_names_an_unknown_setting_as_a_usage_error():
+    with pytest.raises(UsageError, match=r"unknown setting 'epocs': the settings are distml train's flags"):
+        from_settings({"epocs": 3, "lr": 0.1})
+    assert from_settings({"epochs": 3}).epochs == 3
+
+
+def test_a_checkpoint_dir_that_cannot_be_made_is_named_with_its_parent():
+    with pytest.raises(UsageError, match="--checkpoint-dir: cannot make /proc/distml-nope in /proc: "):
+        Config(checkpoint_dir="/proc/distml-nope").validate()
+
+
 def test_bad_toml_named_by_config_flag_raises_usage_error(tmp_path):
     # Prepare
     path = _toml(tmp_path, "epochz = 3\n")
@@ -341,3 +361,22 @@ def test_help_shows_the_flags_in_their_groups(capsys):
     assert positions == sorted(positions)
     body = out.split("\n\n", 1)[1]  # after the usage line
     assert body.index("--resume") > body.index("checkpoints, resume and preemption:") > body.index("--rounds")
+
+
+# -- cli: the line that ends a failed job -------------------------------------------
+@pytest.mark.parametrize("debug,hint", [(None, True), ("1", False)])
+def test_the_failure_line_offers_the_traceback_only_when_it_is_not_shown(monkeypatch, debug, hint):
+    # Prepare
+    from distml.cli import _failure_line
+    if debug:
+        monkeypatch.setenv("DISTML_DEBUG", debug)
+    else:
+        monkeypatch.delenv("DISTML_DEBUG", raising=False)
+
+    # Execute
+    reporter, line = _failure_line(comm.world(), RuntimeError("boom"))
+
+    # Assert
+    assert reporter == 0
+    assert line.startswith("distml: rank 0 of 1 failed: RuntimeError: boom (aborting all ranks")
+    assert ("set DISTML_DEBUG=1 for the traceback" in line) is hint

@@ -1,4 +1,7 @@
 """End-to-end: the `distml` CLI under mpirun, as a user runs it."""
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -80,6 +83,16 @@ def test_single_process_runs_without_mpirun(tmp_path):
 
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "w.pt").exists()
+
+
+def test_output_cut_short_by_a_closed_pipe_ends_quietly_with_141():
+    done = subprocess.run(f"{sys.executable} -m distml train --epochs 50 | head -1; exit ${{PIPESTATUS[0]}}",
+                          shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120, executable="/bin/bash",
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    assert done.returncode == 141  # as a shell reports a process ended by SIGPIPE
+    assert done.stdout.startswith("distml: sync on 1 rank(s)") and done.stdout.count("\n") == 1
+    assert done.stderr == ""  # no traceback, no "failed: BrokenPipeError"
 
 
 def test_info_reports_mpi_and_world_size():

@@ -184,3 +184,18 @@ def test_an_uncaught_exception_in_a_python_api_script_ends_every_rank_by_name(tm
     assert time.monotonic() - started < 30
     assert "distml: rank 1 of 2 failed: RuntimeError: boom (aborting all ranks)" in done.stderr
     assert "Traceback" in done.stderr and "finished" not in done.stdout
+
+
+@pytest.mark.parametrize("settings,line", [
+    ("epochs=-1", "UsageError: --epochs must be >= 1, got -1"),
+    ("epocs=3", "UsageError: unknown setting 'epocs'"),
+])
+def test_a_usage_error_of_distml_train_in_a_script_is_printed_once(tmp_path, settings, line):
+    script = tmp_path / "train.py"
+    script.write_text(f"import distml\ndistml.init()\ndistml.train({settings}, quiet=True)\n")
+
+    done = launch_python(2, script, timeout=60)
+
+    assert done.returncode != 0
+    assert done.stderr.count("(aborting all ranks)") == 1, done.stderr  # every rank raised it; rank 0 says it
+    assert f"distml: rank 0 of 2 failed: {line}" in done.stderr
