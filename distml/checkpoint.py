@@ -16,13 +16,14 @@ import os
 import re
 import tempfile
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 
 import torch
 
 from .config import UsageError
 
-__all__ = ["Checkpoint", "FORMAT_VERSION", "write_checkpoint", "read_checkpoint", "newest_checkpoint",
+__all__ = ["Checkpoint", "FORMAT_VERSION", "write_checkpoint", "read_checkpoint", "newest_checkpoint", "set_aside",
            "list_checkpoints", "checkpoint_number", "atomic_write", "save_state_dict", "load_state_dict"]
 
 FORMAT_VERSION = 1
@@ -95,8 +96,7 @@ def read_checkpoint(path):
     except IsADirectoryError:
         raise UsageError(f"--resume: {path} is a directory; give a checkpoint file")
     except Exception as e:  # truncated, empty, random bytes, or a pickle of arbitrary objects
-        raise UsageError(f"--resume: {path} is not a readable distml checkpoint "
-                         f"({type(e).__name__}: {_first_line(e)})")
+        raise UsageError(f"--resume: {path} is not a readable distml checkpoint ({_unreadable(path, e)})")
     if not isinstance(wrapper, dict) or "distml_checkpoint" not in wrapper:
         raise UsageError(f"--resume: {path} is not a distml checkpoint (a plain state_dict such as "
                          f"--save-model writes has no optimizer state or position to resume from)")
@@ -115,29 +115,43 @@ def read_checkpoint(path):
         raise UsageError(f"--resume: {path} has an unreadable payload ({type(e).__name__}: {_first_line(e)})")
 
 
-def newest_checkpoint(directory, warn):
-    """(path, Checkpoint) of the newest checkpoint in `directory` that reads and verifies, or (None, None).
+def newest_checkpoint(directory):
+    """(path, Checkpoint, damaged) for the newest checkpoint in `directory` that reads and verifies,
+    or (None, None, []); `damaged`: (path, why) of each newer one that failed.
 
-    A newer one that fails is moved aside (to NAME.damaged, kept for a look, out of the way of
-    pruning and of "newer than" checks) with one `warn(line)`; if every one fails, the newest's
-    error is raised and nothing is moved.
+    If every one fails, the newest's error is raised. Nothing is moved here: the
+    caller sets the damaged ones aside (set_aside) once its run is sure to go
+    ahead, so a run refused later leaves the directory as it found it.
     """
     paths = list_checkpoints(directory)
     first_error, damaged = None, []
     for path in reversed(paths):
         try:
-            ckpt = read_checkpoint(path)
+            return path, read_checkpoint(path), damaged
         except UsageError as e:
             first_error = first_error or e
             damaged.append((path, str(e).removeprefix("--resume: " + path + " ")))
-            continue
-        for bad, why in damaged:
-            os.replace(bad, bad + ".damaged")
-            warn(f"distml: warning: skipping {bad} (moved to {os.path.basename(bad)}.damaged): {why}")
-        return path, ckpt
     if first_error is not None:
-        raise UsageError(f"--resume: no valid checkpoint in {directory}; the newest: {first_error}")
-    return None, None
+        raise UsageError(f"--resume: no valid checkpoint in {directory}; the newest, {damaged[0][0]}, "
+                         f"{damaged[0][1]}")
+    return None, None, []
+
+
+def set_aside(damaged, warn):
+    """Move each damaged checkpoint to NAME.damaged (kept for a look, out of the way of pruning and of
+    "newer than" checks), with one `warn(line)` each."""
+    for bad, why in damaged:
+        os.replace(bad, bad + ".damaged")
+        warn(f"distml: warning: skipping {bad} (moved to {os.path.basename(bad)}.damaged): {why}")
+
+
+def _unreadable(path, error):
+    """Why torch could not load `path`, in our words where torch's would mislead."""
+    if os.path.getsize(path) == 0:
+        return "the file is empty"
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its directory is at the end
+        return "not a zip archive as torch.save writes: cut short, or another kind of file"
+    return f"{type(error).__name__}: {_first_line(error)}"
 
 
 def _first_line(error):

@@ -126,7 +126,7 @@ def describe(cfg, size):
         workers = size - cfg.servers
         return f"{cfg.servers} server{'s' * (cfg.servers > 1)} + {workers} worker{'s' * (workers > 1)}"
     if cfg.mode == "federated":
-        return (f"{cfg.num_clients(size)} clients, {cfg.clients_each_round(size)} a round, {cfg.rounds} rounds "
+        return (f"{cfg.num_clients(size)} clients, {cfg.clients_each_round(size)} a round, {cfg.rounds} round{'s' * (cfg.rounds > 1)} "
                 f"of {cfg.local_epochs} local epoch{'s' * (cfg.local_epochs > 1)}")
     return f"{size} rank{'s' * (size > 1)}"
 

@@ -157,7 +157,8 @@ class Config:
     metrics: Optional[str] = setting("outputs", None, "rank 0 writes JSON lines here: one object per "
                                                       "epoch or round, and a summary (a new run starts the "
                                                       "file anew)")
-    quiet: bool = setting("outputs", False, "no progress bar or epoch lines")
+    quiet: bool = setting("outputs", False, "no progress bar, header, epoch lines or summary line "
+                                            "(warnings and errors still show)")
     config: Optional[str] = setting("outputs", None, "TOML file with the same keys as these flags "
                                                      "(flags win)", toml=False)
     # -- benchmark aids ---------------------------------------------------------
@@ -379,6 +380,7 @@ def _check_output_path(path, flag):
         return
     _check(not os.path.isdir(path), f"--{flag}: {path} is a directory; give a file name")
     parent = os.path.dirname(os.path.realpath(path))
+    _check(not os.path.exists(parent) or os.path.isdir(parent), f"--{flag}: {parent} is a file, not a directory")
     _check(os.path.isdir(parent), f"--{flag}: directory {parent} does not exist")
     try:  # os.access says yes to root even on read-only mounts: try for real
         with tempfile.TemporaryFile(dir=parent):

@@ -24,7 +24,7 @@ from . import comm as _comm
 from .agreement import agree, check_same, data_fingerprint, fingerprint
 from .comm import RankLost
 from .checkpoint import (Checkpoint, checkpoint_number, list_checkpoints, newest_checkpoint, read_checkpoint,
-                         save_state_dict, write_checkpoint)
+                         save_state_dict, set_aside, write_checkpoint)
 from .config import RESUME_NEWEST, UsageError
 from .data import load_dataset
 from .metrics import Reporter, Timer
@@ -197,9 +197,9 @@ class _Loop:
         written = self.saver.save(self.epoch, self.step, self.history, timer, self.on_nan.in_epoch)
         if flags.stop:
             self.bar.close()
-            raise Preempted(self.signals.requested or "a signal on another rank",
-                            f"{strategy.unit} {self.epoch + 1} (unit {self.step} of {strategy.units_in(self.epoch)})",
-                            written)
+            units = strategy.units_in(self.epoch)  # steps in a sync epoch; one round, or one async segment
+            where = f"{strategy.unit} {self.epoch + 1}" + (f" (unit {self.step} of {units})" if units > 1 else "")
+            raise Preempted(self.signals.requested or "a signal on another rank", where, written)
 
     def survive(self, lost):
         """Go on without the lost rank(s): shrink, agree on the furthest position, re-split the work.
@@ -374,8 +374,9 @@ def _find_resume(cfg, comm, strategy, dataset, model, report):
                              f"{os.path.basename(present[-1])}): continue that run with --resume, or give an "
                              f"empty directory")
         return None, None
+    damaged = []
     if cfg.resume == RESUME_NEWEST:
-        path, ckpt = newest_checkpoint(cfg.checkpoint_dir, warn=report.warn)
+        path, ckpt, damaged = newest_checkpoint(cfg.checkpoint_dir)
         if path is None:
             report.say(f"distml: no checkpoint in {cfg.checkpoint_dir} yet: starting from the beginning")
             return None, None
@@ -384,12 +385,14 @@ def _find_resume(cfg, comm, strategy, dataset, model, report):
     problem = _resume_problem(ckpt, cfg, strategy, dataset, model)
     if problem:
         raise UsageError(f"--resume: {path} {problem}")
-    later = [p for p in list_checkpoints(cfg.checkpoint_dir) if checkpoint_number(p) > ckpt.position["units"]] \
-        if cfg.checkpoint_dir else []  # listed again: damaged ones were moved aside
+    skipped = {bad for bad, _ in damaged}
+    later = [p for p in list_checkpoints(cfg.checkpoint_dir) if checkpoint_number(p) > ckpt.position["units"]
+             and p not in skipped] if cfg.checkpoint_dir else []
     if later:
         raise UsageError(f"--resume: --checkpoint-dir {cfg.checkpoint_dir} holds checkpoints made after {path} "
                          f"(newest: {os.path.basename(later[-1])}); they would be mixed with this run's: give "
                          f"another --checkpoint-dir")
+    set_aside(damaged, report.warn)  # only now: a refused run leaves the directory as it was
     return path, ckpt
 
 
@@ -400,7 +403,7 @@ def _resume_problem(ckpt, cfg, strategy, dataset, model):
     mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in ckpt.model.items()} if isinstance(ckpt.model, dict) else None
     if theirs != mine:
-        return f"holds another model ({len(theirs or {})} tensors, not the {len(mine)} of --model {cfg.model})"
+        return f"holds another model than --model {cfg.model} here ({_first_mismatch(theirs or {}, mine)})"
     if ckpt.data != data_fingerprint(dataset):
         return f"was made on another data set than --dataset {cfg.dataset}"
     saved = json.loads(ckpt.config)
@@ -410,6 +413,18 @@ def _resume_problem(ckpt, cfg, strategy, dataset, model):
             return (f"was made with {flag} {saved.get(name)}, this run has {flag} {value} "
                     f"(a resumed run must train as the one it continues)")
     return strategy.check_resume(saved, ckpt.world_size, ckpt.strategy)
+
+
+def _first_mismatch(theirs, mine):
+    """The first tensor whose name or shape differs between two {name: shape} maps, in words."""
+    for name in list(mine) + [n for n in theirs if n not in mine]:
+        if name not in theirs:
+            return f"it has no {name}"
+        if name not in mine:
+            return f"it has {name}, this model none"
+        if theirs[name] != mine[name]:
+            return f"its {name} is {list(theirs[name])}, this model's {list(mine[name])}"
+    return "the same tensors"  # not reached: the maps differ
 
 
 def _restore(ckpt, cfg, comm, strategy, model):

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from distml.checkpoint import (FORMAT_VERSION, Checkpoint, atomic_write, list_checkpoints, load_state_dict,
-                               newest_checkpoint, read_checkpoint, save_state_dict, write_checkpoint)
+                               newest_checkpoint, read_checkpoint, save_state_dict, set_aside,
+                               write_checkpoint)
 from distml.config import UsageError
 
 CALLS = []
@@ -156,7 +157,8 @@ def test_loading_a_file_that_is_not_a_checkpoint_raises_usage_error(tmp_path, co
     lambda obj, path: torch.save({"distml_checkpoint": 1, "sha256": "0", "payload": obj}, path),
     lambda obj, path: path.write_bytes(pickle.dumps(obj, protocol=2)),
 ], ids=["torch-save", "inside-the-wrapper", "plain-pickle"])
-def test_a_pickle_holding_an_arbitrary_object_is_refused_without_running_it(tmp_path, save, load, message):
+def test_a_pickle_holding_an_arbitrary_object_is_refused_without_running_it(tmp_path, save, load, message,
+                                                                            request):
     # Prepare
     path = tmp_path / "evil.pt"
     save(Payload(), path)
@@ -168,7 +170,10 @@ def test_a_pickle_holding_an_arbitrary_object_is_refused_without_running_it(tmp_
     assert CALLS == []
     message = str(refused.value)  # one line, with torch's reason but not its advice to load unsafely
     assert "\n" not in message and "weights_only` set to `False" not in message
-    assert "refused by weights-only loading: Unsupported global" in message
+    # a distml checkpoint is a zip archive, so a plain pickle read as one is named as not one
+    expected = "not a zip archive" if request.node.callspec.id == "plain-pickle-checkpoint" else \
+        "refused by weights-only loading: Unsupported global"
+    assert expected in message
 
 
 # -- the checkpoint format --------------------------------------------------------
@@ -222,19 +227,25 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_one_warning(tmp_path):
     warnings = []
 
     # Execute
-    path, ckpt = newest_checkpoint(tmp_path, warn=warnings.append)
+    path, ckpt, damaged = newest_checkpoint(tmp_path)
 
-    # Assert
+    # Assert: found, and nothing moved until the caller sets the damaged one aside
     assert os.path.basename(path) == "checkpoint-000000005.pt" and ckpt.position["units"] == 5
+    assert [os.path.basename(bad) for bad, _ in damaged] == ["checkpoint-000000006.pt"]
+    assert "fails its checksum" in damaged[0][1]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-000000005.pt", "checkpoint-000000006.pt"]
+    set_aside(damaged, warn=warnings.append)
     assert len(warnings) == 1 and "checkpoint-000000006.pt" in warnings[0]
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-000000005.pt", "checkpoint-000000006.pt.damaged"]
 
 
 def test_no_valid_checkpoint_at_all_is_a_usage_error_and_an_empty_directory_is_none(tmp_path):
-    assert newest_checkpoint(tmp_path, warn=print) == (None, None)
+    assert newest_checkpoint(tmp_path) == (None, None, [])
     (tmp_path / "checkpoint-000000001.pt").write_bytes(b"")
-    with pytest.raises(UsageError, match="no valid checkpoint"):
-        newest_checkpoint(tmp_path, warn=lambda line: None)
+    with pytest.raises(UsageError) as refused:
+        newest_checkpoint(tmp_path)
+    assert str(refused.value) == (f"--resume: no valid checkpoint in {tmp_path}; the newest, {tmp_path}/"
+                                  f"checkpoint-000000001.pt, is not a readable distml checkpoint (the file is empty)")
 
 
 def _write_newer_version(path):
@@ -257,9 +268,9 @@ def _write_flipped(path):
 
 
 @pytest.mark.parametrize("make,message", [
-    (lambda p: p.write_bytes(b""), "not a readable distml checkpoint"),
-    (lambda p: p.write_bytes(os.urandom(4096)), "not a readable distml checkpoint"),
-    (_write_truncated, "not a readable distml checkpoint"),
+    (lambda p: p.write_bytes(b""), r"not a readable distml checkpoint \(the file is empty\)"),
+    (lambda p: p.write_bytes(os.urandom(4096)), "not a readable distml checkpoint .not a zip archive"),
+    (_write_truncated, r"not a readable distml checkpoint \(not a zip archive as torch.save writes: cut short"),
     (_write_flipped, "checksum"),
     (_write_newer_version, "format 2; this distml reads format 1"),
     (lambda p: torch.save(_model().state_dict(), p), "plain state_dict"),

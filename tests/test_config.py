@@ -380,3 +380,9 @@ def test_the_failure_line_offers_the_traceback_only_when_it_is_not_shown(monkeyp
     assert reporter == 0
     assert line.startswith("distml: rank 0 of 1 failed: RuntimeError: boom (aborting all ranks")
     assert ("set DISTML_DEBUG=1 for the traceback" in line) is hint
+
+
+def test_an_output_path_under_a_file_says_so(tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(UsageError, match=r"--save-model: .*/afile is a file, not a directory"):
+        Config(save_model=str(tmp_path / "afile" / "x.pt")).validate()

@@ -113,3 +113,18 @@ def test_resume_skips_a_damaged_newest_checkpoint_with_one_warning(tmp_path, mad
     assert (tmp_path / "ckpt" / "checkpoint-000000999.pt.damaged").exists()
     assert [os.path.basename(p) for p in list_checkpoints(tmp_path / "ckpt")] == ["checkpoint-000000045.pt"]
     assert summary(tmp_path / "m.jsonl")["epochs"] == 1  # resumed at the end: the summary from its history
+
+
+def test_a_refused_resume_leaves_a_damaged_newest_checkpoint_where_it_was(tmp_path, made):
+    where, checkpoint = made
+    shutil.copytree(where / "ckpt", tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "checkpoint-000000999.pt").write_bytes(open(checkpoint, "rb").read()[:1000])
+    before = sorted(os.listdir(tmp_path / "ckpt"))
+
+    done = launch(0, "train", "--quiet", "--epochs", 1, "--lr", 0.05, "--checkpoint-dir", tmp_path / "ckpt",
+                  "--resume")
+
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.startswith("distml:")]
+    assert len(lines) == 1 and "distml: error: --resume:" in lines[0] and "--lr" in lines[0], done.stderr
+    assert sorted(os.listdir(tmp_path / "ckpt")) == before  # nothing moved aside, no warning

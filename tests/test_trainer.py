@@ -59,3 +59,13 @@ def test_each_rank_gets_its_own_torch_stream_from_seed_rank_and_position():
     assert torch.equal(base, _stream(0, 0, 0))  # a pure function of (seed, rank, position)
     for other in [(0, 1, 0), (1, 0, 0), (0, 0, 45)]:
         assert not torch.equal(base, _stream(*other)), other
+
+
+def test_a_checkpoint_of_another_model_is_described_by_its_first_differing_tensor():
+    from distml.trainer import _first_mismatch
+    mine = {"inner.0.weight": (128, 64), "inner.0.bias": (128,)}
+
+    assert _first_mismatch({"inner.0.weight": (128, 10), "inner.0.bias": (128,)}, mine) == \
+        "its inner.0.weight is [128, 10], this model's [128, 64]"
+    assert _first_mismatch({"inner.0.weight": (128, 64)}, mine) == "it has no inner.0.bias"
+    assert _first_mismatch({**mine, "head.weight": (10, 128)}, mine) == "it has head.weight, this model none"
