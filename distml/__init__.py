@@ -31,15 +31,27 @@ def train(config=None, **settings):
     from .agreement import agree
     from .cli import abort_on_error
     from .comm import world
-    from .config import from_settings
     from .nonfinite import NonFinite
     from .signals import Preempted
     from .trainer import run
     try:
-        return run(config or agree(world(), lambda: from_settings(settings)))
+        return run(agree(world(), lambda: _config_of(config, settings)))
     except (UsageError, Preempted, NonFinite):
         raise
     except BaseException as error:  # noqa: BLE001
         if world().size == 1:
             raise
         abort_on_error(world(), error)
+
+
+def _config_of(config, settings):
+    """distml.train's Config: `config` or one made from `settings`; UsageError for anything else."""
+    from .config import from_settings
+    if config is None:
+        return from_settings(settings)
+    if settings:
+        raise UsageError("distml.train() takes a distml.Config or keyword settings, not both")
+    if not isinstance(config, Config):
+        raise UsageError(f"distml.train(config): a distml.Config, not {type(config).__name__} (settings go as "
+                         f"keywords: distml.train(epochs=3))")
+    return config

@@ -85,6 +85,11 @@ def checkpoint_number(path):
     return int(_NAME.match(os.path.basename(path)).group(1))
 
 
+class DamagedCheckpoint(UsageError):
+    """A checkpoint file that does not read or verify (a resume skips it for the one before); a newer
+    format or a file that is not a checkpoint at all is a plain UsageError, which stops the resume."""
+
+
 def read_checkpoint(path):
     """The Checkpoint in `path`, verified; UsageError (one line) if it is not a good distml checkpoint."""
     try:
@@ -96,7 +101,7 @@ def read_checkpoint(path):
     except IsADirectoryError:
         raise UsageError(f"--resume: {path} is a directory; give a checkpoint file")
     except Exception as e:  # truncated, empty, random bytes, or a pickle of arbitrary objects
-        raise UsageError(f"--resume: {path} is not a readable distml checkpoint ({_unreadable(path, e)})")
+        raise DamagedCheckpoint(f"--resume: {path} is not a readable distml checkpoint ({_unreadable(path, e)})")
     if not isinstance(wrapper, dict) or "distml_checkpoint" not in wrapper:
         raise UsageError(f"--resume: {path} is not a distml checkpoint (a plain state_dict such as "
                          f"--save-model writes has no optimizer state or position to resume from)")
@@ -107,19 +112,21 @@ def read_checkpoint(path):
     payload = wrapper.get("payload")
     payload = payload.numpy() if isinstance(payload, torch.Tensor) and payload.dtype == torch.uint8 else None
     if payload is None or hashlib.sha256(payload).hexdigest() != wrapper.get("sha256"):
-        raise UsageError(f"--resume: {path} fails its checksum (damaged or incompletely copied)")
+        raise DamagedCheckpoint(f"--resume: {path} fails its checksum (damaged or incompletely copied)")
     try:
         fields = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
         return Checkpoint(**fields)
     except Exception as e:
-        raise UsageError(f"--resume: {path} has an unreadable payload ({type(e).__name__}: {_first_line(e)})")
+        raise DamagedCheckpoint(f"--resume: {path} has an unreadable payload ({type(e).__name__}: {_first_line(e)})")
 
 
 def newest_checkpoint(directory):
     """(path, Checkpoint, damaged) for the newest checkpoint in `directory` that reads and verifies,
     or (None, None, []); `damaged`: (path, why) of each newer one that failed.
 
-    If every one fails, the newest's error is raised. Nothing is moved here: the
+    If every one fails, the newest's error is raised; so is a newer format or a
+    file that is no distml checkpoint (not damage: resuming from an older one
+    would silently go back in time). Nothing is moved here: the
     caller sets the damaged ones aside (set_aside) once its run is sure to go
     ahead, so a run refused later leaves the directory as it found it.
     """
@@ -128,7 +135,7 @@ def newest_checkpoint(directory):
     for path in reversed(paths):
         try:
             return path, read_checkpoint(path), damaged
-        except UsageError as e:
+        except DamagedCheckpoint as e:
             first_error = first_error or e
             damaged.append((path, str(e).removeprefix("--resume: " + path + " ")))
     if first_error is not None:
@@ -147,20 +154,25 @@ def set_aside(damaged, warn):
 
 def _unreadable(path, error):
     """Why torch could not load `path`, in our words where torch's would mislead."""
-    if os.path.getsize(path) == 0:
+    try:
+        with open(path, "rb") as f:
+            empty = not f.read(1)
+    except OSError as e:  # unreadable as a file at all (permissions, I/O): say so, not "not a zip"
+        return f"{type(e).__name__}: {e.strerror}"
+    if empty:
         return "the file is empty"
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its directory is at the end
+    refused = "GLOBAL" in str(error.__context__ or "")  # a pickle naming code to run: refused, not garbled
+    if not refused and not zipfile.is_zipfile(path):  # torch.save writes a zip archive, its directory last
         return "not a zip archive as torch.save writes: cut short, or another kind of file"
     return f"{type(error).__name__}: {_first_line(error)}"
 
 
 def _first_line(error):
     """The error's gist in one line. torch's refusal under weights_only=True opens with advice to load
-    unsafely, which is not ours to give: its reason follows "WeightsUnpickler error:"."""
+    unsafely, which is not ours to give; the unpickler's own reason is the exception it replaced."""
     text = str(error)
-    if "WeightsUnpickler error:" in text:
-        text = "refused by weights-only loading: " + " ".join(text.split("WeightsUnpickler error:", 1)[1].split())
-        text = text.split(" Check the documentation", 1)[0]
+    if text.startswith("Weights only load failed") and error.__context__ is not None:
+        text = "refused by weights-only loading: " + str(error.__context__)
     return (text.strip().splitlines() or [""])[0][:200]
 
 
@@ -218,4 +230,4 @@ def load_state_dict(path):
     except FileNotFoundError:
         raise UsageError(f"no such checkpoint: {path}")
     except Exception as e:
-        raise UsageError(f"{path} is not a readable weights-only checkpoint ({type(e).__name__}: {_first_line(e)})")
+        raise UsageError(f"{path} is not a readable weights-only checkpoint ({_unreadable(path, e)})")

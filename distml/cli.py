@@ -244,13 +244,24 @@ def _main(comm, argv, signals):
         return 2
     except SystemExit as e:  # --help / --version
         return e.code or 0
-    except BrokenPipeError as e:  # `distml train | head`: whoever read the output has gone
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
-        if comm.size == 1:
+    except BrokenPipeError as e:
+        if comm.size == 1 and _stdout_gone():  # `distml train | head`: whoever read the output has gone
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # no second error at exit's flush
+            os.close(devnull)
             return 141  # as a shell reports a process ended by SIGPIPE, and as quietly
         abort_on_error(comm, e)
     except BaseException as e:  # noqa: BLE001  (anything else ends the whole job)
         abort_on_error(comm, e)
+
+
+def _stdout_gone():
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on it), not some other
+    broken pipe (a socket in the user's model code) that must not pass silently."""
+    import select
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), select.POLLERR)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 def preempted(comm, error, cfg):

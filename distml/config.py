@@ -380,7 +380,10 @@ def _check_output_path(path, flag):
         return
     _check(not os.path.isdir(path), f"--{flag}: {path} is a directory; give a file name")
     parent = os.path.dirname(os.path.realpath(path))
-    _check(not os.path.exists(parent) or os.path.isdir(parent), f"--{flag}: {parent} is a file, not a directory")
+    existing = parent
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    _check(os.path.isdir(existing), f"--{flag}: {existing} is a file, not a directory")
     _check(os.path.isdir(parent), f"--{flag}: directory {parent} does not exist")
     try:  # os.access says yes to root even on read-only mounts: try for real
         with tempfile.TemporaryFile(dir=parent):

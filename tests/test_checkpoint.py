@@ -157,8 +157,7 @@ def test_loading_a_file_that_is_not_a_checkpoint_raises_usage_error(tmp_path, co
     lambda obj, path: torch.save({"distml_checkpoint": 1, "sha256": "0", "payload": obj}, path),
     lambda obj, path: path.write_bytes(pickle.dumps(obj, protocol=2)),
 ], ids=["torch-save", "inside-the-wrapper", "plain-pickle"])
-def test_a_pickle_holding_an_arbitrary_object_is_refused_without_running_it(tmp_path, save, load, message,
-                                                                            request):
+def test_a_pickle_holding_an_arbitrary_object_is_refused_without_running_it(tmp_path, save, load, message):
     # Prepare
     path = tmp_path / "evil.pt"
     save(Payload(), path)
@@ -170,10 +169,7 @@ def test_a_pickle_holding_an_arbitrary_object_is_refused_without_running_it(tmp_
     assert CALLS == []
     message = str(refused.value)  # one line, with torch's reason but not its advice to load unsafely
     assert "\n" not in message and "weights_only` set to `False" not in message
-    # a distml checkpoint is a zip archive, so a plain pickle read as one is named as not one
-    expected = "not a zip archive" if request.node.callspec.id == "plain-pickle-checkpoint" else \
-        "refused by weights-only loading: Unsupported global"
-    assert expected in message
+    assert "refused by weights-only loading: Unsupported global" in message
 
 
 # -- the checkpoint format --------------------------------------------------------
@@ -239,6 +235,16 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_one_warning(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-000000005.pt", "checkpoint-000000006.pt.damaged"]
 
 
+def test_a_newer_format_is_not_skipped_as_damage_for_an_older_checkpoint(tmp_path):
+    write_checkpoint(_checkpoint(5), tmp_path, keep=3)
+    _write_newer_version(tmp_path / "checkpoint-000000009.pt")
+    before = sorted(os.listdir(tmp_path))
+
+    with pytest.raises(UsageError, match="checkpoint-000000009.pt has checkpoint format 2; this distml reads"):
+        newest_checkpoint(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == before
+
+
 def test_no_valid_checkpoint_at_all_is_a_usage_error_and_an_empty_directory_is_none(tmp_path):
     assert newest_checkpoint(tmp_path) == (None, None, [])
     (tmp_path / "checkpoint-000000001.pt").write_bytes(b"")
@@ -287,3 +293,22 @@ def test_bad_checkpoint_files_are_one_line_usage_errors(tmp_path, make, message)
         read_checkpoint(path)
     assert "\n" not in str(error.value) and str(path) in str(error.value)
 
+
+
+class _SystemCall:
+    def __reduce__(self):
+        return os.system, ("touch distml-pwned",)
+
+
+@pytest.mark.parametrize("load", [load_state_dict, read_checkpoint], ids=["model-file", "checkpoint"])
+def test_a_pickle_calling_os_system_is_refused_with_the_unpicklers_reason(tmp_path, monkeypatch, load):
+    # Prepare
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": torch.ones(1), "extra": _SystemCall()}, path)
+
+    # Execute / Assert: torch's own text opens with advice to load unsafely; ours gives the reason
+    with pytest.raises(UsageError, match=r"refused by weights-only loading: Trying to load unsupported GLOBAL "
+                                         r"\w+\.system") as refused:
+        load(path)
+    assert "weights_only" not in str(refused.value) and not (tmp_path / "distml-pwned").exists()

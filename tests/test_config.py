@@ -384,5 +384,16 @@ def test_the_failure_line_offers_the_traceback_only_when_it_is_not_shown(monkeyp
 
 def test_an_output_path_under_a_file_says_so(tmp_path):
     (tmp_path / "afile").write_text("")
-    with pytest.raises(UsageError, match=r"--save-model: .*/afile is a file, not a directory"):
-        Config(save_model=str(tmp_path / "afile" / "x.pt")).validate()
+    for below in ("x.pt", "sub/x.pt"):
+        with pytest.raises(UsageError, match=r"--save-model: .*/afile is a file, not a directory"):
+            Config(save_model=str(tmp_path / "afile" / below)).validate()
+
+
+def test_distml_train_takes_a_config_or_settings():
+    from distml import _config_of
+    cfg = Config(epochs=3)
+    assert _config_of(cfg, {}) is cfg and _config_of(None, {"epochs": 4}).epochs == 4
+    with pytest.raises(UsageError, match="a distml.Config, not str"):
+        _config_of("run.toml", {})
+    with pytest.raises(UsageError, match="not both"):
+        _config_of(cfg, {"epochs": 4})

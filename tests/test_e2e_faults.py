@@ -190,6 +190,7 @@ def test_an_uncaught_exception_in_a_python_api_script_ends_every_rank_by_name(tm
 @pytest.mark.parametrize("settings,line", [
     ("epochs=-1", "UsageError: --epochs must be >= 1, got -1"),
     ("epocs=3", "UsageError: unknown setting 'epocs'"),
+    ("'run.toml'", "UsageError: distml.train() takes a distml.Config or keyword settings, not both"),
 ])
 def test_a_usage_error_of_distml_train_in_a_script_is_printed_once(tmp_path, settings, line):
     script = tmp_path / "train.py"
