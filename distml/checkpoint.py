@@ -101,6 +101,9 @@ def read_checkpoint(path):
     except IsADirectoryError:
         raise UsageError(f"--resume: {path} is a directory; give a checkpoint file")
     except Exception as e:  # truncated, empty, random bytes, or a pickle of arbitrary objects
+        trouble = _read_error(path)
+        if trouble or isinstance(e, MemoryError):  # the file may be fine: not damage, so no older one instead
+            raise UsageError(f"--resume: cannot load {path} ({trouble or 'MemoryError'})")
         raise DamagedCheckpoint(f"--resume: {path} is not a readable distml checkpoint ({_unreadable(path, e)})")
     if not isinstance(wrapper, dict) or "distml_checkpoint" not in wrapper:
         raise UsageError(f"--resume: {path} is not a distml checkpoint (a plain state_dict such as "
@@ -116,8 +119,9 @@ def read_checkpoint(path):
     try:
         fields = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
         return Checkpoint(**fields)
-    except Exception as e:
-        raise DamagedCheckpoint(f"--resume: {path} has an unreadable payload ({type(e).__name__}: {_first_line(e)})")
+    except Exception as e:  # the bytes are what was written (checksum): another version's format, not damage
+        raise UsageError(f"--resume: {path} holds a payload this distml cannot read, though its checksum is right "
+                         f"(written by another version?): {type(e).__name__}: {_first_line(e)}")
 
 
 def newest_checkpoint(directory):
@@ -152,14 +156,23 @@ def set_aside(damaged, warn):
         warn(f"distml: warning: skipping {bad} (moved to {os.path.basename(bad)}.damaged): {why}")
 
 
-def _unreadable(path, error):
-    """Why torch could not load `path`, in our words where torch's would mislead."""
+def _read_error(path):
+    """Why reading `path` as plain bytes fails (permissions, I/O, a stale handle), or None if it reads."""
     try:
         with open(path, "rb") as f:
-            empty = not f.read(1)
-    except OSError as e:  # unreadable as a file at all (permissions, I/O): say so, not "not a zip"
-        return f"{type(e).__name__}: {e.strerror}"
-    if empty:
+            while f.read(1 << 24):
+                pass
+    except (OSError, ValueError) as e:  # ValueError: a NUL in a path from the Python API
+        return f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}"
+    return None
+
+
+def _unreadable(path, error):
+    """Why torch could not load `path`, in our words where torch's would mislead."""
+    trouble = _read_error(path)
+    if trouble:  # unreadable as a file at all: say so, not "not a zip"
+        return trouble
+    if os.path.getsize(path) == 0:
         return "the file is empty"
     refused = "GLOBAL" in str(error.__context__ or "")  # a pickle naming code to run: refused, not garbled
     if not refused and not zipfile.is_zipfile(path):  # torch.save writes a zip archive, its directory last

@@ -259,9 +259,12 @@ def _stdout_gone():
     """Whether stdout is a pipe whose reader has closed it (poll reports an error on it), not some other
     broken pipe (a socket in the user's model code) that must not pass silently."""
     import select
-    poller = select.poll()
-    poller.register(sys.stdout.fileno(), select.POLLERR)
-    return any(events & select.POLLERR for _, events in poller.poll(0))
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLERR)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no such descriptor (a StringIO, closed, None): not a pipe
+        return False
 
 
 def preempted(comm, error, cfg):

@@ -1,4 +1,7 @@
 """Unit tests for `distml.checkpoint`: the checkpoint format, atomic writes and weights-only loading."""
+import dataclasses
+import hashlib
+import io
 import os
 import pickle
 import stat
@@ -7,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from distml.checkpoint import (FORMAT_VERSION, Checkpoint, atomic_write, list_checkpoints, load_state_dict,
+from distml.checkpoint import (FORMAT_VERSION, Checkpoint, DamagedCheckpoint, atomic_write, list_checkpoints, load_state_dict,
                                newest_checkpoint, read_checkpoint, save_state_dict, set_aside,
                                write_checkpoint)
 from distml.config import UsageError
@@ -312,3 +315,35 @@ def test_a_pickle_calling_os_system_is_refused_with_the_unpicklers_reason(tmp_pa
                                          r"\w+\.system") as refused:
         load(path)
     assert "weights_only" not in str(refused.value) and not (tmp_path / "distml-pwned").exists()
+
+
+def _write_verified_unknown_fields(path):
+    """A wrapper whose checksum is right around a payload this version cannot build (an unknown field)."""
+    ckpt = _checkpoint(9)
+    fields = {**{f.name: getattr(ckpt, f.name) for f in dataclasses.fields(ckpt)}, "field_of_the_future": 1}
+    buffer = io.BytesIO()
+    torch.save(fields, buffer)
+    payload = buffer.getbuffer()
+    torch.save({"distml_checkpoint": 1, "sha256": hashlib.sha256(payload).hexdigest(),
+                "payload": torch.frombuffer(payload, dtype=torch.uint8)}, path)
+
+
+@pytest.mark.parametrize("trouble", ["verified-but-unknown-payload", "read-error"])
+def test_a_checkpoint_that_may_be_fine_stops_a_resume_instead_of_being_set_aside(tmp_path, monkeypatch, trouble):
+    # Prepare: an older good checkpoint, and a newer one that is not damaged but cannot be loaded here
+    write_checkpoint(_checkpoint(5), tmp_path, keep=3)
+    newer = tmp_path / "checkpoint-000000009.pt"
+    if trouble == "read-error":  # a disk or network filesystem failing under the file (EIO), as seen by the reads
+        newer.write_bytes(b"PK\x03\x04")
+        monkeypatch.setattr("distml.checkpoint._read_error",
+                            lambda path: "OSError: Input/output error" if str(path) == str(newer) else None)
+    else:
+        _write_verified_unknown_fields(newer)
+    before = sorted(os.listdir(tmp_path))
+
+    # Execute / Assert: neither skipped for the older one (that would go back in time) nor moved
+    with pytest.raises(UsageError) as refused:
+        newest_checkpoint(tmp_path)
+    assert not isinstance(refused.value, DamagedCheckpoint) and "checkpoint-000000009.pt" in str(refused.value)
+    assert ("Input/output error" if trouble == "read-error" else "written by another version?") in str(refused.value)
+    assert sorted(os.listdir(tmp_path)) == before

@@ -397,3 +397,11 @@ def test_distml_train_takes_a_config_or_settings():
         _config_of("run.toml", {})
     with pytest.raises(UsageError, match="not both"):
         _config_of(cfg, {"epochs": 4})
+
+
+def test_stdout_gone_is_false_without_a_pipe_and_never_raises(monkeypatch, tmp_path):
+    import io
+    from distml.cli import _stdout_gone
+    for stdout in (io.StringIO(), None, open(tmp_path / "out.txt", "w")):
+        monkeypatch.setattr("sys.stdout", stdout)
+        assert _stdout_gone() is False
