@@ -47,15 +47,15 @@ def agree(comm, fn):
     if not failed:
         return value
     rank, (kind, message) = failed[0]
-    everywhere = len(failed) == comm.size and len(set(errors)) == 1
-    if kind == "exit" and everywhere:
+    alike = len(failed) == comm.size and len(set(errors)) == 1
+    if kind == "exit" and alike:
         raise SystemExit(message)
     if kind != "usage":
-        raise _alike(RankFailure(rank, message if kind == "crash" else f"SystemExit: {message}"))
-    raise _alike(UsageError(message if everywhere else f"rank {rank}: {message}"))
+        raise everywhere(RankFailure(rank, message if kind == "crash" else f"SystemExit: {message}"))
+    raise everywhere(UsageError(message if alike else f"rank {rank}: {message}"))
 
 
-def _alike(error):
+def everywhere(error):
     """Mark an error every rank raises alike, so that one rank reports it (api.aborting_excepthook)."""
     error.everywhere = True
     return error
@@ -66,7 +66,7 @@ def check_same(comm, what, value):
     values = comm.allgather_object(value)
     odd = [rank for rank, v in enumerate(values) if v != values[0]]
     if odd:
-        raise _alike(UsageError(f"ranks disagree on {what}: rank {odd[0]} differs from rank 0 "
+        raise everywhere(UsageError(f"ranks disagree on {what}: rank {odd[0]} differs from rank 0 "
                                 f"(every rank must see the same flags, config and data files)"))
 
 

@@ -168,10 +168,8 @@ def _read_error(path):
 
 
 def _unreadable(path, error):
-    """Why torch could not load `path`, in our words where torch's would mislead."""
-    trouble = _read_error(path)
-    if trouble:  # unreadable as a file at all: say so, not "not a zip"
-        return trouble
+    """Why torch could not load `path`, a file that reads as bytes (_read_error), in our words where
+    torch's would mislead."""
     if os.path.getsize(path) == 0:
         return "the file is empty"
     refused = "GLOBAL" in str(error.__context__ or "")  # a pickle naming code to run: refused, not garbled
@@ -243,4 +241,5 @@ def load_state_dict(path):
     except FileNotFoundError:
         raise UsageError(f"no such checkpoint: {path}")
     except Exception as e:
-        raise UsageError(f"{path} is not a readable weights-only checkpoint ({_unreadable(path, e)})")
+        raise UsageError(f"{path} is not a readable weights-only checkpoint "
+                         f"({_read_error(path) or _unreadable(path, e)})")

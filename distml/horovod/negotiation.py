@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..agreement import everywhere
 from .basics import HorovodInternalError
 
 __all__ = ["Kind", "Operation", "Outcome", "negotiate", "DTYPES"]
@@ -90,7 +91,7 @@ def negotiate(comm, operation, *, error=None, joined=False, first_join_round=Fal
     """
     if comm.size == 1:
         if error:
-            raise _everywhere(ValueError(error))
+            raise everywhere(ValueError(error))
         if joined:
             return Outcome(all_joined=True, last_joined=comm.rank)
         return Outcome(operation.kind, operation.dtype, operation.numel, operation.op, operation.blocking)
@@ -119,21 +120,16 @@ def _raise_everywhere(comm, operation, error, joined, join_refused):
     views = comm.allgather_object(mine)
     errors = [(r, e) for r, (_, e) in enumerate(views) if e]
     if errors and len({e for _, e in errors}) == 1 and len(errors) == comm.size:
-        raise _everywhere(ValueError(errors[0][1]))
+        raise everywhere(ValueError(errors[0][1]))
     if errors:
         lines = "; ".join(f"rank {r}: {e}" for r, e in errors)
-        raise _everywhere(HorovodInternalError(f"{lines} (every rank raises this)"))
+        raise everywhere(HorovodInternalError(f"{lines} (every rank raises this)"))
     kinds = sorted({d for d, _ in views if d != "joined"})
     if join_refused:
-        raise _everywhere(HorovodInternalError(
+        raise everywhere(HorovodInternalError(
             f"{kinds[0].split()[0]} is not supported after a rank called join(): only allreduce and barrier are"))
     listing = "; ".join(f"rank {r}: {d}" for r, (d, _) in enumerate(views))
-    raise _everywhere(HorovodInternalError(
+    raise everywhere(HorovodInternalError(
         f"ranks disagree on a collective operation: {listing}. Every rank must make the same calls in the same "
         "order with the same dtypes, shapes, names, ops and root (distml matches operations by their order, "
         "not by name)"))
-
-
-def _everywhere(error):
-    error.everywhere = True  # every rank raises it: only rank 0 need print it (api.aborting_excepthook)
-    return error
