@@ -133,11 +133,11 @@ def test_compare_with_a_bad_mode_exits_2_with_one_line_and_writes_nothing(tmp_pa
 
 
 def test_readme_names_every_compare_flag_once_and_no_other():
-    # Prepare: the section's flag table and the paragraph after it ("It also takes ...")
+    # Prepare: the section's flag table in docs/modes.md and the paragraph after it ("It also takes ...")
     import re
     from pathlib import Path
     from distml.cli import build_parser
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = (Path(__file__).resolve().parent.parent / "docs" / "modes.md").read_text()
     section = text.split("## Which mode? `distml compare`", 1)[1].split("Measured on this machine", 1)[0]
     table, takes = section.split("| flag |", 1)[1].split("\n\n", 2)[:2]
     listed = re.findall(r"^\| `(--[a-z-]+)", table, re.M) + re.findall(r"`(--[a-z-]+)`", takes)
