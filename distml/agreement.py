@@ -110,10 +110,18 @@ def data_fingerprint(dataset, salt=0, *, samples=4096):
     checkpoints use salt 0, so their fingerprint is a function of the data alone.
     """
     parts = [dataset.task, str(dataset.num_classes), dataset.source]
-    for array in (dataset.X_train, dataset.y_train, dataset.X_test, dataset.y_test):
-        rows = sample_rows(len(array), samples, salt)
-        sample = np.ascontiguousarray(array if rows is None else read_rows(array, rows))
-        parts += [str(array.shape), str(array.dtype), "%08x" % zlib.crc32(sample.tobytes())]
+    for split in (dataset.train, dataset.test):
+        if hasattr(split, "X"):  # arrays
+            for array in (split.X, split.y):
+                rows = sample_rows(len(array), samples, salt)
+                sample = np.ascontiguousarray(array if rows is None else read_rows(array, rows))
+                parts += [str(array.shape), str(array.dtype), "%08x" % zlib.crc32(sample.tobytes())]
+        else:  # a Dataset of items: each may cost a file read, so fewer are sampled
+            parts.append(str(len(split)))
+            rows = sample_rows(len(split), samples // 64, salt)
+            x, y = split.batch(np.arange(len(split)) if rows is None else rows)
+            parts += [f"{x.dtype}{tuple(x.shape)}", "%08x" % zlib.crc32(x.contiguous().numpy().tobytes()),
+                      f"{y.dtype}{tuple(y.shape)}", "%08x" % zlib.crc32(y.contiguous().numpy().tobytes())]
     return "%08x" % zlib.crc32("|".join(parts).encode())
 
 

@@ -145,7 +145,7 @@ def info(comm):
 def show_partition(args):
     """`distml partition`: each client's label histogram, as printed (and plotted) on rank 0."""
     from .data import load_dataset
-    from .partition import format_histogram, label_histogram, partition, plot_histogram
+    from .partition import format_histogram, label_histogram, natural, partition, plot_histogram
     plot = args.pop("plot")
     cfg = Config(**{"mode": "federated", **PARTITION_DEFAULTS, **args}).validate()
     if cfg.clients < 1:
@@ -156,10 +156,15 @@ def show_partition(args):
         raise UsageError(f"distml partition shows label histograms and needs a classification data set; "
                          f"{cfg.dataset} is a regression")
     cfg.validate_data(dataset)
-    parts = partition(dataset.y_train, cfg.clients, cfg.partition, alpha=cfg.alpha,
-                      shards_per_client=cfg.shards_per_client, seed=cfg.seed)
-    hist = label_histogram(dataset.y_train, parts, dataset.num_classes)
-    print(f"{dataset.name}: {len(dataset.y_train)} training samples, {dataset.num_classes} classes, "
+    labels = dataset.labels
+    if labels is None:
+        raise UsageError(f"distml partition shows label histograms: {cfg.dataset} has no per-sample labels "
+                         f"(a targets attribute)")
+    parts = (natural(dataset.groups) if cfg.partition == "natural" else
+             partition(labels, cfg.clients, cfg.partition, alpha=cfg.alpha,
+                       shards_per_client=cfg.shards_per_client, seed=cfg.seed))
+    hist = label_histogram(labels, parts, dataset.num_classes)
+    print(f"{dataset.name}: {len(labels)} training samples, {dataset.num_classes} classes, "
           f"{_describe_partition(cfg)} over {cfg.clients} clients (seed {cfg.seed})")
     print(format_histogram(hist))
     print(_summary(hist))

@@ -80,7 +80,7 @@ def _configs(args, modes, out, comm):
     if comm.is_root:
         _check_matplotlib()
         _make_out(out)
-    return configs, len(dataset.y_train)
+    return configs, len(dataset.train)
 
 
 def _make_out(out):

@@ -13,18 +13,23 @@ import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = ["UsageError", "Config", "load_toml", "setting", "GROUPS", "MODES", "OPTIMIZERS", "PARTITIONS",
+import numpy as np
+
+__all__ = ["UsageError", "Config", "load_toml", "setting", "GROUPS", "MODES", "OPTIMIZERS", "PARTITIONS", "PRECISIONS",
            "ALGORITHMS", "SERVER_OPTS", "SCHEDULES", "RESUME_NEWEST"]
 
 MODES = ("sync", "async", "federated")
-OPTIMIZERS = ("sgd", "adam")
-PARTITIONS = ("iid", "dirichlet", "shards")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+PARTITIONS = ("iid", "dirichlet", "shards", "natural")
 ALGORITHMS = ("fedavg", "fedprox", "scaffold")
 SERVER_OPTS = ("avg", "avgm", "adam", "yogi", "adagrad")
 SCHEDULES = ("constant", "cosine", "step")
 RANK_FAILURE = ("abort", "continue")
 ON_NAN = ("stop", "skip")
 COMPRESSIONS = ("none", "fp16", "bf16")
+PRECISIONS = ("float32", "bf16")
+TOKENS = ("chars", "bytes")
+BUILTIN_LOSSES = ("cross_entropy", "mse")
 RESUME_NEWEST = "newest"  # --resume without a path
 MAX_THREADS = 1024
 
@@ -63,12 +68,25 @@ class Config:
     batch_size: int = setting("training", 32, "samples per rank per step (global batch = ranks x this); "
                                               "federated: per client step, 0 = a client's whole data")
     seed: int = setting("training", 0, "seed for data split, shuffling, initial weights and dropout")
+    max_steps: int = setting("training", 0, "sync: end after this many optimizer steps, within an epoch if need "
+                                            "be (0: --epochs); the schedule spans them")
+    accumulate: int = setting("training", 1, "sync: micro-batches of --batch-size per optimizer step, one "
+                                             "reduction per step (global batch = ranks x batch x this)")
     eval_every: int = setting("training", 1, "evaluate the model every this many epochs (federated: "
                                              "rounds), and after the last")
     threads: int = setting("training", 0, "torch threads per rank (0: SLURM_CPUS_PER_TASK, or cores on the "
                                           "node / ranks on the node)")
     # -- data -------------------------------------------------------------------
-    dataset: str = setting("data", "digits", "digits, diabetes, synthetic, or a .npz / .csv file")
+    dataset: str = setting("data", "digits", "digits, diabetes, synthetic, a .npz / .csv file, text "
+                                             "(the Python standard library's sources) or text:PATH, or "
+                                             "FILE.py:fn / module:fn returning a torch Dataset (or a "
+                                             "(train, test) pair)")
+    loss: Optional[str] = setting("data", None, "cross_entropy, mse, or FILE.py:fn / module:fn giving one loss "
+                                                "per sample (default: cross_entropy for class targets, else mse)")
+    data_workers: int = setting("data", 0, "loading worker processes per rank, preparing batches ahead "
+                                           "(started without fork and without MPI)")
+    block_size: int = setting("data", 64, "text: tokens a sample's input holds (its target is the next ones)")
+    tokens: str = setting("data", "chars", f"text: what a token is ({', '.join(TOKENS)})")
     target: Optional[str] = setting("data", None, "target column of a .csv file (default: the last)")
     test_fraction: float = setting("data", 0.2, "share held out for testing when the data has no test split")
     samples: int = setting("data", 1000, "synthetic: number of samples")
@@ -78,11 +96,22 @@ class Config:
     model: str = setting("model", "mlp", "mlp, cnn, logreg, linear, or module:function / "
                                          "path/to/file.py:function")
     hidden: str = setting("model", "128,64", "hidden layer sizes for mlp (and cnn's dense layer), e.g. 128,64")
+    layers: int = setting("model", 4, "gpt: transformer blocks")
+    heads: int = setting("model", 4, "gpt: attention heads (must divide --embed)")
+    embed: int = setting("model", 128, "gpt: width of the token embeddings")
     # -- optimisation -----------------------------------------------------------
     lr: float = setting("optimisation", 0.1, "learning rate (the peak of --lr-schedule)")
     optimizer: str = setting("optimisation", "sgd", f"optimizer ({', '.join(OPTIMIZERS)})")
     momentum: float = setting("optimisation", 0.9, "SGD momentum")
-    weight_decay: float = setting("optimisation", 0.0, "L2 weight decay")
+    weight_decay: float = setting("optimisation", 0.0, "L2 weight decay (adamw: decoupled, and none on "
+                                                       "1-D parameters such as biases and norms)")
+    betas: str = setting("optimisation", "0.9,0.999", "adam and adamw: the moments' decay rates, e.g. 0.9,0.95")
+    clip_norm: float = setting("optimisation", 0.0, "clip the gradient's global L2 norm to this (sync: the "
+                                                    "reduced gradient; federated: each local step; async: "
+                                                    "each pushed gradient; 0: off)")
+    precision: str = setting("optimisation", "float32", f"compute of forward and loss ({', '.join(PRECISIONS)}; "
+                                                        f"bf16: autocast, with weights, gradients and optimizer "
+                                                        f"in float32)")
     lr_schedule: Optional[str] = setting("optimisation", None, f"learning rate over the run, set every step "
                                          f"({', '.join(SCHEDULES)}; step: x0.1 at 1/2 and 3/4 of the run; "
                                          f"default: cosine, federated: constant)")
@@ -178,7 +207,8 @@ class Config:
         for name, allowed in (("optimizer", OPTIMIZERS), ("partition", PARTITIONS),
                               ("algorithm", ALGORITHMS), ("server_opt", SERVER_OPTS),
                               ("lr_schedule", SCHEDULES + (None,)), ("on_rank_failure", RANK_FAILURE),
-                              ("on_nan", ON_NAN), ("compression", COMPRESSIONS)):
+                              ("on_nan", ON_NAN), ("compression", COMPRESSIONS), ("precision", PRECISIONS),
+                              ("tokens", TOKENS)):
             _check(getattr(self, name) in allowed,
                    f"--{_flag(name)} must be one of {', '.join(a for a in allowed if a)}, got {getattr(self, name)!r}")
         self._check_numbers()
@@ -222,6 +252,39 @@ class Config:
         _check(self.watchdog >= 0, f"--watchdog must be >= 0 seconds (0: off), got {self.watchdog}")
         _check(self.slow_factor >= 1, f"--slow-factor must be >= 1, got {self.slow_factor}")
         _check(self.staleness >= -1, f"--staleness must be >= 0, or -1 for no bound, got {self.staleness}")
+        self._check_recipe()
+
+    def _check_recipe(self):
+        """The data, model and optimisation settings of the modern recipe (accumulation, clipping, ...)."""
+        for name in ("accumulate", "block_size", "layers", "heads", "embed"):
+            _check(getattr(self, name) >= 1, f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "data_workers"):
+            _check(getattr(self, name) >= 0, f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        _check(self.clip_norm >= 0, f"--clip-norm must be > 0, or 0 for no clipping, got {self.clip_norm}")
+        _check(self.mode == "sync" or self.accumulate == 1,
+               f"--accumulate is for --mode sync (one reduction per optimizer step); {self.mode} pushes or "
+               f"averages per step or round: leave it at 1")
+        _check(self.mode == "sync" or not self.max_steps,
+               f"--max-steps is for --mode sync; {self.mode} runs for "
+               f"{'--rounds' if self.mode == 'federated' else '--epochs (a budget of gradients)'}")
+        _check(not (self.overlap and self.accumulate > 1),
+               "--overlap reduces each bucket as soon as backward fills it, once a step: it cannot accumulate "
+               "micro-batches; drop --overlap or --accumulate")
+        self.beta_values()
+        from .userfn import is_function_spec
+        _check(self.loss is None or self.loss in BUILTIN_LOSSES or is_function_spec(self.loss),
+               f"--loss must be one of {', '.join(BUILTIN_LOSSES)} or FILE.py:function / module:function, "
+               f"got {self.loss!r}")
+
+    def beta_values(self):
+        """(beta1, beta2) from --betas "0.9,0.95"."""
+        try:
+            betas = tuple(float(b) for b in self.betas.split(","))
+        except ValueError:
+            betas = ()
+        _check(len(betas) == 2 and all(0 <= b < 1 for b in betas),
+               f"--betas must be two numbers in [0, 1) such as 0.9,0.95, got {self.betas!r}")
+        return betas
 
     def _check_federated(self):
         for name in ("rounds", "local_epochs", "eval_every", "shards_per_client"):
@@ -287,18 +350,28 @@ class Config:
         """Checks that need the data set (its size and task) and the number of ranks."""
         if self.mode == "async":
             workers = size - self.servers
-            _check(len(dataset.y_train) >= workers, f"--mode async: {workers} workers but only "
-                   f"{len(dataset.y_train)} training samples; every worker needs at least one")
+            _check(len(dataset.train) >= workers, f"--mode async: {workers} workers but only "
+                   f"{len(dataset.train)} training samples; every worker needs at least one")
         if self.mode != "federated":
             return self
-        n, clients = len(dataset.y_train), self.num_clients(size)
+        if self.partition == "natural" and dataset.groups is not None and not self.clients:
+            self.clients = len(np.unique(dataset.groups))  # one client per group: the data decides
+        n, clients = len(dataset.train), self.num_clients(size)
         _check(clients <= n, f"--clients {clients} is more than the {n} training samples; "
                              "every client needs at least one")
         _check(self.target_accuracy is None or dataset.task == "classification",
                "--target-accuracy needs a classification data set (regression reports test_mse)")
-        if self.partition != "iid":
-            _check(dataset.task == "classification",
-                   f"--partition {self.partition} splits by label and needs a classification data set")
+        if self.partition == "natural":
+            _check(dataset.groups is not None,
+                   f"--partition natural makes each group of samples a client: {self.dataset} has no groups (give "
+                   f"the Dataset a groups attribute, one client id per sample, or use --dataset text:DIR)")
+            _check(self.clients in (0, len(np.unique(dataset.groups))),
+                   f"--partition natural has one client per group: {len(np.unique(dataset.groups))} here; "
+                   f"leave out --clients")
+        elif self.partition != "iid":
+            _check(dataset.labels is not None,
+                   f"--partition {self.partition} splits by label and needs class labels: {self.dataset} has "
+                   f"{'real-valued targets' if dataset.task != 'classification' else 'no targets attribute'}")
         if self.partition == "shards":
             _check(clients * self.shards_per_client <= n,
                    f"--clients {clients} x --shards-per-client {self.shards_per_client} is more shards "
@@ -313,7 +386,7 @@ class Config:
                               "launch with mpirun -n 2 or more")
             _check(self.servers < size, f"--servers {self.servers} leaves no worker among {size} ranks; "
                                         f"use --servers <= {size - 1}")
-        if self.mode == "federated" and not self.clients:
+        if self.mode == "federated" and not self.clients and self.partition != "natural":
             _check(self.clients_per_round <= size, f"--clients-per-round {self.clients_per_round} is more "
                    f"than the {size} clients (one per rank without --clients)")
         return self

@@ -1,20 +1,18 @@
 """Models: a small registry, or the user's own `module:function` / `file.py:function`.
 
 Every builder is called as `builder(input_shape, num_outputs, hidden)` and
-returns an nn.Module; input and output sizes come from the data set. A user's
-function is called as `function(input_shape, num_outputs)`.
+returns an nn.Module; input and output sizes come from the data set (gpt: the
+block length and the vocabulary). A user's function is called as
+`function(input_shape, num_outputs)`.
 """
-import importlib
-import importlib.util
 import math
-import os
-import sys
 
 import numpy as np
 import torch
 from torch import nn
 
 from .config import UsageError
+from .userfn import is_function_spec, load_function
 
 __all__ = ["build_model", "REGISTRY"]
 
@@ -49,19 +47,39 @@ def logreg(input_shape, num_outputs, hidden=()):
 
 linear = logreg  # the same layer; the loss (cross-entropy or MSE) makes the difference
 
-REGISTRY = {"mlp": mlp, "cnn": cnn, "logreg": logreg, "linear": linear}
+def gpt(input_shape, num_outputs, hidden=(), *, layers=4, heads=4, embed=128):
+    """A character-level decoder-only transformer (distml.gpt): tokens (B, T) -> logits (B, T, vocab)."""
+    from .gpt import gpt as build
+    if len(input_shape) != 1:
+        raise UsageError(f"--model gpt needs token sequences (samples of shape (T,)), got {tuple(input_shape)} "
+                         f"(use --dataset text or a Dataset of token blocks)")
+    if num_outputs < 2:
+        raise UsageError("--model gpt needs class (token) targets and a vocabulary: give the Dataset a "
+                         "num_classes attribute")
+    try:
+        return build(num_outputs, input_shape[0], layers=layers, heads=heads, embed=embed)
+    except ValueError as e:
+        raise UsageError(f"--model gpt: {e}")
 
 
-def build_model(name, dataset, hidden=(128, 64), seed=0):
-    """The model named `name` for `dataset`, initialized from `seed`, checked on one sample."""
+REGISTRY = {"mlp": mlp, "cnn": cnn, "logreg": logreg, "linear": linear, "gpt": gpt}
+
+
+def build_model(name, dataset, hidden=(128, 64), seed=0, **arch):
+    """The model named `name` for `dataset`, initialized from `seed`, checked on two samples.
+
+    `arch`: the transformer's layers, heads and embed (--model gpt).
+    """
     if name == "logreg" and dataset.task != "classification":
         raise UsageError("--model logreg is for classification; use --model linear for regression")
     if name == "linear" and dataset.task != "regression":
         raise UsageError("--model linear is for regression; use --model logreg for classification")
     torch.manual_seed(seed)
-    if name in REGISTRY:
+    if name == "gpt":
+        model = gpt(dataset.input_shape, dataset.num_outputs, **arch)
+    elif name in REGISTRY:
         model = REGISTRY[name](dataset.input_shape, dataset.num_outputs, hidden)
-    elif ":" in name:
+    elif is_function_spec(name):
         model = _call_user_function(name, dataset)
     else:
         raise UsageError(f"--model must be one of {', '.join(REGISTRY)} or module:function "
@@ -75,7 +93,7 @@ def build_model(name, dataset, hidden=(128, 64), seed=0):
 
 
 def _call_user_function(spec, dataset):
-    fn = _user_function(spec)
+    fn = load_function(spec, "model")
     try:
         return fn(dataset.input_shape, dataset.num_outputs)
     except Exception as e:  # their code, their mistake: one line, exit 2
@@ -83,44 +101,27 @@ def _call_user_function(spec, dataset):
                          f"{type(e).__name__}: {e}")
 
 
-def _user_function(spec):
-    where, _, func = spec.rpartition(":")
-    try:
-        if where.endswith(".py"):
-            if not os.path.isfile(where):
-                raise UsageError(f"--model: no such file: {where}")
-            loader = importlib.util.spec_from_file_location("distml_user_model", where)
-            module = importlib.util.module_from_spec(loader)
-            sys.modules[loader.name] = module  # dataclasses and pickling look modules up here
-            try:
-                loader.loader.exec_module(module)
-            except BaseException:
-                del sys.modules[loader.name]
-                raise
-        else:
-            module = importlib.import_module(where)
-    except UsageError:
-        raise
-    except Exception as e:  # the user's module failed to import: report it as their mistake
-        raise UsageError(f"--model {spec}: cannot import {where}: {type(e).__name__}: {e}")
-    fn = getattr(module, func, None)
-    if not callable(fn):
-        raise UsageError(f"--model {spec}: {where} has no function {func!r}")
-    return fn
+def probe_batch(dataset):
+    """The first two training samples as a batch (one where there is one): what set-up checks run on."""
+    return dataset.train.batch(np.arange(min(2, len(dataset.train))))
 
 
 def _check_output_shape(model, name, dataset):
-    sample = torch.from_numpy(np.array(dataset.X_train[:1]))
-    model.eval()  # one sample: BatchNorm in training mode would refuse it
+    x, _ = probe_batch(dataset)
+    model.eval()  # BatchNorm in training mode would refuse one sample
     try:
         with torch.no_grad():
-            out = model(sample)
+            out = model(x)
     except Exception as e:
         raise UsageError(f"--model {name} does not accept samples of shape "
-                         f"{tuple(dataset.input_shape)} from {dataset.name}: {e}")
+                         f"{tuple(dataset.input_shape)} from {dataset.name}: {type(e).__name__}: {e}")
     finally:
         model.train()
-    want = (1, dataset.num_outputs)
-    if tuple(out.shape) != want and not (dataset.task == "regression" and tuple(out.shape) == (1,)):
-        raise UsageError(f"--model {name} outputs shape {tuple(out.shape)} per sample batch of 1; "
+    if not isinstance(out, torch.Tensor):
+        raise UsageError(f"--model {name} returned {type(out).__name__}, not a tensor")
+    if dataset.target_shape:  # sequences and other shapes: the loss's check (losses.check_loss) decides
+        return
+    want = (len(x), dataset.num_outputs)
+    if tuple(out.shape) != want and not (dataset.task == "regression" and tuple(out.shape) == (len(x),)):
+        raise UsageError(f"--model {name} outputs shape {tuple(out.shape)} for a batch of {len(x)}; "
                          f"{dataset.name} needs {want} ({dataset.task})")

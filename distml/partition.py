@@ -21,9 +21,17 @@ import numpy as np
 
 from .sharding import rng
 
-__all__ = ["SCHEMES", "partition", "label_histogram", "format_histogram", "plot_histogram"]
+__all__ = ["SCHEMES", "partition", "natural", "label_histogram", "format_histogram", "plot_histogram"]
 
 SCHEMES = ("iid", "dirichlet", "shards")
+
+
+def natural(groups):
+    """One sorted int64 index array per distinct value of `groups` (the natural clients), in value order."""
+    groups = np.asarray(groups)
+    order = np.argsort(groups, kind="stable")
+    starts = np.flatnonzero(np.diff(groups[order])) + 1
+    return [part.astype(np.int64) for part in np.split(order, starts)]
 
 
 def partition(labels, num_clients, scheme, *, alpha=0.5, shards_per_client=2, seed=0):

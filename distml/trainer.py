@@ -28,12 +28,13 @@ from .checkpoint import (Checkpoint, checkpoint_number, list_checkpoints, newest
 from .config import RESUME_NEWEST, UsageError
 from .data import load_dataset
 from .metrics import Reporter, Timer
-from .models import build_model
+from .losses import check_loss, make_loss
+from .models import build_model, probe_batch
 from .nonfinite import NonFinite, describe_ranks, diagnosis
 from .sharding import rng
 from .signals import Preempted, StopFlag
 from .strategies import STRATEGIES
-from .strategies.base import Flags, batch_tensors, loss_sum
+from .strategies.base import Flags
 from .watchdog import HangDoctor
 
 __all__ = ["run", "Result", "default_threads", "evaluate"]
@@ -42,7 +43,8 @@ __all__ = ["run", "Result", "default_threads", "evaluate"]
 _FREE_ON_RESUME = ("threads", "save_model", "metrics", "quiet", "config", "checkpoint_dir", "checkpoint_every",
                    "checkpoint_every_s", "keep", "resume", "requeue", "timeout", "watchdog", "on_rank_failure",
                    "on_nan", "slow_rank", "slow_factor",
-                   "bucket_mb", "chunk_mb", "overlap", "eval_every", "dataset", "batch_size")  # data: by content; batch: per mode
+                   "bucket_mb", "chunk_mb", "overlap", "eval_every", "dataset", "batch_size",  # data: by content;
+                   "accumulate", "data_workers")  # batch and accumulate: per mode (sync: the global batch)
 
 
 @dataclass
@@ -87,21 +89,21 @@ def _run(cfg, comm, signals):
     # -- set-up: every usage error surfaces here, on all ranks, before training --
     agree(comm, lambda: cfg.validate(writes_outputs=comm.is_root).validate_world(comm.size))
     agree(comm, lambda: _check_fault_tolerance(cfg, comm))
-    dataset, model = agree(comm, lambda: _load(cfg, comm))  # each rank checks its block of the data's values
+    dataset, model, loss = agree(comm, lambda: _load(cfg, comm))  # each rank checks its block of the data's values
     salt = comm.bcast_object(int.from_bytes(os.urandom(8), "little") if comm.is_root else None)
     check_same(comm, "settings, data or model", fingerprint(cfg, dataset, model, salt))  # rows sampled by salt
     default = default_threads(comm)  # a collective: every rank calls it
     threads = cfg.threads or default
     torch.set_num_threads(threads)
-    strategy = STRATEGIES[cfg.mode](cfg, dataset, model, comm)
+    strategy = STRATEGIES[cfg.mode](cfg, dataset, model, comm, loss)
     strategy.setup()
     _seed_rank(cfg, comm, work_done=0)  # dropout masks differ by rank (the initial weights do not)
     path, ckpt = agree(comm, lambda: _find_resume(cfg, comm, strategy, dataset, model, report))
     path, ckpt = comm.bcast_object((path, ckpt))  # rare and small next to training: pickled
     epoch, step, history = _restore(ckpt, cfg, comm, strategy, model) if ckpt else (0, 0, [])
     report.open_metrics(keep_bytes=ckpt.metrics_bytes if ckpt else 0)
-    report.say(f"distml: {cfg.mode} on {comm.size} rank(s), {dataset.name} ({len(dataset.y_train)} train / "
-               f"{len(dataset.y_test)} test, {dataset.task}), model {cfg.model} "
+    report.say(f"distml: {cfg.mode} on {comm.size} rank(s), {dataset.name} ({len(dataset.train)} train / "
+               f"{len(dataset.test)} test, {dataset.task}), model {cfg.model} "
                f"({sum(p.numel() for p in model.parameters()):,} parameters), {threads} thread(s) per rank")
     if path:
         report.say(f"distml: resumed from {path} at {strategy.unit} {epoch + 1}, unit {step}")
@@ -109,8 +111,11 @@ def _run(cfg, comm, signals):
     # -- units of work; between any two, the job may stop, checkpoint or lose a rank
     with (HangDoctor(comm, cfg.watchdog) if cfg.watchdog and comm.size > 1 else nullcontext()) as doctor:
         loop = _Loop(cfg, comm, strategy, model, dataset, report, signals, doctor, bytes_before)
-        loop.run(epoch, step, history, ckpt.position["elapsed_s"] if ckpt else 0.0,
-                 ckpt.position.get("nonfinite_skipped", 0) if ckpt else 0)
+        try:
+            loop.run(epoch, step, history, ckpt.position["elapsed_s"] if ckpt else 0.0,
+                     ckpt.position.get("nonfinite_skipped", 0) if ckpt else 0)
+        finally:
+            strategy.loader.close()  # the loading workers, if any
 
         # -- summary and outputs (root only writes) -----------------------------
         comm.calls.context = "summary"
@@ -283,9 +288,14 @@ class _OnNan:
 
 
 def _load(cfg, comm):
+    """Data, model and loss, each checked on the data's first samples (UsageError: bad input)."""
     dataset = load_dataset(cfg, rank=comm.rank, size=comm.size)
     cfg.validate_data(dataset, comm.size)
-    return dataset, build_model(cfg.model, dataset, cfg.hidden_sizes(), cfg.seed)
+    model = build_model(cfg.model, dataset, cfg.hidden_sizes(), cfg.seed,
+                        layers=cfg.layers, heads=cfg.heads, embed=cfg.embed)
+    loss = make_loss(cfg.loss, dataset.task)
+    check_loss(loss, cfg.loss, model, probe_batch(dataset))
+    return dataset, model, loss
 
 
 def _seed_rank(cfg, comm, work_done):
@@ -303,7 +313,7 @@ def _end_epoch(epoch, strategy, model, dataset, comm, cfg, elapsed, bytes_before
     if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == strategy.epochs():
         comm.calls.context = f"evaluation after {unit} {epoch + 1}"
         strategy.share_model()  # every rank must evaluate the same model
-        record.update(evaluate(model, dataset, comm))
+        record.update(evaluate(model, dataset, comm, strategy.loss, precision=cfg.precision))
         record.update(strategy.evaluate_extra())
     record["bytes_communicated"] = _bytes_so_far(comm, bytes_before)  # after the evaluation: curves of accuracy vs bytes
     return record
@@ -444,27 +454,34 @@ def _restore(ckpt, cfg, comm, strategy, model):
 
 # -- evaluation and summary -------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, dataset, comm, batch_size=1024):
-    """Test loss and accuracy (or MSE and R^2), each rank scoring its slice of the test set."""
+def evaluate(model, dataset, comm, loss=None, batch_size=256, precision="float32"):
+    """Mean test loss, and accuracy (class targets) or MSE and R^2 (real targets), each rank
+    scoring its slice of the test set. `loss`: the per-sample loss (default: the task's)."""
+    loss = loss or make_loss(None, dataset.task)
     model.eval()
-    mine = np.array_split(np.arange(len(dataset.y_test)), comm.size)[comm.rank]
-    y_mean = float(np.mean(dataset.y_test, dtype=np.float64))  # every rank holds the whole test set
-    totals = np.zeros(3)  # summed loss; correct answers or squared error; squared deviation of y
+    mine = np.array_split(np.arange(len(dataset.test)), comm.size)[comm.rank]
+    totals = np.zeros(5)  # summed loss; correct answers or squared error; target values scored; sum y; sum y^2
+    scored = True
     for start in range(0, len(mine), batch_size):
-        x, y = batch_tensors(dataset.X_test, dataset.y_test, mine[start:start + batch_size])
-        out = model(x)
-        totals[0] += loss_sum(out, y, dataset.task).item()
+        x, y = dataset.test.batch(mine[start:start + batch_size])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(x)
+            totals[0] += loss(out, y).float().sum().item()
+        totals[2] += y.numel()
         if dataset.task == "classification":
-            totals[1] += (out.argmax(dim=1) == y).sum().item()
-        else:
-            totals[1] += ((out.reshape(y.shape).double() - y.double()) ** 2).sum().item()
-            totals[2] += ((y.double() - y_mean) ** 2).sum().item()
-    loss, correct_or_sse, y_deviation = comm.allreduce_array(totals.tolist())
-    n = len(dataset.y_test)
+            scored = out.shape[:-1] == y.shape  # a class score per target: accuracy
+            totals[1] += (out.argmax(dim=-1) == y).sum().item() if scored else 0
+        elif out.numel() == y.numel():
+            y64 = y.double()
+            totals[1] += ((out.reshape(y.shape).double() - y64) ** 2).sum().item()
+            totals[3:] += (y64.sum().item(), (y64 ** 2).sum().item())
+    loss_sum, correct_or_sse, count, y_sum, y_squares = comm.allreduce_array(totals.tolist())
+    scores = {"test_loss": loss_sum / len(dataset.test)}
     if dataset.task == "classification":
-        return {"test_loss": loss / n, "test_accuracy": correct_or_sse / n}
-    return {"test_loss": loss / n, "test_mse": correct_or_sse / n,
-            "test_r2": 1 - correct_or_sse / y_deviation if y_deviation > 0 else None}
+        return {**scores, "test_accuracy": correct_or_sse / count} if scored else scores
+    deviation = y_squares - y_sum ** 2 / count  # sum of (y - mean)^2
+    return {**scores, "test_mse": correct_or_sse / count,
+            "test_r2": 1 - correct_or_sse / deviation if deviation > 1e-12 * max(y_squares, 1.0) else None}
 
 
 def _summary(cfg, comm, dataset, strategy, history, threads, wall, bytes_before):
@@ -486,6 +503,8 @@ def _summary(cfg, comm, dataset, strategy, history, threads, wall, bytes_before)
 def _score(record):
     if "test_accuracy" in record:
         return f"test_loss {record['test_loss']:.4f}  test_acc {record['test_accuracy']:.4f}"
+    if "test_r2" not in record:
+        return f"test_loss {record['test_loss']:.4f}"
     r2 = record["test_r2"]
     return f"test_mse {record['test_mse']:.4f}  test_r2 {'n/a' if r2 is None else f'{r2:.4f}'}"
 

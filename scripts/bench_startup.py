@@ -101,7 +101,7 @@ def setup_seconds(path):
 
 def read_shard(path, rank, size):
     """Seconds to read this rank's block of X's bytes (plain reads, 16 MiB at a time)."""
-    from distml.data import _map_npz, rows_of
+    from distml.data.arrays import _map_npz, rows_of
     X = _map_npz(path)["X"]
     rows = rows_of(len(X), rank, size)
     row_bytes = X.itemsize * FEATURES

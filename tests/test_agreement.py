@@ -4,12 +4,12 @@ import pytest
 
 from distml.agreement import data_fingerprint, sample_rows
 from distml.config import Config
-from distml.data import Dataset, load_dataset
+from distml.data import from_arrays, load_dataset
 
 
 def _dataset(X, source=""):
     y = np.arange(len(X), dtype=np.int64) % 3
-    return Dataset("d", X, y, X[:5], y[:5], "classification", 3, source)
+    return from_arrays("d", X, y, X[:5], y[:5], "classification", 3, source)
 
 
 def _X(n=20000, features=4):

@@ -371,8 +371,8 @@ def test_each_rank_checks_only_its_block_of_rows_for_nan(tmp_path):
 
 def test_nan_check_reads_the_block_in_chunks_and_names_the_first_bad_row(tmp_path, monkeypatch):
     # Prepare: chunks of 2 rows (12 bytes a row), NaNs in rows 5 and 8 of rank 1's block 5..9
-    import distml.data
-    monkeypatch.setattr(distml.data, "_CHUNK_BYTES", 24)
+    import distml.data.arrays
+    monkeypatch.setattr(distml.data.arrays, "_CHUNK_BYTES", 24)
     X, y = _xy(n=10)
     X[8, 0] = X[5, 1] = np.nan
 

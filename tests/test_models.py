@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distml.config import Config, UsageError
-from distml.data import Dataset, load_dataset
+from distml.data import from_arrays, load_dataset
 from distml.models import REGISTRY, build_model
 
 USER_MODELS = textwrap.dedent("""
@@ -84,7 +84,7 @@ def user_module(tmp_path, monkeypatch):
 def _tabular(task):
     X = np.zeros((4, 5), dtype=np.float32)
     y = np.array([0, 1, 0, 1]) if task == "classification" else np.zeros(4, dtype=np.float32)
-    return Dataset("tabular", X, y, X, y, task, 2 if task == "classification" else 0)
+    return from_arrays("tabular", X, y, X, y, task, 2 if task == "classification" else 0)
 
 
 def _outputs(model, data, n=5):
@@ -94,7 +94,7 @@ def _outputs(model, data, n=5):
 
 # -- the registry -------------------------------------------------------------
 
-@pytest.mark.parametrize("name", [n for n in REGISTRY if n != "linear"])
+@pytest.mark.parametrize("name", [n for n in REGISTRY if n not in ("linear", "gpt")])
 def test_registry_classifier_gives_ten_outputs_per_digit(digits, name):
     # Prepare / Execute
     model = build_model(name, digits, hidden=(16, 8))
@@ -223,7 +223,7 @@ def test_user_model_file_with_a_postponed_annotation_dataclass_loads(digits, tmp
 
 
 USER_ERRORS = [
-    ("wrong_size", r"outputs shape \(1, 11\).*needs \(1, 10\)"),
+    ("wrong_size", r"outputs shape \(2, 11\) for a batch of 2.*needs \(2, 10\)"),
     ("not_a_module", "returned function, not a torch.nn.Module"),
     ("wrong_input", "does not accept samples of shape"),
     ("missing", "has no function 'missing'"),

@@ -6,7 +6,7 @@ from sklearn.metrics import r2_score
 from torch import nn
 
 from distml import comm
-from distml.data import Dataset
+from distml.data import from_arrays
 from distml.trainer import evaluate
 
 
@@ -16,7 +16,7 @@ def _regression(offset, n_train=40, n_test=1000, features=3, seed=0):
     w = np.array([0.5, -0.25, 1.0], dtype=np.float32)[:features]
     X = generator.normal(size=(n_train + n_test, features)).astype(np.float32)
     y = (offset + X @ w + generator.normal(scale=0.5, size=len(X))).astype(np.float32)
-    return Dataset("tabular", X[:n_train], y[:n_train], X[n_train:], y[n_train:], "regression"), w
+    return from_arrays("tabular", X[:n_train], y[:n_train], X[n_train:], y[n_train:], "regression"), w
 
 
 def _linear(w, bias):

@@ -42,7 +42,7 @@ from ..nonfinite import first_nonfinite
 from ..schedule import lr_at, set_lr
 from ..sharding import num_steps, shard_batches
 from ..watchdog import Watchdog
-from .base import EpochStats, Flags, Strategy, batch_tensors, compute_phase, loss_sum, make_optimizer
+from .base import EpochStats, Flags, Strategy, clip_grad_norm_, compute_phase, make_optimizer
 from .staleness import StalenessScheduler
 
 __all__ = ["AsyncStrategy", "server_ranges"]
@@ -69,7 +69,7 @@ class AsyncStrategy(Strategy):
         self.flat = FlatModel(self.model)
         self.ranges = server_ranges(self.flat.data.numel(), cfg.servers)
         self.workers = list(range(cfg.servers, comm.size))
-        n = len(self.dataset.y_train)
+        n = len(self.dataset.train)
         self.shards = np.array_split(np.arange(n), len(self.workers))
         self.per_epoch = sum(num_steps(len(s), cfg.batch_size) for s in self.shards)
         self.budget = cfg.epochs * self.per_epoch
@@ -79,7 +79,7 @@ class AsyncStrategy(Strategy):
         if self.is_server:  # built here: the first optimizer costs ~1 s of imports
             start, stop = self.ranges[comm.rank]
             self.param = torch.nn.Parameter(self.flat.data[start:stop].clone())
-            self.optimizer = make_optimizer(cfg, [self.param])
+            self.optimizer = make_optimizer(cfg, [self.param])  # a flat range: adamw decays all of it
             self.applied, self.histogram = 0, Counter()  # this server's updates, by staleness
         else:
             self.index = comm.rank - cfg.servers  # its shard, kept if a lost worker renumbers the ranks
@@ -225,13 +225,12 @@ class AsyncStrategy(Strategy):
         tries the next, for at most a pass over its shard (then its weights must be non-finite).
         """
         for _ in range(self._per_pass()):
-            indices = self._batch(self.consumed)
-            loss = self._gradient(indices)
+            loss, samples = self._gradient(self.consumed)
             self.consumed += 1
             seen = first_nonfinite(loss, [self.flat.grad], self.model)
             if seen is None:
-                self.trained += len(indices)
-                self.stats.loss_sum, self.stats.samples = self.stats.loss_sum + loss, self.stats.samples + len(indices)
+                self.trained += samples
+                self.stats.loss_sum, self.stats.samples = self.stats.loss_sum + loss, self.stats.samples + samples
                 return True
             self.nonfinite, self.withheld = self.nonfinite or seen, self.withheld + 1
             if self.cfg.on_nan == "stop":
@@ -239,25 +238,26 @@ class AsyncStrategy(Strategy):
         raise RuntimeError(f"a whole pass over this worker's shard gave non-finite losses or gradients "
                            f"(first: {self.nonfinite}): the weights from the servers are not finite")
 
-    def _gradient(self, indices):
-        """The summed loss of the batch `indices` (a float); its gradient in flat.grad."""
-        data = self.dataset
+    def _gradient(self, k):
+        """(summed loss, samples) of this worker's k-th batch; its gradient in flat.grad."""
         self.flat.grad.zero_()
-        with compute_phase(self.cfg, self.comm.rank):
-            x, y = batch_tensors(data.X_train, data.y_train, indices)
-            loss = loss_sum(self.model(x), y, data.task)
-            (loss / len(indices)).backward()
-        return loss.item()
-
-    def _batch(self, k):
-        """This worker's k-th batch: pass k // (batches per pass) over its shard, reshuffled each pass."""
-        shard = self.shards[self.index]
         epoch, position = divmod(k, self._per_pass())
+        with compute_phase(self.cfg, self.comm.rank):
+            x, y = self.loader.get("train", epoch, self._batches(epoch), position)
+            loss = self.summed_loss(x, y)
+            (loss / len(y)).backward()
+        if self.cfg.clip_norm:  # each pushed gradient, as its worker computed it
+            clip_grad_norm_([self.flat.grad], self.cfg.clip_norm)
+        return loss.item(), len(y)
+
+    def _batches(self, epoch):
+        """This worker's batches (sample indices) in pass `epoch` over its shard, reshuffled each pass."""
+        shard = self.shards[self.index]
         if getattr(self, "_pass", (None,))[0] != epoch:
             stream = () if len(self.shards) == 1 else (self.index,)  # one worker: the sync order
-            self._pass = (epoch, shard_batches(len(shard), self.cfg.batch_size, epoch=epoch, seed=self.cfg.seed,
-                                               rank=0, size=1, stream=stream))
-        return shard[self._pass[1][position].indices]
+            self._pass = (epoch, [shard[b.indices] for b in shard_batches(
+                len(shard), self.cfg.batch_size, epoch=epoch, seed=self.cfg.seed, rank=0, size=1, stream=stream)])
+        return self._pass[1]
 
     def _per_pass(self):
         return num_steps(len(self.shards[self.index]), self.cfg.batch_size)

@@ -2,11 +2,12 @@
 import time
 from contextlib import contextmanager
 
-import numpy as np
 import torch
-from torch import nn
 
-__all__ = ["Strategy", "EpochStats", "Flags", "loss_sum", "make_optimizer", "batch_tensors", "compute_phase"]
+from ..data.loader import Loader
+from ..losses import make_loss
+
+__all__ = ["Strategy", "EpochStats", "Flags", "make_optimizer", "summed_loss", "clip_grad_norm_", "compute_phase"]
 
 
 class EpochStats:
@@ -68,8 +69,14 @@ class Strategy:
     unit = "epoch"  # what the trainer calls an epoch of this mode in its lines and summary
     nonfinite = None  # this rank's first non-finite tensor in the last unit, or None
 
-    def __init__(self, cfg, dataset, model, comm):
+    def __init__(self, cfg, dataset, model, comm, loss=None):
         self.cfg, self.dataset, self.model, self.comm = cfg, dataset, model, comm
+        self.loss = loss or make_loss(cfg.loss, dataset.task)  # per sample (losses.py)
+        self.loader = Loader(dataset.train, cfg.data_workers, calls=comm.calls)
+
+    def summed_loss(self, x, y):
+        """This batch's loss summed over its samples (float32, --precision's forward)."""
+        return summed_loss(self.model, self.loss, x, y, self.cfg.precision)
 
     def setup(self):
         raise NotImplementedError
@@ -135,22 +142,48 @@ class Strategy:
         raise NotImplementedError(f"{type(self).__name__} cannot go on without a lost rank")
 
 
-def loss_sum(output, target, task):
-    """The summed (not averaged) loss, so callers can divide by a global batch size."""
-    if task == "classification":
-        return nn.functional.cross_entropy(output, target, reduction="sum")
-    return nn.functional.mse_loss(output.reshape(target.shape), target, reduction="sum")
-
-
 def make_optimizer(cfg, params):
+    """The optimizer --optimizer names over `params` (a module's named parameters, or tensors).
+
+    adamw decays only parameters of two or more dimensions (weights), not biases and norms'
+    gains: nanoGPT's and most transformer recipes' rule. Given plain tensors (a parameter
+    server's flat range) it has no shapes to go by and decays all of them.
+    """
+    params = list(params)
+    if cfg.optimizer == "adamw":
+        named = params and isinstance(params[0], tuple)
+        groups = ([{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                   {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0}] if named else params)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.beta_values(), weight_decay=cfg.weight_decay)
+    params = [p for _, p in params] if params and isinstance(params[0], tuple) else params
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.beta_values(), weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def batch_tensors(X, y, indices):
-    """Tensors for the samples `indices` (works on memory-mapped arrays too)."""
-    return torch.from_numpy(np.ascontiguousarray(X[indices])), torch.from_numpy(np.asarray(y[indices]))
+def summed_loss(model, loss, x, y, precision="float32"):
+    """The loss of batch (x, y) summed over its samples, a float32 0-d tensor to call backward on.
+
+    bf16: forward and loss under CPU autocast (matrix products in bfloat16); the per-sample
+    losses, and so the gradients' scale, stay float32, as do the weights and gradients.
+    """
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        per_sample = loss(model(x), y)
+    return per_sample.float().sum()
+
+
+def clip_grad_norm_(grads, max_norm):
+    """Scale the gradient tensors `grads` in place so their global L2 norm is at most `max_norm`.
+
+    As torch.nn.utils.clip_grad_norm_ (the same 1e-6 guard), over flat buffers or `.grad`s.
+    Returns the norm before clipping.
+    """
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    scale = max_norm / (norm + 1e-6)
+    if scale < 1:
+        for g in grads:
+            g.mul_(scale)
+    return float(norm)
 
 
 @contextmanager

@@ -22,10 +22,10 @@ import torch
 from ..api import broadcast_parameters
 from ..flat import FlatModel, zeros
 from ..nonfinite import first_nonfinite
-from ..partition import partition
+from ..partition import natural, partition
 from ..schedule import lr_at, set_lr
 from ..sharding import rng
-from .base import Flags, Strategy, batch_tensors, loss_sum, make_optimizer
+from .base import Flags, Strategy, clip_grad_norm_, make_optimizer
 from .server_opt import ServerOptimizer
 
 __all__ = ["FederatedStrategy", "assign_clients", "sample_clients", "client_batches"]
@@ -82,8 +82,10 @@ class FederatedStrategy(Strategy):
         self.global_buffers = self._buffer_vector().clone()
         self.num_clients = cfg.num_clients(comm.size)
         self.per_round = cfg.clients_each_round(comm.size)
-        self.parts = partition(data.y_train, self.num_clients, cfg.partition, alpha=cfg.alpha,
-                               shards_per_client=cfg.shards_per_client, seed=cfg.seed)
+        self.parts = (natural(data.groups) if cfg.partition == "natural" else
+                      partition(data.labels if cfg.partition != "iid" else np.zeros(len(data.train)),
+                                self.num_clients, cfg.partition, alpha=cfg.alpha,
+                                shards_per_client=cfg.shards_per_client, seed=cfg.seed))
         self.owner = assign_clients([len(p) for p in self.parts], comm.size)
         self.server = ServerOptimizer(cfg.server_opt, cfg.server_learning_rate(), cfg.server_momentum,
                                       self.global_params)
@@ -98,7 +100,7 @@ class FederatedStrategy(Strategy):
         self.slices["totals"] = slice(end, end + 2)  # samples trained, summed loss
         self.slices["flags"] = slice(end + 2, end + 5)  # stop, checkpoint, nonfinite: in the same Allreduce
         self.sums = zeros(end + 5, torch.float64)  # float64: rank counts change the order of summing
-        self.optimizer = make_optimizer(cfg, self.model.parameters())  # reset for each client, see _train_client
+        self.optimizer = make_optimizer(cfg, self.model.named_parameters())  # reset for each client, see _train_client
         self.lr = cfg.lr  # this round's client learning rate (--lr-schedule), set by run_unit
         self.lost_clients = {}  # round -> clients dealt to a rank lost in it (they count as dropped)
         control = p if self.scaffold else 0  # SCAFFOLD ships c down and c_i's change up, one per parameter
@@ -182,7 +184,7 @@ class FederatedStrategy(Strategy):
             self._train_client_seeded(client, round_)
 
     def _train_client_seeded(self, client, round_):
-        cfg, data, flat = self.cfg, self.dataset, self.flat
+        cfg, flat = self.cfg, self.flat
         self.load_global()
         optimizer = self.optimizer
         optimizer.state.clear()  # a fresh client optimizer (momentum, Adam moments) each round
@@ -193,10 +195,11 @@ class FederatedStrategy(Strategy):
         if self.scaffold:
             correction = self.control - self.client_control.get(client, 0)
         trained, loss_total = 0, 0.0
-        for positions in batches:
+        lists = [own[positions] for positions in batches]
+        for i, positions in enumerate(batches):
             flat.grad.zero_()  # not optimizer.zero_grad(): .grad must stay a view of flat.grad
-            x, y = batch_tensors(data.X_train, data.y_train, own[positions])
-            summed = loss_sum(self.model(x), y, data.task)
+            x, y = self.loader.get(("client", round_, client), round_, lists, i)
+            summed = self.summed_loss(x, y)
             (summed / len(positions)).backward()
             loss = summed.item()
             self.nonfinite = first_nonfinite(loss, [flat.grad], self.model)
@@ -206,6 +209,8 @@ class FederatedStrategy(Strategy):
                 flat.grad.add_(flat.data - self.global_params, alpha=cfg.prox_mu)
             if self.scaffold:
                 flat.grad.add_(correction)
+            if cfg.clip_norm:  # each local step's gradient, as the client would alone
+                clip_grad_norm_([flat.grad], cfg.clip_norm)
             optimizer.step()
             trained, loss_total = trained + len(positions), loss_total + loss
         with torch.no_grad():
@@ -321,15 +326,17 @@ class FederatedStrategy(Strategy):
 
         Each rank scores the clients it owns; one Allreduce gathers them.
         """
-        if self.dataset.task != "classification":
+        if self.dataset.task != "classification" or self.dataset.target_shape:  # one class per sample only
             return {}
         self.load_global()
         self.model.eval()
         scores = torch.zeros(self.num_clients, dtype=torch.float64)
         for client, own in enumerate(self.parts):
             if self.owner[client] == self.comm.rank:
-                x, y = batch_tensors(self.dataset.X_train, self.dataset.y_train, own)
-                scores[client] = (self.model(x).argmax(dim=1) == y).double().mean()
+                for start in range(0, len(own), 1024):
+                    x, y = self.dataset.train.batch(own[start:start + 1024])
+                    scores[client] += (self.model(x).argmax(dim=1) == y).sum().item()
+                scores[client] /= len(own)
         scores = self.comm.allreduce_(scores).numpy()
         return {"client_acc_mean": float(scores.mean()), "client_acc_min": float(scores.min()),
                 "client_acc_p10": float(np.percentile(scores, 10))}

@@ -14,6 +14,7 @@ after a lost rank (--on-rank-failure continue) the survivors split each global
 batch among themselves, redo the interrupted step and end with the weights of
 the uninterrupted run.
 """
+import numpy as np
 import torch
 
 from ..api import broadcast_buffers, broadcast_parameters
@@ -21,66 +22,85 @@ from ..nonfinite import first_nonfinite
 from ..reducer import GradientReducer
 from ..schedule import lr_at, set_lr
 from ..sharding import num_steps, shard_batches
-from .base import EpochStats, Flags, Strategy, batch_tensors, compute_phase, loss_sum, make_optimizer
+from .base import EpochStats, Flags, Strategy, clip_grad_norm_, compute_phase, make_optimizer
 
 
 class SyncStrategy(Strategy):
     def setup(self):
         cfg, comm = self.cfg, self.comm
         broadcast_parameters(self.model, comm=comm)  # distributed: all start from root's weights
-        self.optimizer = make_optimizer(cfg, self.model.parameters())
+        self.optimizer = make_optimizer(cfg, self.model.named_parameters())
         self.reducer = GradientReducer(self.model.parameters(), comm, bucket_mb=cfg.bucket_mb, op="sum",
                                        control=3,  # Flags: stop, checkpoint, nonfinite
                                        chunk_mb=cfg.chunk_mb, compression=cfg.compression, overlap=cfg.overlap)
-        self.global_batch = cfg.batch_size * comm.size  # kept when ranks are lost
-        self.steps_per_epoch = num_steps(len(self.dataset.y_train), self.global_batch)
+        self.global_batch = cfg.batch_size * cfg.accumulate * comm.size  # kept when ranks are lost
+        self.steps_per_epoch = num_steps(len(self.dataset.train), self.global_batch)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.stats = EpochStats()
-        self._batches = (None, None)  # (epoch, this rank's batches of it)
+        self._batches = (None, None)  # (epoch, this rank's micro-batches of it, where each step's begin)
+
+    def epochs(self):
+        """--epochs, or as many as --max-steps begins (the last one cut short)."""
+        return -(-self.total_steps // self.steps_per_epoch)
 
     def units_in(self, epoch):
-        return self.steps_per_epoch
+        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
 
     def run_unit(self, epoch, step, wants):
         """One step: gradients of this rank's part of global batch `step`, summed over ranks.
 
-        A non-finite loss or gradient on any rank (agreed in the reduction) means no update on
-        any rank, and the step's loss and samples do not count.
+        The part is --accumulate micro-batches; their gradients add up in the buckets, and one
+        reduction follows. A non-finite loss or gradient on any rank (agreed in the reduction)
+        means no update on any rank, and the step's loss and samples do not count.
         """
-        cfg, data = self.cfg, self.dataset
-        batch = self._epoch_batches(epoch)[step]
+        micro, starts = self._epoch_batches(epoch)
         self.model.train()
         self.reducer.zero_grad()
-        loss = 0.0
-        if len(batch.indices):  # the last global batch can leave a rank with none
-            with compute_phase(cfg, self.comm.rank):
-                x, y = batch_tensors(data.X_train, data.y_train, batch.indices)
-                summed = loss_sum(self.model(x), y, data.task)
-                (summed / batch.global_size).backward()
-            loss = summed.item()
+        loss, samples = 0.0, 0
+        for position in range(starts[step], starts[step + 1]):  # none: the last global batch left this rank none
+            with compute_phase(self.cfg, self.comm.rank):
+                x, y = self.loader.get("train", epoch, micro, position)
+                summed = self.summed_loss(x, y)
+                (summed / self.global_size[step]).backward()
+            loss, samples = loss + summed.item(), samples + len(micro[position])
         self.reducer.attach_grads()  # the buckets hold this step's gradients (zero where backward gave none)
-        self.nonfinite = first_nonfinite(loss, [b.grads for b in self.reducer.buckets], self.model)
+        grads = [b.grads for b in self.reducer.buckets]
+        self.nonfinite = first_nonfinite(loss, grads, self.model)
         mine = wants()
         mine.nonfinite = self.nonfinite is not None
         self.reducer.control.copy_(torch.tensor(mine.values()))
         self.reducer.allreduce_grads()  # distributed: Allreduce (sum) of the buckets, flags included
         agreed = Flags.summed(self.reducer.control.tolist())
         if not agreed.nonfinite:
+            if self.cfg.clip_norm:  # the reduced gradient's norm: the same on every rank, as in one process
+                clip_grad_norm_(grads, self.cfg.clip_norm)
             self.stats.loss_sum += loss
-            self.stats.samples += len(batch.indices)
+            self.stats.samples += samples
             self._step(epoch * self.steps_per_epoch + step)
         return agreed, True
 
     def _step(self, position):
         cfg = self.cfg
-        set_lr(self.optimizer, lr_at(cfg.lr, cfg.schedule(), position, cfg.epochs * self.steps_per_epoch,
+        set_lr(self.optimizer, lr_at(cfg.lr, cfg.schedule(), position, self.total_steps,
                                      cfg.warmup_epochs * self.steps_per_epoch))
         self.optimizer.step()
 
     def _epoch_batches(self, epoch):
+        """This rank's micro-batches of `epoch` (index arrays) and where each step's begin.
+
+        A step's share of the global batch is cut into --accumulate nearly equal micro-batches;
+        empty ones (a small last batch) are left out.
+        """
         if self._batches[0] != epoch:
-            self._batches = (epoch, shard_batches(len(self.dataset.y_train), self.cfg.batch_size, epoch=epoch,
-                                                  seed=self.cfg.seed, rank=self.comm.rank, size=self.comm.size,
-                                                  global_batch=self.global_batch))
+            steps = shard_batches(len(self.dataset.train), self.cfg.batch_size * self.cfg.accumulate, epoch=epoch,
+                                  seed=self.cfg.seed, rank=self.comm.rank, size=self.comm.size,
+                                  global_batch=self.global_batch)
+            micro, starts = [], [0]
+            for batch in steps:
+                micro += [m for m in np.array_split(batch.indices, self.cfg.accumulate) if len(m)]
+                starts.append(len(micro))
+            self.global_size = [batch.global_size for batch in steps]
+            self._batches = (epoch, (micro, starts))
         return self._batches[1]
 
     def end_epoch(self, epoch):
@@ -114,7 +134,7 @@ class SyncStrategy(Strategy):
         return None
 
     def summary(self, history, train_time):
-        return {"epochs": self.cfg.epochs, "global_batch_size": self.global_batch}
+        return {"epochs": self.epochs(), "steps": self.total_steps, "global_batch_size": self.global_batch}
 
     # -- a lost rank: the survivors share each global batch ---------------------------
     def replica_state(self):
@@ -126,3 +146,4 @@ class SyncStrategy(Strategy):
 
     def survive(self, lost, old_size, position):
         self._batches = (None, None)  # split anew over the survivors
+        self.loader.close()

@@ -19,38 +19,100 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
+import torch
 
-from .config import UsageError
-from .sharding import rng
+from ..config import UsageError
+from ..sharding import rng
 
-__all__ = ["Dataset", "load_dataset", "rows_of", "read_rows", "check_finite", "BUILTIN"]
+__all__ = ["Dataset", "ArraySplit", "from_arrays", "load_arrays", "rows_of", "read_rows", "check_finite", "BUILTIN"]
 
 BUILTIN = ("digits", "diabetes", "synthetic")
 
 
+class ArraySplit(torch.utils.data.Dataset):
+    """One split held as arrays: a map-style Dataset whose batches are one indexed read.
+
+    `batch(indices)` reads the rows at once (read_rows: plain reads on a memory map), where
+    collating items one by one would cost a Python call per sample. Pickled for loading
+    workers, a memory-mapped array travels as its file, offset and shape, not its bytes.
+    """
+
+    def __init__(self, X, y):
+        self.X, self.y = X, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.array(self.X[i])), torch.as_tensor(self.y[i])
+
+    def batch(self, indices):
+        """(inputs, targets) tensors of the samples `indices` (ascending or not)."""
+        return torch.from_numpy(np.ascontiguousarray(self.X[indices])), torch.from_numpy(np.asarray(self.y[indices]))
+
+    @property
+    def targets(self):
+        return self.y
+
+    def __getstate__(self):
+        return {k: _MappedArray(v) if isinstance(v, np.memmap) else v for k, v in self.__dict__.items()}
+
+    def __setstate__(self, state):
+        self.__dict__.update({k: v.open() if isinstance(v, _MappedArray) else v for k, v in state.items()})
+
+
+class _MappedArray:
+    """A memory-mapped array by reference (file, offset, shape), for pickling."""
+
+    def __init__(self, array):
+        self.args = (array.filename, array.dtype, array.offset, array.shape, "F" if array.flags.f_contiguous
+                     and not array.flags.c_contiguous else "C")
+
+    def open(self):
+        filename, dtype, offset, shape, order = self.args
+        return np.memmap(filename, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+
+
 @dataclass
 class Dataset:
+    """A run's data: train and test splits (map-style torch Datasets with a `batch(indices)` method),
+    the task ("classification": integer class targets; "regression"), and what partitions need."""
     name: str
-    X_train: np.ndarray
-    y_train: np.ndarray
-    X_test: np.ndarray
-    y_test: np.ndarray
+    train: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
     task: str  # "classification" or "regression"
     num_classes: int = 0
     source: str = ""  # checksums of the file's whole content as written (see _npz_checksums); "" for built-ins
-
-    @property
-    def input_shape(self):
-        return tuple(self.X_train.shape[1:])
+    groups: Optional[np.ndarray] = None  # per training sample, its natural client (--partition natural)
+    input_shape: tuple = ()  # one sample's input
+    target_shape: tuple = ()  # one sample's target: () for a class or a number, (T,) for a sequence
 
     @property
     def num_outputs(self):
         return self.num_classes if self.task == "classification" else 1
 
+    @property
+    def labels(self):
+        """Per training sample class labels (the label-based partitions), or None where unknown."""
+        return getattr(self.train, "targets", None) if self.task == "classification" else None
 
-def load_dataset(cfg, *, rank=0, size=1):
+    # Array data's arrays (tests, scripts): train.X, train.y, test.X, test.y
+    X_train = property(lambda self: self.train.X)
+    y_train = property(lambda self: self.train.y)
+    X_test = property(lambda self: self.test.X)
+    y_test = property(lambda self: self.test.y)
+
+
+def from_arrays(name, X, y, X_test, y_test, task, num_classes=0, source=""):
+    """A Dataset over numpy arrays (one sample a row)."""
+    return Dataset(name, ArraySplit(X, y), ArraySplit(X_test, y_test), task, num_classes, source,
+                   input_shape=tuple(X.shape[1:]), target_shape=tuple(y.shape[1:]))
+
+
+def load_arrays(cfg, *, rank=0, size=1):
     """The Dataset named by `cfg.dataset`: a built-in name or a path to .npz / .csv.
 
     A file's values are checked for NaN and infinity in block `rank` of `size`
@@ -70,7 +132,8 @@ def load_dataset(cfg, *, rank=0, size=1):
         dataset = _finish(name, X, y, X_test, y_test, cfg, block=(rank, size))
         dataset.source = source
         return dataset
-    raise UsageError(f"--dataset must be one of {', '.join(BUILTIN)} or a .npz/.csv file, got {name!r}")
+    raise UsageError(f"--dataset must be one of {', '.join(BUILTIN)}, a .npz/.csv file, text or text:PATH, or "
+                     f"FILE.py:function / module:function returning a torch Dataset, got {name!r}")
 
 
 def _digits(cfg):
@@ -143,9 +206,9 @@ def _finish(name, X, y, X_test, y_test, cfg, standardize=False, block=(0, 1)):
         if standardize:
             X, X_test = _standardize(X, X_test)
             y, y_test = _standardize(y, y_test)
-        return Dataset(name, X, y, X_test, y_test, task)
+        return from_arrays(name, X, y, X_test, y_test, task)
     y, y_test, num_classes = _labels(y, y_test, name)
-    return Dataset(name, X, y, X_test, y_test, task, num_classes)
+    return from_arrays(name, X, y, X_test, y_test, task, num_classes)
 
 
 def _check_pair(X, y, xname, yname, name, block):

@@ -1,0 +1,141 @@
+"""A rank's batches, from its lists of sample indices: made here, or ahead by loading workers.
+
+`--data-workers N` gives each rank N worker processes (torch's DataLoader) that
+collate the next batches while the rank computes. How they start matters under
+MPI: Open MPI is not fork-safe ("may hang, crash, or produce silent data
+corruption"), and a worker that imports mpi4py would initialise MPI and abort
+under mpirun. So the workers come from a forkserver (a fresh interpreter
+started with exec, never a fork of this MPI process), and everything they
+start under has MPI4PY_RC_INITIALIZE=0: a dataset module that imports distml
+or mpi4py still works, without MPI. The workers live as long as the Loader;
+which batch comes next travels with its indices (and the epoch, for data
+sets whose items vary by epoch), so a batch is the same whatever N is, and
+no random number is drawn from this process's generators for them.
+
+A user's Dataset class defined in a FILE.py reaches the workers by name: the
+file is imported there again before the data set is unpickled.
+"""
+import contextlib
+import multiprocessing
+import os
+import pickle
+
+import torch
+
+from ..userfn import FILES, import_file
+
+__all__ = ["Loader"]
+
+
+class Loader:
+    """Batches of `split` (an ArraySplit or ItemSplit) for index lists the caller names.
+
+    `get(key, epoch, lists, position)` returns lists[position]'s (inputs, targets). Calls that walk a
+    stream `key` in order are served by the workers' prefetching; a jump (a resume, a new stream)
+    restarts the stream there. `calls`: a CallRecord whose context names a wait for the workers
+    (the hang doctor's report).
+    """
+
+    def __init__(self, split, workers=0, *, calls=None):
+        self.split, self.workers, self.calls = split, workers, calls
+        self._epoch = None
+        self._loader = self._stream = None
+
+    def get(self, key, epoch, lists, position):
+        if not self.workers:
+            if epoch != self._epoch and hasattr(self.split, "set_epoch"):
+                self.split.set_epoch(epoch)
+                self._epoch = epoch
+            return self.split.batch(lists[position])
+        if self._stream is None or self._stream[:2] != (key, position):
+            self._start(key, epoch, lists, position)
+        key, position, batches = self._stream
+        self._stream = (key, position + 1, batches)
+        context = self.calls.context if self.calls else None
+        if self.calls:
+            self.calls.context = f"{context}, waiting for its data-loading workers"
+        try:
+            return next(batches)
+        finally:
+            if self.calls:
+                self.calls.context = context
+
+    def _start(self, key, epoch, lists, position):
+        if self._loader is None:
+            self._schedule = _Schedule()
+            self._loader = torch.utils.data.DataLoader(
+                _Batches(self.split), sampler=self._schedule, batch_size=None, collate_fn=_as_is,
+                num_workers=self.workers, persistent_workers=True, prefetch_factor=2,
+                multiprocessing_context=_context(), generator=torch.Generator().manual_seed(0))
+        self._schedule.items = [(epoch, lists[i]) for i in range(position, len(lists))]
+        with _without_mpi():
+            self._stream = (key, position, iter(self._loader))
+
+    def close(self):
+        """Stop the workers (they also stop with this process)."""
+        if self._loader is not None and getattr(self._loader, "_iterator", None) is not None:
+            self._loader._iterator._shutdown_workers()
+        self._loader = self._stream = None
+
+
+class _Schedule(torch.utils.data.Sampler):
+    """The (epoch, indices) of the batches to load next; replaced before each stream starts."""
+
+    def __init__(self):
+        self.items = []
+
+    def __iter__(self):
+        return iter(list(self.items))
+
+    def __len__(self):
+        return len(self.items)
+
+
+class _Batches(torch.utils.data.Dataset):
+    """What a worker holds: the split, indexed by (epoch, indices) -> one collated batch."""
+
+    def __init__(self, split):
+        self.split, self.epoch = split, None
+
+    def __getitem__(self, key):
+        epoch, indices = key
+        if epoch != self.epoch and hasattr(self.split, "set_epoch"):
+            self.split.set_epoch(epoch)
+            self.epoch = epoch
+        return self.split.batch(indices)
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getstate__(self):
+        return {"files": dict(FILES), "split": pickle.dumps(self.split)}
+
+    def __setstate__(self, state):
+        for path in state["files"].values():  # the user's FILE.py modules, by the names their classes carry
+            import_file(path)
+        self.split, self.epoch = pickle.loads(state["split"]), None
+
+
+def _as_is(batch):
+    return batch
+
+
+def _context():
+    """A forkserver context whose server preloads torch (workers fork from it with torch imported)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "numpy"])
+    return context
+
+
+@contextlib.contextmanager
+def _without_mpi():
+    """Processes started in here (the forkserver, its workers) do not initialise MPI on importing mpi4py."""
+    before = os.environ.get("MPI4PY_RC_INITIALIZE")
+    os.environ["MPI4PY_RC_INITIALIZE"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MPI4PY_RC_INITIALIZE"]
+        else:
+            os.environ["MPI4PY_RC_INITIALIZE"] = before

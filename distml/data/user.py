@@ -1,0 +1,179 @@
+"""The user's own data: `--dataset FILE.py:fn` (or `module:fn`), where fn() returns a map-style
+torch Dataset, or a (train, test) pair of them.
+
+Each item is `(input, target)`: tensors, arrays or numbers. Attributes used where present:
+`num_classes`; `targets` (per-sample labels, for the label-based federated partitions);
+`groups` (per-sample client id, for `--partition natural`); `collate` (a list of items -> an
+(inputs, targets) batch, for items that differ in shape). Without a test set, `--test-fraction`
+of the samples is held out, as for arrays.
+
+Everything is checked before training, on a sample of items (a full pass could mean reading
+every image file): that they are pairs, that targets are numbers, and that items collate.
+"""
+import math
+
+import numpy as np
+import torch
+
+from ..config import UsageError
+from ..sharding import rng
+from ..userfn import load_function
+from .arrays import Dataset
+
+__all__ = ["ItemSplit", "load_user", "from_datasets"]
+
+_CHECKED_ITEMS = 32  # items looked at before training, spread over the data set
+
+
+class ItemSplit(torch.utils.data.Dataset):
+    """A map-style Dataset (or the samples `indices` of one) whose batches are collated from items.
+
+    Floating-point inputs (and regression targets) become float32, as the model's weights.
+    """
+
+    def __init__(self, dataset, indices=None, collate=None):
+        self.dataset, self.indices = dataset, indices
+        self.collate = collate or torch.utils.data.default_collate
+
+    def __len__(self):
+        return len(self.dataset) if self.indices is None else len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[int(i) if self.indices is None else int(self.indices[i])]
+
+    def batch(self, indices):
+        """(inputs, targets) tensors of the samples `indices`."""
+        batch = self.collate([self[i] for i in np.asarray(indices).tolist()])
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(f"collate returned {type(batch).__name__}, not an (inputs, targets) pair")
+        return tuple(_float32(torch.as_tensor(part)) for part in batch)
+
+    def set_epoch(self, epoch):
+        """The epoch the next items belong to (a Dataset with set_epoch varies by epoch, e.g. text offsets)."""
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    @property
+    def targets(self):
+        targets = getattr(self.dataset, "targets", None)
+        if targets is None:
+            return None
+        targets = np.asarray(targets)
+        return targets if self.indices is None else targets[self.indices]
+
+
+def load_user(cfg):
+    """The Dataset that `cfg.dataset` (FILE.py:fn or module:fn) returns, checked before training."""
+    spec = cfg.dataset
+    fn = load_function(spec, "dataset")
+    try:
+        made = fn()
+    except Exception as e:  # their code, their mistake: one line, exit 2
+        raise UsageError(f"--dataset {spec}: {fn.__name__}() failed: {type(e).__name__}: {e}")
+    train, test = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
+    return from_datasets(spec, train, test, test_fraction=cfg.test_fraction, seed=cfg.seed)
+
+
+def from_datasets(name, train, test=None, *, test_fraction=0.2, seed=0):
+    """A distml Dataset over torch Datasets `train` and `test` (None: hold out `test_fraction`)."""
+    for role, data in (("train", train), ("test", test)):
+        if data is not None:
+            _check_map_style(data, name, role)
+    collate = getattr(train, "collate", None)
+    if collate is not None and not callable(collate):
+        raise UsageError(f"--dataset {name}: its collate attribute is {type(collate).__name__}, not a function")
+    if test is None:
+        n_test = int(round(len(train) * test_fraction))
+        if n_test < 1 or n_test >= len(train):
+            raise UsageError(f"--dataset {name}: {len(train)} samples cannot be split with --test-fraction "
+                             f"{test_fraction}; return a (train, test) pair")
+        order = rng(seed, "test-split").permutation(len(train))
+        train_split = ItemSplit(train, np.sort(order[n_test:]), collate)
+        test_split = ItemSplit(train, np.sort(order[:n_test]), collate)
+    else:
+        train_split, test_split = ItemSplit(train, None, collate), ItemSplit(test, None, collate)
+    x, y = _check_items(train_split, name, "train", collate)
+    _check_items(test_split, name, "test", collate)
+    task = "classification" if not y.is_floating_point() else "regression"
+    num_classes = _num_classes(train, train_split, name) if task == "classification" else 0
+    return Dataset(name, train_split, test_split, task, num_classes, groups=_groups(train, train_split, name),
+                   input_shape=tuple(x.shape[1:]), target_shape=tuple(y.shape[1:]))
+
+
+def _check_map_style(data, name, role):
+    if isinstance(data, torch.utils.data.IterableDataset) or not (hasattr(data, "__getitem__")
+                                                                  and hasattr(data, "__len__")):
+        raise UsageError(f"--dataset {name}: the {role} set is a {type(data).__name__}, not a map-style "
+                         f"torch.utils.data.Dataset (with __len__ and __getitem__)")
+    if len(data) == 0:
+        raise UsageError(f"--dataset {name}: the {role} set is empty")
+
+
+def _check_items(split, name, role, collate):
+    """Look at up to _CHECKED_ITEMS items spread over `split`; returns the collated first two as (x, y)."""
+    n = len(split)
+    positions = sorted({int(p) for p in np.linspace(0, n - 1, min(n, _CHECKED_ITEMS))})
+    shapes = {}
+    for i in positions:
+        try:
+            item = split[i]
+        except Exception as e:
+            raise UsageError(f"--dataset {name}: {role} item {i} cannot be read: {type(e).__name__}: {e}")
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise UsageError(f"--dataset {name}: {role} item {i} is a {type(item).__name__}, not an "
+                             f"(input, target) pair")
+        x, y = (_as_tensor(part, name, role, i, what) for part, what in zip(item, ("input", "target")))
+        if y.dtype == torch.bool or y.is_complex() or not (y.is_floating_point() or _is_integer(y)):
+            raise UsageError(f"--dataset {name}: {role} item {i}'s target is {y.dtype}, not a number (give "
+                             f"integer classes or real values)")
+        shapes.setdefault((tuple(x.shape), tuple(y.shape)), i)
+    if len(shapes) > 1 and collate is None:
+        (a, i), (b, j) = list(shapes.items())[:2]
+        raise UsageError(f"--dataset {name}: {role} items differ in shape (item {i}: input {a[0]}, target {a[1]}; "
+                         f"item {j}: input {b[0]}, target {b[1]}); give the Dataset a collate function "
+                         f"(a list of items -> an (inputs, targets) batch), e.g. one that pads")
+    try:
+        return split.batch(np.arange(min(2, n)))
+    except Exception as e:
+        raise UsageError(f"--dataset {name}: {role} items do not collate into a batch: {type(e).__name__}: {e}")
+
+
+def _as_tensor(part, name, role, i, what):
+    try:
+        return torch.as_tensor(np.asarray(part) if not isinstance(part, torch.Tensor) else part)
+    except Exception as e:
+        raise UsageError(f"--dataset {name}: {role} item {i}'s {what} is not a tensor, array or number "
+                         f"({type(part).__name__}: {e})")
+
+
+def _is_integer(t):
+    return not t.is_floating_point() and t.dtype != torch.bool and not t.is_complex()
+
+
+def _num_classes(dataset, split, name):
+    """`num_classes`, else from `targets`, else from every training target (a pass over the items)."""
+    given = getattr(dataset, "num_classes", None)
+    if given is not None:
+        if not (isinstance(given, (int, np.integer)) and given >= 2):
+            raise UsageError(f"--dataset {name}: num_classes must be an integer >= 2, got {given!r}")
+        return int(given)
+    targets = split.targets
+    if targets is None:
+        targets = [torch.as_tensor(split[i][1]).max().item() for i in range(len(split))]
+    return max(2, int(np.max(targets)) + 1)
+
+
+def _groups(dataset, split, name):
+    """Per training sample client id (`groups`), as int64, or None."""
+    groups = getattr(dataset, "groups", None)
+    if groups is None:
+        return None
+    groups = np.asarray(groups)
+    if groups.shape != (len(dataset),) or not np.issubdtype(groups.dtype, np.integer):
+        raise UsageError(f"--dataset {name}: groups must hold one integer per sample ({len(dataset)}), got "
+                         f"{groups.dtype} of shape {groups.shape}")
+    return groups.astype(np.int64) if split.indices is None else groups[split.indices].astype(np.int64)
+
+
+def _float32(t):
+    return t.float() if t.is_floating_point() and t.dtype != torch.float32 else t
