@@ -10,7 +10,7 @@ of the samples is held out, as for arrays.
 Everything is checked before training, on a sample of items (a full pass could mean reading
 every image file): that they are pairs, that targets are numbers, and that items collate.
 """
-import math
+import collections.abc
 
 import numpy as np
 import torch
@@ -101,8 +101,9 @@ def from_datasets(name, train, test=None, *, test_fraction=0.2, seed=0):
 
 
 def _check_map_style(data, name, role):
-    if isinstance(data, torch.utils.data.IterableDataset) or not (hasattr(data, "__getitem__")
-                                                                  and hasattr(data, "__len__")):
+    sequence = isinstance(data, collections.abc.Sequence) and not isinstance(data, (str, bytes))
+    if isinstance(data, torch.utils.data.IterableDataset) or not (isinstance(data, torch.utils.data.Dataset)
+                                                                  or sequence) or not hasattr(data, "__len__"):
         raise UsageError(f"--dataset {name}: the {role} set is a {type(data).__name__}, not a map-style "
                          f"torch.utils.data.Dataset (with __len__ and __getitem__)")
     if len(data) == 0:

@@ -1,0 +1,137 @@
+"""Users' Dataset functions, losses and workers for the tests: good ones and each kind of mistake."""
+import os
+import signal
+
+import numpy as np
+import torch
+
+
+class Pairs(torch.utils.data.Dataset):
+    """n items (x, y): x of `shape`, y a class (or a float target); optional hooks."""
+
+    def __init__(self, n=40, shape=(3,), dtype=torch.float32, floats=False, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, *shape, generator=gen).to(dtype)
+        self.y = (self.x.flatten(1)[:, 0] > 0).long()
+        self.floats = floats
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], (float(self.y[i]) if self.floats else int(self.y[i]))
+
+
+def good():
+    return Pairs(40), Pairs(12, seed=1)
+
+
+def float64_inputs():
+    return Pairs(30, dtype=torch.float64)
+
+
+def raises():
+    raise FileNotFoundError("images/ is missing")
+
+
+def not_a_dataset():
+    return {"x": [1, 2, 3]}
+
+
+def empty():
+    return Pairs(0), Pairs(3)
+
+
+class Ragged(Pairs):
+    def __getitem__(self, i):
+        return torch.zeros(3 + i % 2), 0
+
+
+def ragged():
+    return Ragged(20)
+
+
+class Padded(Ragged):
+    """Ragged items with a collate that pads them: accepted."""
+
+    @staticmethod
+    def collate(items):
+        width = max(len(x) for x, _ in items)
+        x = torch.stack([torch.nn.functional.pad(x, (0, width - len(x))) for x, _ in items])
+        return x[:, :3], torch.tensor([y for _, y in items])
+
+
+def padded():
+    return Padded(20)
+
+
+class Named(Pairs):
+    def __getitem__(self, i):
+        return self.x[i], "cat"
+
+
+def text_targets():
+    return Named(10)
+
+
+class Flags(Pairs):
+    def __getitem__(self, i):
+        return self.x[i], True
+
+
+def bool_targets():
+    return Flags(10)
+
+
+def no_groups():
+    return Pairs(40)
+
+
+def mean_loss(output, target):
+    return torch.nn.functional.cross_entropy(output, target)  # a mean: one number, not one per sample
+
+
+def list_loss(output, target):
+    return [0.0] * len(target)
+
+
+class Recorder(Pairs):
+    """Writes, from each loading worker, whether MPI is initialised there and who its parent is."""
+
+    def __getitem__(self, i):
+        info = torch.utils.data.get_worker_info()
+        if info is not None:
+            from mpi4py import MPI  # a user's module may import mpi4py: it must not initialise MPI here
+            path = os.path.join(os.environ["DISTML_TEST_RECORD"], f"{os.getpid()}.txt")
+            with open(path, "w") as f:
+                f.write(f"{int(MPI.Is_initialized())} {os.getppid()} {os.environ.get('OMPI_COMM_WORLD_RANK', '-')}")
+        return super().__getitem__(i)
+
+
+def recorder():
+    return Recorder(60), Pairs(12, seed=1)
+
+
+class Doomed(Pairs):
+    """On rank 1, a loading worker is killed (SIGKILL) at its fifth item."""
+
+    def __init__(self, n):
+        super().__init__(n)
+        self.seen = 0
+
+    def __getitem__(self, i):
+        self.seen += 1
+        if (torch.utils.data.get_worker_info() is not None and os.environ.get("OMPI_COMM_WORLD_RANK") == "1"
+                and self.seen == 5):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__getitem__(i)
+
+
+def doomed():
+    return Doomed(400), Pairs(12, seed=1)
+
+
+def labels_array():
+    data = Pairs(40)
+    data.targets = np.asarray(data.y)
+    return data
