@@ -74,6 +74,8 @@ class Config:
                                              "reduction per step (global batch = ranks x batch x this)")
     eval_every: int = setting("training", 1, "evaluate the model every this many epochs (federated: "
                                              "rounds), and after the last")
+    eval_every_steps: int = setting("training", 0, "sync: also evaluate after every this many optimizer steps, "
+                                                   "one metrics record each (0: off)")
     threads: int = setting("training", 0, "torch threads per rank (0: SLURM_CPUS_PER_TASK, or cores on the "
                                           "node / ranks on the node)")
     # -- data -------------------------------------------------------------------
@@ -258,12 +260,15 @@ class Config:
         """The data, model and optimisation settings of the modern recipe (accumulation, clipping, ...)."""
         for name in ("accumulate", "block_size", "layers", "heads", "embed"):
             _check(getattr(self, name) >= 1, f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "data_workers"):
+        for name in ("max_steps", "data_workers", "eval_every_steps"):
             _check(getattr(self, name) >= 0, f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         _check(self.clip_norm >= 0, f"--clip-norm must be > 0, or 0 for no clipping, got {self.clip_norm}")
         _check(self.mode == "sync" or self.accumulate == 1,
                f"--accumulate is for --mode sync (one reduction per optimizer step); {self.mode} pushes or "
                f"averages per step or round: leave it at 1")
+        _check(self.mode == "sync" or not self.eval_every_steps,
+               f"--eval-every-steps is for --mode sync; {self.mode} evaluates every --eval-every "
+               f"{'rounds' if self.mode == 'federated' else 'epochs'}")
         _check(self.mode == "sync" or not self.max_steps,
                f"--max-steps is for --mode sync; {self.mode} runs for "
                f"{'--rounds' if self.mode == 'federated' else '--epochs (a budget of gradients)'}")

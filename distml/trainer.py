@@ -179,6 +179,8 @@ class _Loop:
                     raise error  # no checkpoint: the newest one is the last good state
             self.step += finished
             self.bar.update(finished)
+            if cfg.eval_every_steps and not flags.nonfinite and self._eval_due():
+                self._evaluate_within(timer)
             if flags.stop or flags.checkpoint:
                 self._checkpoint_or_stop(flags, timer)
         comm.calls.context = f"end of {strategy.unit} {self.epoch + 1}"
@@ -195,6 +197,28 @@ class _Loop:
             comm.calls.context = f"checkpoint after {strategy.unit} {epoch}"
             saver.save(epoch, 0, self.history, Timer())
         self.epoch, self.step, self.recorded, saver.epoch_s = epoch, 0, False, 0.0
+
+    def _eval_due(self):
+        """--eval-every-steps: this step's, unless the epoch ends here with an evaluation of its own."""
+        done = self.strategy.work_done(self.epoch, self.step)
+        at_end = self.step == self.strategy.units_in(self.epoch)
+        evaluated = (self.epoch + 1) % self.cfg.eval_every == 0 or self.epoch + 1 == self.strategy.epochs()
+        return done % self.cfg.eval_every_steps == 0 and not (at_end and evaluated)
+
+    def _evaluate_within(self, timer):
+        """A test record inside an epoch (--eval-every-steps); its time does not count as training."""
+        started = time.perf_counter()
+        comm, strategy = self.comm, self.strategy
+        comm.calls.context = f"evaluation after step {strategy.work_done(self.epoch, self.step)}"
+        strategy.share_model()
+        record = {"eval": True, strategy.unit: self.epoch + 1, "step": strategy.work_done(self.epoch, self.step),
+                  "train_time_s": sum(r[f"{strategy.unit}_time_s"] for r in self.history) + timer.elapsed()
+                  + self.saver.epoch_s,
+                  **evaluate(self.model, self.dataset, comm, strategy.loss, precision=self.cfg.precision),
+                  "bytes_communicated": _bytes_so_far(comm, self.bytes_before)}
+        self.report.record(**record)
+        self.report.say(f"step {record['step']:>6}  {_score(record)}  {record['train_time_s']:.1f}s")
+        self.saver.epoch_s -= time.perf_counter() - started
 
     def _checkpoint_or_stop(self, flags, timer):
         strategy = self.strategy
