@@ -375,7 +375,8 @@ class Config:
                    f"leave out --clients")
         elif self.partition != "iid":
             _check(dataset.labels is not None,
-                   f"--partition {self.partition} splits by label and needs class labels: {self.dataset} has "
+                   f"--partition {self.partition} splits by label and needs a classification data set with "
+                   f"per-sample labels: {self.dataset} has "
                    f"{'real-valued targets' if dataset.task != 'classification' else 'no targets attribute'}")
         if self.partition == "shards":
             _check(clients * self.shards_per_client <= n,
