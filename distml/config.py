@@ -68,8 +68,8 @@ class Config:
     batch_size: int = setting("training", 32, "samples per rank per step (global batch = ranks x this); "
                                               "federated: per client step, 0 = a client's whole data")
     seed: int = setting("training", 0, "seed for data split, shuffling, initial weights and dropout")
-    max_steps: int = setting("training", 0, "sync: end after this many optimizer steps, within an epoch if need "
-                                            "be (0: --epochs); the schedule spans them")
+    max_steps: int = setting("training", 0, "end after this many optimizer steps (sync; within an epoch if need "
+                                            "be) or gradients (async), instead of --epochs; the schedule spans them")
     accumulate: int = setting("training", 1, "sync: micro-batches of --batch-size per optimizer step, one "
                                              "reduction per step (global batch = ranks x batch x this)")
     eval_every: int = setting("training", 1, "evaluate the model every this many epochs (federated: "
@@ -269,9 +269,8 @@ class Config:
         _check(self.mode == "sync" or not self.eval_every_steps,
                f"--eval-every-steps is for --mode sync; {self.mode} evaluates every --eval-every "
                f"{'rounds' if self.mode == 'federated' else 'epochs'}")
-        _check(self.mode == "sync" or not self.max_steps,
-               f"--max-steps is for --mode sync; {self.mode} runs for "
-               f"{'--rounds' if self.mode == 'federated' else '--epochs (a budget of gradients)'}")
+        _check(self.mode != "federated" or not self.max_steps, "--max-steps is for sync and async; federated "
+                                                               "runs for --rounds")
         _check(not (self.overlap and self.accumulate > 1),
                "--overlap reduces each bucket as soon as backward fills it, once a step: it cannot accumulate "
                "micro-batches; drop --overlap or --accumulate")

@@ -9,7 +9,7 @@ applies each gradient as it arrives with its own optimizer, subject to the
 staleness bound (see `staleness.py`), and answers with its current range.
 
 `--epochs` is a budget for the whole job: epochs x (batches of every shard)
-gradients, served in one *segment* per epoch. Server 0 keeps the count and
+gradients (or `--max-steps` gradients), served in one *segment* per epoch. Server 0 keeps the count and
 asks for exactly a segment's share; a worker cycles over its own shard until
 server 0 answers with STOP instead of parameters, then tells the other servers
 DONE instead of sending a gradient. So a fast worker makes more passes over
@@ -72,7 +72,7 @@ class AsyncStrategy(Strategy):
         n = len(self.dataset.train)
         self.shards = np.array_split(np.arange(n), len(self.workers))
         self.per_epoch = sum(num_steps(len(s), cfg.batch_size) for s in self.shards)
-        self.budget = cfg.epochs * self.per_epoch
+        self.budget = cfg.max_steps or cfg.epochs * self.per_epoch
         self.asked = 0  # server 0: gradients asked for so far (the job's position in updates)
         self.stats = EpochStats()
         self.is_server = comm.rank < cfg.servers
@@ -90,10 +90,14 @@ class AsyncStrategy(Strategy):
     def units_in(self, epoch):
         return 1
 
+    def epochs(self):
+        """--epochs, or as many segments as --max-steps gradients fill (the last one shorter)."""
+        return -(-self.budget // self.per_epoch)
+
     def run_unit(self, epoch, index, wants):
         """Serve or work until server 0 has asked for this epoch's share (or stops early)."""
         started = time.perf_counter()
-        target = (epoch + 1) * self.per_epoch
+        target = min((epoch + 1) * self.per_epoch, self.budget)
         self.nonfinite, self.withheld = None, 0  # this segment's non-finite gradients (workers)
         if self.is_server:
             stop_seen = self._serve(target, wants)
@@ -299,7 +303,7 @@ class AsyncStrategy(Strategy):
         histogram = {int(k): v for k, v in sorted(gathered[0][0].items())}
         updates = sum(histogram.values())
         samples = [w[1] for _, w in gathered[self.cfg.servers:]]
-        return {"epochs": self.cfg.epochs, "global_batch_size": self.cfg.batch_size * len(self.workers),
+        return {"epochs": self.epochs(), "global_batch_size": self.cfg.batch_size * len(self.workers),
                 "updates_applied": updates, "updates_per_s": updates / train_time,
                 "samples_per_s": sum(samples) / train_time,  # workers' passes differ: count, do not assume
                 "staleness_mean": sum(k * v for k, v in histogram.items()) / max(updates, 1),
