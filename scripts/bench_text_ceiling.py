@@ -59,6 +59,7 @@ def parse_args(argv=None):
     ap.add_argument("--warmup-steps", type=int, default=100)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--clip-norm", type=float, default=1.0)
+    ap.add_argument("--test-fraction", type=float, default=0.1, help="each file's tail held out (as distml's flag)")
     return ap.parse_args(argv)
 
 
@@ -122,7 +123,8 @@ def prepare(args):
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     began = time.perf_counter()
-    train, test = load_text(args.dataset, block_size=args.block_size, seed=args.seed)
+    train, test = load_text(args.dataset, block_size=args.block_size, seed=args.seed,
+                            test_fraction=args.test_fraction)
     loaded = time.perf_counter() - began
     model = gpt(train.num_classes, args.block_size, layers=args.layers, heads=args.heads, embed=args.embed)
     optimizer = adamw(model, lr=args.lr, weight_decay=args.weight_decay)

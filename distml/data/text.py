@@ -112,7 +112,8 @@ def load_text(spec, *, block_size, tokens="chars", test_fraction=0.1, seed=0):
 
 
 def _find_files(spec):
-    """(relative names, paths) of the files `spec` names, in the order they are read."""
+    """(relative names, paths) of the files `spec` names, in the order they are read; in a directory,
+    hidden files and directories (.git) are left out."""
     if spec == "":
         root = Path(sysconfig.get_paths()["stdlib"])
         paths = sorted(path for path in root.glob("*.py") if path.is_file())
@@ -122,7 +123,8 @@ def _find_files(spec):
         return [root.name], [root]
     if not root.is_dir():
         raise UsageError(f"--dataset text:{spec}: no such file or directory")
-    named = sorted((path.relative_to(root).as_posix(), path) for path in root.rglob("*") if path.is_file())
+    named = sorted((path.relative_to(root).as_posix(), path) for path in root.rglob("*")
+                   if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts))
     if not named:
         raise UsageError(f"--dataset text:{spec}: no files in the directory")
     return [name for name, _ in named], [path for _, path in named]

@@ -37,7 +37,7 @@ class SyncStrategy(Strategy):
         self.steps_per_epoch = num_steps(len(self.dataset.train), self.global_batch)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.stats = EpochStats()
-        self._batches = (None, None)  # (epoch, this rank's micro-batches of it, where each step's begin)
+        self._batches = (None, None)  # (epoch, _epoch_batches(epoch))
 
     def epochs(self):
         """--epochs, or as many as --max-steps begins (the last one cut short)."""
@@ -53,7 +53,7 @@ class SyncStrategy(Strategy):
         reduction follows. A non-finite loss or gradient on any rank (agreed in the reduction)
         means no update on any rank, and the step's loss and samples do not count.
         """
-        micro, starts = self._epoch_batches(epoch)
+        micro, starts, global_sizes = self._epoch_batches(epoch)
         self.model.train()
         self.reducer.zero_grad()
         loss, samples = 0.0, 0
@@ -61,7 +61,7 @@ class SyncStrategy(Strategy):
             with compute_phase(self.cfg, self.comm.rank):
                 x, y = self.loader.get("train", epoch, micro, position)
                 summed = self.summed_loss(x, y)
-                (summed / self.global_size[step]).backward()
+                (summed / global_sizes[step]).backward()
             loss, samples = loss + summed.item(), samples + len(micro[position])
         self.reducer.attach_grads()  # the buckets hold this step's gradients (zero where backward gave none)
         grads = [b.grads for b in self.reducer.buckets]
@@ -86,7 +86,8 @@ class SyncStrategy(Strategy):
         self.optimizer.step()
 
     def _epoch_batches(self, epoch):
-        """This rank's micro-batches of `epoch` (index arrays) and where each step's begin.
+        """This rank's micro-batches of `epoch` (index arrays), where each step's begin, and each
+        step's global batch size.
 
         A step's share of the global batch is cut into --accumulate nearly equal micro-batches;
         empty ones (a small last batch) are left out.
@@ -99,8 +100,7 @@ class SyncStrategy(Strategy):
             for batch in steps:
                 micro += [m for m in np.array_split(batch.indices, self.cfg.accumulate) if len(m)]
                 starts.append(len(micro))
-            self.global_size = [batch.global_size for batch in steps]
-            self._batches = (epoch, (micro, starts))
+            self._batches = (epoch, (micro, starts, [batch.global_size for batch in steps]))
         return self._batches[1]
 
     def end_epoch(self, epoch):
