@@ -360,6 +360,8 @@ class Config:
             return self
         if self.partition == "natural" and dataset.groups is not None and not self.clients:
             self.clients = len(np.unique(dataset.groups))  # one client per group: the data decides
+            _check(self.clients_each_round(size) <= self.clients, f"--clients-per-round "
+                   f"{self.clients_per_round} is more than the {self.clients} natural clients (groups)")
         n, clients = len(dataset.train), self.num_clients(size)
         _check(clients <= n, f"--clients {clients} is more than the {n} training samples; "
                              "every client needs at least one")

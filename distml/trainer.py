@@ -27,6 +27,7 @@ from .checkpoint import (Checkpoint, checkpoint_number, list_checkpoints, newest
                          save_state_dict, set_aside, write_checkpoint)
 from .config import RESUME_NEWEST, UsageError
 from .data import load_dataset
+from .data.loader import check_picklable
 from .metrics import Reporter, Timer
 from .losses import check_loss, make_loss
 from .models import build_model, probe_batch
@@ -97,6 +98,7 @@ def _run(cfg, comm, signals):
     torch.set_num_threads(threads)
     strategy = STRATEGIES[cfg.mode](cfg, dataset, model, comm, loss)
     strategy.setup()
+    strategy.loader.start()  # loading workers, if any: their start-up is not the first epoch's time
     _seed_rank(cfg, comm, work_done=0)  # dropout masks differ by rank (the initial weights do not)
     path, ckpt = agree(comm, lambda: _find_resume(cfg, comm, strategy, dataset, model, report))
     path, ckpt = comm.bcast_object((path, ckpt))  # rare and small next to training: pickled
@@ -319,6 +321,8 @@ def _load(cfg, comm):
                         layers=cfg.layers, heads=cfg.heads, embed=cfg.embed)
     loss = make_loss(cfg.loss, dataset.task)
     check_loss(loss, cfg.loss, model, probe_batch(dataset))
+    if cfg.data_workers:
+        check_picklable(dataset.train)
     return dataset, model, loss
 
 
@@ -480,32 +484,45 @@ def _restore(ckpt, cfg, comm, strategy, model):
 @torch.no_grad()
 def evaluate(model, dataset, comm, loss=None, batch_size=256, precision="float32"):
     """Mean test loss, and accuracy (class targets) or MSE and R^2 (real targets), each rank
-    scoring its slice of the test set. `loss`: the per-sample loss (default: the task's)."""
+    scoring its slice of the test set. `loss`: the per-sample loss (default: the task's).
+
+    Accuracy needs a class score per target (output (..., classes) for targets (...)), MSE an
+    output per target; where the model's output is something else, only the loss is reported.
+    """
     loss = loss or make_loss(None, dataset.task)
     model.eval()
     mine = np.array_split(np.arange(len(dataset.test)), comm.size)[comm.rank]
-    totals = np.zeros(5)  # summed loss; correct answers or squared error; target values scored; sum y; sum y^2
-    scored = True
+    shift = 0.0 if dataset.task == "classification" else float(dataset.test.batch([0])[1].double().mean())
+    totals = np.zeros(6)  # summed loss; correct or squared error; targets scored; batches unscored; y - shift sums
     for start in range(0, len(mine), batch_size):
         x, y = dataset.test.batch(mine[start:start + batch_size])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model(x)
             totals[0] += loss(out, y).float().sum().item()
-        totals[2] += y.numel()
-        if dataset.task == "classification":
-            scored = out.shape[:-1] == y.shape  # a class score per target: accuracy
-            totals[1] += (out.argmax(dim=-1) == y).sum().item() if scored else 0
-        elif out.numel() == y.numel():
-            y64 = y.double()
-            totals[1] += ((out.reshape(y.shape).double() - y64) ** 2).sum().item()
-            totals[3:] += (y64.sum().item(), (y64 ** 2).sum().item())
-    loss_sum, correct_or_sse, count, y_sum, y_squares = comm.allreduce_array(totals.tolist())
+        totals[1:] += _scored(out, y, dataset.task, shift)
+    loss_sum, correct_or_sse, count, unscored, y_sum, y_squares = comm.allreduce_array(totals.tolist())
     scores = {"test_loss": loss_sum / len(dataset.test)}
+    if unscored:
+        return scores
     if dataset.task == "classification":
-        return {**scores, "test_accuracy": correct_or_sse / count} if scored else scores
-    deviation = y_squares - y_sum ** 2 / count  # sum of (y - mean)^2
+        return {**scores, "test_accuracy": correct_or_sse / count}
+    deviation = y_squares - y_sum ** 2 / count  # sum of (y - mean)^2, from sums of y less a near-mean shift
     return {**scores, "test_mse": correct_or_sse / count,
-            "test_r2": 1 - correct_or_sse / deviation if deviation > 1e-12 * max(y_squares, 1.0) else None}
+            "test_r2": 1 - correct_or_sse / deviation if deviation > 0 else None}
+
+
+def _scored(out, y, task, shift):
+    """One batch's (correct or squared error, targets, unscored, sum and sum of squares of y - shift)."""
+    if task == "classification":
+        if out.shape[:-1] != y.shape:
+            return 0, 0, 1, 0, 0
+        return (out.argmax(dim=-1) == y).sum().item(), y.numel(), 0, 0, 0
+    if out.numel() != y.numel():
+        return 0, 0, 1, 0, 0
+    y64 = y.double()
+    centred = y64 - shift
+    return (((out.reshape(y.shape).double() - y64) ** 2).sum().item(), y.numel(), 0, centred.sum().item(),
+            (centred ** 2).sum().item())
 
 
 def _summary(cfg, comm, dataset, strategy, history, threads, wall, bytes_before):

@@ -43,11 +43,11 @@ RECIPE = ["--dataset", "text", "--model", "gpt", "--block-size", BLOCK, "--test-
           "--optimizer", "adamw", "--betas", "0.9,0.95", "--weight-decay", 0.1, "--lr", 3e-3,
           "--clip-norm", 1.0, "--batch-size", BATCH]
 RUNS = {  # name: (ranks, flags, what one unit of --max-steps / --rounds is, in samples)
-    "sync, 1 rank": (1, ["--threads", 2], BATCH),
-    "sync, 2 ranks": (2, ["--threads", 1], 2 * BATCH),
-    "federated, 2 ranks": (2, ["--threads", 1, "--mode", "federated", "--partition", "natural",
+    "sync 1 rank": (1, ["--threads", 2], BATCH),
+    "sync 2 ranks": (2, ["--threads", 1], 2 * BATCH),
+    "federated 2 ranks": (2, ["--threads", 1, "--mode", "federated", "--partition", "natural",
                                "--clients-per-round", 8, "--local-steps", 10], 8 * 10 * BATCH),
-    "async, 2 ranks": (2, ["--threads", 1, "--mode", "async"], BATCH),
+    "async 2 ranks": (2, ["--threads", 1, "--mode", "async"], BATCH),
 }
 
 
@@ -81,7 +81,7 @@ def distml_run(name, args, workdir, warmup_epochs):
         budget = ["--rounds", units, "--eval-every", max(1, units // 6)]
     else:
         budget = ["--max-steps", units, "--warmup-epochs", warmup_epochs[name]]
-        budget += ["--eval-every-steps", max(1, units // 6)] if "sync" in name else []
+        budget += ["--eval-every-steps", max(1, units // 6)] if name.startswith("sync") else []
     print(f"{name}: {' '.join(map(str, budget))}", flush=True)
     records = train_records(ranks, [*RECIPE, *flags, *budget], Path(workdir) / "run.jsonl")
     rows, elapsed = [], 0.0

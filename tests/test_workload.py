@@ -16,10 +16,12 @@ from distml.data.arrays import ArraySplit, _map_npz
 from distml.data.loader import Loader
 from distml.losses import cross_entropy, mse
 from distml.strategies.base import clip_grad_norm_, make_optimizer, summed_loss
+from distml.agreement import data_fingerprint
 from distml.trainer import run
 
 CASES = Path(__file__).parent / "workload_cases.py"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "my_data.py"
+WORKLOAD = Path(__file__).parent / "mpi" / "workload_data.py"
 
 
 def _run(**settings):
@@ -49,6 +51,15 @@ BAD = {
     "unknown loss": (dict(loss="hinge"), "--loss must be one of cross_entropy, mse"),
     "bad betas": (dict(optimizer="adamw", betas="0.9"), "--betas must be two numbers"),
     "accumulate with overlap": (dict(accumulate=2, overlap=True), "--overlap .* cannot accumulate"),
+    "test inputs of another shape": (dict(dataset=f"{CASES}:wider_test"), r"test items have inputs \(5,\)"),
+    "real test targets, class training targets": (dict(dataset=f"{CASES}:real_test_targets"),
+                                                  "training targets are torch.int64, test targets torch.float32"),
+    "class beyond num_classes": (dict(dataset=f"{CASES}:beyond_num_classes"), r"must lie in \[0, 3\).*found 3"),
+    "negative class": (dict(dataset=f"{CASES}:negative_label"), "found -1"),
+    "targets of the wrong length": (dict(dataset=f"{CASES}:short_targets"), "targets must hold one integer label "
+                                                                          r"per sample \(40\)"),
+    "unpicklable with workers": (dict(dataset=f"{CASES}:unpicklable", data_workers=1),
+                                 "--data-workers: the Dataset cannot be sent to loading workers"),
 }
 
 
@@ -179,3 +190,58 @@ def test_the_example_workload_loads_with_its_model_and_loss():
     result = _run(dataset=f"{EXAMPLE}:make", model=f"{EXAMPLE}:net", loss=f"{EXAMPLE}:loss", batch_size=64)
 
     assert result.summary["test_r2"] > 0.5  # one epoch already predicts the waves
+
+
+def test_natural_partition_with_more_clients_a_round_than_groups_is_a_usage_error():
+    with pytest.raises(UsageError, match="--clients-per-round 9 is more than the 7 natural clients"):
+        _run(dataset=f"{WORKLOAD}:labelled", mode="federated", partition="natural", clients_per_round=9)
+
+
+def test_random_augmentation_is_the_same_in_workers_and_again_for_the_same_batch():
+    data = load_dataset(Config(dataset=f"{CASES}:augmented"))
+    lists = [np.array([3, 1, 4]), np.array([1, 5]), np.array([9, 2, 6])]
+    here, workers = Loader(data.train), Loader(data.train, workers=2)
+    try:
+        mine = [here.get("train", 1, lists, i) for i in range(3)]
+        theirs = [workers.get("train", 1, lists, i) for i in range(3)]
+    finally:
+        workers.close()
+
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(mine, theirs))
+    assert torch.equal(here.get("train", 1, lists, 0)[0], mine[0][0])  # a resumed run makes it again
+    assert not torch.equal(mine[1][0][0], here.get("train", 2, lists, 1)[0][0])  # another epoch: another draw
+    assert not torch.equal(mine[0][0], data.train.batch(lists[0])[0])  # augmented, not the plain items
+
+
+def test_training_epochs_leave_the_test_split_and_the_fingerprint_as_they_were():
+    data = load_dataset(Config(dataset=f"{CASES}:epochal", test_fraction=0.2))
+    before = (data_fingerprint(data), data.test.batch(np.arange(5))[0].clone())
+    loader = Loader(data.train)
+
+    x, _ = loader.get("train", 3, [np.arange(4)], 0)
+
+    assert torch.equal(x, data.train.dataset.x[data.train.indices[:4]] + 3)  # the loader's epoch 3
+    assert data_fingerprint(data) == before[0]
+    assert torch.equal(data.test.batch(np.arange(5))[0], before[1])
+
+
+def test_an_npz_with_its_own_test_split_reaches_loading_workers(tmp_path):
+    X = np.arange(1000, dtype=np.float64).reshape(250, 4)  # float64 and int32: converted copies, not maps
+    np.savez(tmp_path / "d.npz", X=X[:200], y=(np.arange(200) % 3).astype(np.int32), X_test=X[200:],
+             y_test=(np.arange(50) % 3).astype(np.int32))
+    data = load_dataset(Config(dataset=str(tmp_path / "d.npz")))
+    loader = Loader(data.train, workers=1)
+    try:
+        x, y = loader.get("train", 0, [np.array([0, 7, 199])], 0)
+    finally:
+        loader.close()
+
+    assert torch.equal(x, torch.from_numpy(X[[0, 7, 199]].astype(np.float32)))
+    assert y.tolist() == [0, 1, 1]
+
+
+def test_a_model_whose_output_is_not_one_value_per_target_reports_the_loss_only():
+    result = _run(dataset=f"{CASES}:gaussian", model=f"{CASES}:gaussian_net", loss=f"{CASES}:gaussian_nll")
+
+    assert "test_loss" in result.summary
+    assert "test_mse" not in result.summary and "test_r2" not in result.summary

@@ -130,7 +130,98 @@ def doomed():
     return Doomed(400), Pairs(12, seed=1)
 
 
-def labels_array():
-    data = Pairs(40)
-    data.targets = np.asarray(data.y)
+
+
+def wider_test():
+    return Pairs(20), Pairs(8, shape=(5,))
+
+
+def real_test_targets():
+    return Pairs(20), Pairs(8, floats=True)
+
+
+class Shifted(Pairs):
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i]) + 2  # classes 2 and 3
+
+
+def beyond_num_classes():
+    data = Shifted(20)
+    data.num_classes = 3
     return data
+
+
+class Negative(Pairs):
+    def __getitem__(self, i):
+        return self.x[i], -1
+
+
+def negative_label():
+    return Negative(20)
+
+
+def short_targets():
+    data = Pairs(40)
+    data.targets = np.zeros(10, dtype=np.int64)
+    return data
+
+
+def unpicklable():
+    data = Pairs(40)
+    data.transform = lambda x: x  # a lambda: no loading worker can receive it
+    return data
+
+
+class Augmented(Pairs):
+    """Random augmentation from torch's and numpy's global generators, as users write it."""
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return x + 0.1 * torch.randn(x.shape) + float(np.random.normal()), y
+
+
+def augmented():
+    return Augmented(60), Pairs(12, seed=1)
+
+
+class Epochal(Pairs):
+    """Items that change with the epoch (set_epoch), without a test set of their own."""
+
+    epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return x + self.epoch, y
+
+
+def epochal():
+    return Epochal(50)
+
+
+class Gaussian(torch.utils.data.Dataset):
+    """Regression targets of 2 values; a model outputting mean and log-variance (4 values)."""
+
+    def __init__(self):
+        self.x = torch.randn(30, 3, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.x[i, :2].clone()
+
+
+def gaussian():
+    return Gaussian()
+
+
+def gaussian_net(input_shape, num_outputs):
+    return torch.nn.Linear(3, 4)
+
+
+def gaussian_nll(output, target):
+    mean, log_var = output[:, :2], output[:, 2:]
+    return (0.5 * (log_var + (target - mean) ** 2 / log_var.exp())).mean(dim=1)

@@ -40,6 +40,8 @@ class ArraySplit(torch.utils.data.Dataset):
     workers, a memory-mapped array travels as its file, offset and shape, not its bytes.
     """
 
+    deterministic = True  # a batch draws no random numbers: the loader need not seed it
+
     def __init__(self, X, y):
         self.X, self.y = X, y
 
@@ -58,10 +60,15 @@ class ArraySplit(torch.utils.data.Dataset):
         return self.y
 
     def __getstate__(self):
-        return {k: _MappedArray(v) if isinstance(v, np.memmap) else v for k, v in self.__dict__.items()}
+        return {k: _MappedArray(v) if _mapped(v) else np.asarray(v) for k, v in self.__dict__.items()}
 
     def __setstate__(self, state):
         self.__dict__.update({k: v.open() if isinstance(v, _MappedArray) else v for k, v in state.items()})
+
+
+def _mapped(array):
+    """Whether `array` is a whole memory map of a file (not a copy or a view of one)."""
+    return isinstance(array, np.memmap) and bool(array.filename) and isinstance(array.base, mmap.mmap)
 
 
 class _MappedArray:
@@ -270,12 +277,17 @@ def read_rows(array, rows):
     return np.frombuffer(data, array.dtype).reshape(-1, *array.shape[1:])
 
 
+def held_out(n, fraction, seed, name, hint=""):
+    """(train, test) sorted sample indices: a seeded `fraction` of range(n) held out for testing."""
+    n_test = int(round(n * fraction))
+    if n_test < 1 or n_test >= n:
+        raise UsageError(f"{name}: {n} samples cannot be split with --test-fraction {fraction}{hint}")
+    order = rng(seed, "test-split").permutation(n)
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
 def _hold_out(X, y, fraction, seed, name):
-    n_test = int(round(len(X) * fraction))
-    if n_test < 1 or n_test >= len(X):
-        raise UsageError(f"{name}: {len(X)} samples cannot be split with --test-fraction {fraction}")
-    order = rng(seed, "test-split").permutation(len(X))
-    test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
+    train, test = held_out(len(X), fraction, seed, name)
     return X[train], y[train], X[test], y[test]
 
 
@@ -288,7 +300,7 @@ def _labels(y, y_test, name):
                          f"{len(y)} training samples looks like regression; store the target as "
                          f"floating point (e.g. 3.0) to train a regression")
     if classes[0] == 0 and classes[-1] == len(classes) - 1:
-        return y.astype(np.int64), y_test.astype(np.int64), len(classes)
+        return y.astype(np.int64, copy=False), y_test.astype(np.int64, copy=False), len(classes)
     return np.searchsorted(classes, y), np.searchsorted(classes, y_test), len(classes)
 
 

@@ -11,14 +11,14 @@ Everything is checked before training, on a sample of items (a full pass could m
 every image file): that they are pairs, that targets are numbers, and that items collate.
 """
 import collections.abc
+import copy
 
 import numpy as np
 import torch
 
 from ..config import UsageError
-from ..sharding import rng
 from ..userfn import load_function
-from .arrays import Dataset
+from .arrays import Dataset, held_out
 
 __all__ = ["ItemSplit", "load_user", "from_datasets"]
 
@@ -28,7 +28,7 @@ _CHECKED_ITEMS = 32  # items looked at before training, spread over the data set
 class ItemSplit(torch.utils.data.Dataset):
     """A map-style Dataset (or the samples `indices` of one) whose batches are collated from items.
 
-    Floating-point inputs (and regression targets) become float32, as the model's weights.
+    Floating-point inputs and targets become float32, as the model's weights; integer targets int64.
     """
 
     def __init__(self, dataset, indices=None, collate=None):
@@ -46,7 +46,13 @@ class ItemSplit(torch.utils.data.Dataset):
         batch = self.collate([self[i] for i in np.asarray(indices).tolist()])
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise TypeError(f"collate returned {type(batch).__name__}, not an (inputs, targets) pair")
-        return tuple(_float32(torch.as_tensor(part)) for part in batch)
+        x, y = (torch.as_tensor(part) for part in batch)
+        return (x.float() if x.is_floating_point() else x), _standard(y)
+
+    def detached(self):
+        """A copy over a shallow copy of the Dataset: its set_epoch() leaves this one (and the test
+        split, which may share the Dataset) as they are."""
+        return ItemSplit(copy.copy(self.dataset), self.indices, self.collate)
 
     def set_epoch(self, epoch):
         """The epoch the next items belong to (a Dataset with set_epoch varies by epoch, e.g. text offsets)."""
@@ -83,19 +89,25 @@ def from_datasets(name, train, test=None, *, test_fraction=0.2, seed=0):
     if collate is not None and not callable(collate):
         raise UsageError(f"--dataset {name}: its collate attribute is {type(collate).__name__}, not a function")
     if test is None:
-        n_test = int(round(len(train) * test_fraction))
-        if n_test < 1 or n_test >= len(train):
-            raise UsageError(f"--dataset {name}: {len(train)} samples cannot be split with --test-fraction "
-                             f"{test_fraction}; return a (train, test) pair")
-        order = rng(seed, "test-split").permutation(len(train))
-        train_split = ItemSplit(train, np.sort(order[n_test:]), collate)
-        test_split = ItemSplit(train, np.sort(order[:n_test]), collate)
+        kept, test_indices = held_out(len(train), test_fraction, seed, f"--dataset {name}",
+                                      "; return a (train, test) pair")
+        train_split, test_split = ItemSplit(train, kept, collate), ItemSplit(train, test_indices, collate)
     else:
         train_split, test_split = ItemSplit(train, None, collate), ItemSplit(test, None, collate)
-    x, y = _check_items(train_split, name, "train", collate)
-    _check_items(test_split, name, "test", collate)
+    (x, y), seen = _check_items(train_split, name, "train", collate)
+    (x_test, y_test), seen_test = _check_items(test_split, name, "test", collate)
+    if (x_test.shape[1:], y_test.shape[1:]) != (x.shape[1:], y.shape[1:]) and collate is None:
+        raise UsageError(f"--dataset {name}: test items have inputs {tuple(x_test.shape[1:])} and targets "
+                         f"{tuple(y_test.shape[1:])}, training items {tuple(x.shape[1:])} and {tuple(y.shape[1:])}")
+    if y_test.is_floating_point() != y.is_floating_point():
+        raise UsageError(f"--dataset {name}: training targets are {y.dtype}, test targets {y_test.dtype}: both "
+                         f"classes (integers) or both real numbers")
     task = "classification" if not y.is_floating_point() else "regression"
-    num_classes = _num_classes(train, train_split, name) if task == "classification" else 0
+    num_classes = 0
+    if task == "classification":
+        targets = [_targets(data, split, name) for data, split in ((train, train_split), (test, test_split))]
+        num_classes = _num_classes(train, train_split, targets, name)
+        _check_classes(name, seen + seen_test, num_classes)
     return Dataset(name, train_split, test_split, task, num_classes, groups=_groups(train, train_split, name),
                    input_shape=tuple(x.shape[1:]), target_shape=tuple(y.shape[1:]))
 
@@ -111,10 +123,11 @@ def _check_map_style(data, name, role):
 
 
 def _check_items(split, name, role, collate):
-    """Look at up to _CHECKED_ITEMS items spread over `split`; returns the collated first two as (x, y)."""
+    """Look at up to _CHECKED_ITEMS items spread over `split`; returns the collated first two as (x, y),
+    and the targets looked at."""
     n = len(split)
     positions = sorted({int(p) for p in np.linspace(0, n - 1, min(n, _CHECKED_ITEMS))})
-    shapes = {}
+    shapes, targets = {}, []
     for i in positions:
         try:
             item = split[i]
@@ -124,17 +137,18 @@ def _check_items(split, name, role, collate):
             raise UsageError(f"--dataset {name}: {role} item {i} is a {type(item).__name__}, not an "
                              f"(input, target) pair")
         x, y = (_as_tensor(part, name, role, i, what) for part, what in zip(item, ("input", "target")))
-        if y.dtype == torch.bool or y.is_complex() or not (y.is_floating_point() or _is_integer(y)):
+        if not (y.is_floating_point() or _is_integer(y)):
             raise UsageError(f"--dataset {name}: {role} item {i}'s target is {y.dtype}, not a number (give "
                              f"integer classes or real values)")
         shapes.setdefault((tuple(x.shape), tuple(y.shape)), i)
+        targets.append(y)
     if len(shapes) > 1 and collate is None:
         (a, i), (b, j) = list(shapes.items())[:2]
         raise UsageError(f"--dataset {name}: {role} items differ in shape (item {i}: input {a[0]}, target {a[1]}; "
                          f"item {j}: input {b[0]}, target {b[1]}); give the Dataset a collate function "
                          f"(a list of items -> an (inputs, targets) batch), e.g. one that pads")
     try:
-        return split.batch(np.arange(min(2, n)))
+        return split.batch(np.arange(min(2, n))), targets
     except Exception as e:
         raise UsageError(f"--dataset {name}: {role} items do not collate into a batch: {type(e).__name__}: {e}")
 
@@ -151,17 +165,37 @@ def _is_integer(t):
     return not t.is_floating_point() and t.dtype != torch.bool and not t.is_complex()
 
 
-def _num_classes(dataset, split, name):
-    """`num_classes`, else from `targets`, else from every training target (a pass over the items)."""
+def _num_classes(dataset, split, targets, name):
+    """`num_classes`, else from the `targets` of both splits, else from every training target (a pass
+    over the items)."""
     given = getattr(dataset, "num_classes", None)
     if given is not None:
         if not (isinstance(given, (int, np.integer)) and given >= 2):
             raise UsageError(f"--dataset {name}: num_classes must be an integer >= 2, got {given!r}")
         return int(given)
-    targets = split.targets
+    if all(t is not None for t in targets):
+        return max(2, int(max(t.max() for t in targets)) + 1)
+    return max(2, max(int(torch.as_tensor(split[i][1]).max()) for i in range(len(split))) + 1)
+
+
+def _targets(dataset, split, name):
+    """The split's per-sample labels from the Dataset's `targets`, checked (None without one)."""
+    targets = getattr(dataset, "targets", None)
     if targets is None:
-        targets = [torch.as_tensor(split[i][1]).max().item() for i in range(len(split))]
-    return max(2, int(np.max(targets)) + 1)
+        return None
+    targets = np.asarray(targets)
+    if targets.shape != (len(dataset),) or not np.issubdtype(targets.dtype, np.integer):
+        raise UsageError(f"--dataset {name}: targets must hold one integer label per sample ({len(dataset)}), "
+                         f"got {targets.dtype} of shape {targets.shape}")
+    return split.targets
+
+
+def _check_classes(name, targets, num_classes):
+    """Every target looked at is a class in [0, num_classes)."""
+    low, high = min(int(t.min()) for t in targets), max(int(t.max()) for t in targets)
+    if low < 0 or high >= num_classes:
+        raise UsageError(f"--dataset {name}: class targets must lie in [0, {num_classes}) (num_classes "
+                         f"{num_classes}), found {low if low < 0 else high}")
 
 
 def _groups(dataset, split, name):
@@ -176,5 +210,8 @@ def _groups(dataset, split, name):
     return groups.astype(np.int64) if split.indices is None else groups[split.indices].astype(np.int64)
 
 
-def _float32(t):
-    return t.float() if t.is_floating_point() and t.dtype != torch.float32 else t
+def _standard(t):
+    """Targets: float32 for real values (the model's dtype), int64 for classes (what losses index with)."""
+    if t.is_floating_point():
+        return t if t.dtype == torch.float32 else t.float()
+    return t.long() if _is_integer(t) and t.dtype != torch.int64 else t

@@ -72,7 +72,7 @@ class Strategy:
     def __init__(self, cfg, dataset, model, comm, loss=None):
         self.cfg, self.dataset, self.model, self.comm = cfg, dataset, model, comm
         self.loss = loss or make_loss(cfg.loss, dataset.task)  # per sample (losses.py)
-        self.loader = Loader(dataset.train, cfg.data_workers, calls=comm.calls)
+        self.loader = Loader(dataset.train, cfg.data_workers, seed=cfg.seed, calls=comm.calls)
 
     def summed_loss(self, x, y):
         """This batch's loss summed over its samples (float32, --precision's forward)."""

@@ -129,8 +129,10 @@ class SyncStrategy(Strategy):
         then = (state or {}).get("global_batch", saved["batch_size"] * world_size)  # kept after a lost rank
         now = self.global_batch
         if then != now:
-            return (f"has global batch {then} ({world_size} ranks x --batch-size {saved['batch_size']}); this run "
-                    f"has {now}: resume on ranks x --batch-size = {then}")
+            accumulate = saved.get("accumulate", 1)
+            micro = f" x --accumulate {accumulate}" if accumulate > 1 else ""
+            return (f"has global batch {then} ({world_size} ranks x --batch-size {saved['batch_size']}{micro}); this "
+                    f"run has {now}: resume on ranks x --batch-size x --accumulate = {then}")
         return None
 
     def summary(self, history, train_time):
