@@ -1,0 +1,63 @@
+"""The README and docs/ as a user reads them: the tour runs as written, and every `distml train`
+command shown takes only flags and values the parser and Config.validate() accept."""
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from launch import MPI_ENV
+
+from distml.cli import build_parser
+from distml.config import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _code_lines(text):
+    """The lines of fenced code blocks, with backslash continuations joined and comments cut."""
+    lines, inside = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            inside = not inside
+            continue
+        if inside:
+            lines.append(line)
+    joined = re.sub(r"\\\n\s*", " ", "\n".join(lines))
+    return [line.split(" # ")[0].strip() for line in joined.splitlines()]
+
+
+def _train_commands():
+    for page in PAGES:
+        for line in _code_lines(page.read_text()):
+            words = line.split()
+            if "train" in words and any(w.endswith("distml") for w in words[:words.index("train")]) \
+                    and "..." not in words:
+                yield pytest.param(words[words.index("train") + 1:], id=f"{page.name}: {line[:60]}")
+
+
+@pytest.mark.parametrize("args", list(_train_commands()))
+def test_every_train_command_in_the_docs_has_valid_flags(args):
+    parsed = vars(build_parser().parse_args(["train", *args]))
+    parsed.pop("command")
+    Config(**parsed).validate(writes_outputs=False)
+
+
+def _tour():
+    """The README tour's commands, in order."""
+    text = (ROOT / "README.md").read_text()
+    tour = text.split("## A five-minute tour", 1)[1].split("\n## ", 1)[0]
+    return [line for line in _code_lines(tour) if line]
+
+
+def test_the_readme_tour_runs_as_written(tmp_path):
+    commands = _tour()
+    assert len(commands) == 4 and all(c.startswith("mpirun -n 2 .venv/bin/distml train") for c in commands)
+    env = {**os.environ, **MPI_ENV, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    for command in commands:
+        done = subprocess.run(shlex.split(command), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{command}\n{done.stderr[-2000:]}"
+        assert done.stdout.splitlines()[-1].startswith("done: "), done.stdout[-500:]
