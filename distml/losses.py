@@ -46,21 +46,15 @@ def make_loss(spec, task):
     return LOSSES.get(spec) or load_function(spec, "loss")
 
 
-def check_loss(loss, spec, model, batch):
-    """UsageError unless `loss` gives one finite-shaped floating tensor of shape (B,) on `batch` (x, y)."""
-    x, y = batch
+@torch.no_grad()
+def check_loss(loss, spec, out, y):
+    """UsageError unless `loss` gives a float tensor of shape (B,) on the model's output `out` for targets `y`."""
     name = spec or loss.__name__
-    model.eval()
     try:
-        with torch.no_grad():
-            out = model(x)
-            try:
-                value = loss(out, y)
-            except Exception as e:  # their code or a shape mismatch: one line
-                raise UsageError(f"--loss {name} failed on the model's output {tuple(out.shape)} and targets "
-                                 f"{tuple(y.shape)}: {type(e).__name__}: {e}")
-    finally:
-        model.train()
+        value = loss(out, y)
+    except Exception as e:  # their code or a shape mismatch: one line
+        raise UsageError(f"--loss {name} failed on the model's output {tuple(out.shape)} and targets "
+                         f"{tuple(y.shape)}: {type(e).__name__}: {e}")
     if not isinstance(value, torch.Tensor):
         raise UsageError(f"--loss {name} returned {type(value).__name__}, not a tensor")
     if tuple(value.shape) != (len(y),) or not value.is_floating_point():

@@ -106,17 +106,23 @@ def probe_batch(dataset):
     return dataset.train.batch(np.arange(min(2, len(dataset.train))))
 
 
+@torch.no_grad()
+def probe_output(model, x):
+    """The model's output on the probe inputs `x`, in eval mode (BatchNorm would refuse one sample)."""
+    model.eval()
+    try:
+        return model(x)
+    finally:
+        model.train()
+
+
 def _check_output_shape(model, name, dataset):
     x, _ = probe_batch(dataset)
-    model.eval()  # BatchNorm in training mode would refuse one sample
     try:
-        with torch.no_grad():
-            out = model(x)
+        out = probe_output(model, x)
     except Exception as e:
         raise UsageError(f"--model {name} does not accept samples of shape "
                          f"{tuple(dataset.input_shape)} from {dataset.name}: {type(e).__name__}: {e}")
-    finally:
-        model.train()
     if not isinstance(out, torch.Tensor):
         raise UsageError(f"--model {name} returned {type(out).__name__}, not a tensor")
     if dataset.target_shape:  # sequences and other shapes: the loss's check (losses.check_loss) decides

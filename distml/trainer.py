@@ -30,7 +30,7 @@ from .data import load_dataset
 from .data.loader import check_picklable
 from .metrics import Reporter, Timer
 from .losses import check_loss, make_loss
-from .models import build_model, probe_batch
+from .models import build_model, probe_batch, probe_output
 from .nonfinite import NonFinite, describe_ranks, diagnosis
 from .sharding import rng
 from .signals import Preempted, StopFlag
@@ -320,7 +320,8 @@ def _load(cfg, comm):
     model = build_model(cfg.model, dataset, cfg.hidden_sizes(), cfg.seed,
                         layers=cfg.layers, heads=cfg.heads, embed=cfg.embed)
     loss = make_loss(cfg.loss, dataset.task)
-    check_loss(loss, cfg.loss, model, probe_batch(dataset))
+    x, y = probe_batch(dataset)
+    check_loss(loss, cfg.loss, probe_output(model, x), y)
     if cfg.data_workers:
         check_picklable(dataset.train)
     return dataset, model, loss

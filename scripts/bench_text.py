@@ -8,12 +8,13 @@ block 64), AdamW (betas 0.9, 0.95, weight decay 0.1 on matrices), lr 3e-3 with
 a warm-up of about 100 steps, gradients clipped at 1.0. Runs, one after the
 other, each given about --seconds of training (evaluation is off the clock):
 
+- sync at 1 rank (batch 24, 2 threads) and at 2 ranks (batch 12 per rank,
+  the same global batch of 24, 1 thread each), evaluated 10 times a run;
 - ceiling: scripts/bench_text_ceiling.py, one process with both cores' threads,
-  batch 24: the number distml has to match;
-- sync at 1 rank (batch 24, 2 threads) and at 2 ranks (batch 24 per rank,
-  global 48, 1 thread each), evaluated every few hundred steps;
+  batch 24, given exactly the training time sync at 2 ranks took: the number
+  distml has to match;
 - federated, 2 ranks, --partition natural (one client per source file), 8
-  clients a round, 10 local AdamW steps each, FedAvg;
+  clients a round, 10 local AdamW steps each (fresh moments each round), FedAvg;
 - async, 2 ranks (a parameter server and a worker), a budget of gradients.
 
 Each distml run's step, round or gradient count is set from a short probe of
@@ -44,18 +45,18 @@ RECIPE = ["--dataset", "text", "--model", "gpt", "--block-size", BLOCK, "--test-
           "--clip-norm", 1.0, "--batch-size", BATCH]
 RUNS = {  # name: (ranks, flags, what one unit of --max-steps / --rounds is, in samples)
     "sync 1 rank": (1, ["--threads", 2], BATCH),
-    "sync 2 ranks": (2, ["--threads", 1], 2 * BATCH),
+    "sync 2 ranks": (2, ["--threads", 1, "--batch-size", BATCH // 2], BATCH),  # the same global batch
     "federated 2 ranks": (2, ["--threads", 1, "--mode", "federated", "--partition", "natural",
                                "--clients-per-round", 8, "--local-steps", 10], 8 * 10 * BATCH),
     "async 2 ranks": (2, ["--threads", 1, "--mode", "async"], BATCH),
 }
 
 
-def ceiling(args, workdir):
-    """The plain loop's rows (elapsed_s, tokens, val_loss, ...) for --seconds of training."""
+def ceiling(seconds, workdir):
+    """The plain loop's rows (elapsed_s, tokens, val_loss, ...) for `seconds` of training."""
     out = Path(workdir) / "ceiling.csv"
-    command = [sys.executable, ROOT / "scripts" / "bench_text_ceiling.py", "--seconds", args.seconds,
-               "--threads", 2, "--test-fraction", FRACTION, "--eval-every-s", args.seconds / 6,
+    command = [sys.executable, ROOT / "scripts" / "bench_text_ceiling.py", "--seconds", seconds,
+               "--threads", 2, "--test-fraction", FRACTION, "--eval-every-s", seconds / 10,
                "--batch-size", BATCH, "--block-size", BLOCK, "--csv", out]
     subprocess.run(list(map(str, command)), check=True, env=ENV, timeout=1200)
     with open(out) as f:
@@ -78,10 +79,10 @@ def distml_run(name, args, workdir, warmup_epochs):
     ranks, flags, samples_per_unit = RUNS[name]
     units = max(2, int(args.seconds * units_per_second(name, workdir)))
     if "federated" in name:
-        budget = ["--rounds", units, "--eval-every", max(1, units // 6)]
+        budget = ["--rounds", units, "--eval-every", max(1, units // 10)]
     else:
         budget = ["--max-steps", units, "--warmup-epochs", warmup_epochs[name]]
-        budget += ["--eval-every-steps", max(1, units // 6)] if name.startswith("sync") else []
+        budget += ["--eval-every-steps", max(1, units // 10)] if name.startswith("sync") else []
     print(f"{name}: {' '.join(map(str, budget))}", flush=True)
     records = train_records(ranks, [*RECIPE, *flags, *budget], Path(workdir) / "run.jsonl")
     rows, elapsed = [], 0.0
@@ -150,9 +151,11 @@ def main():
     train, _ = load_text("", block_size=BLOCK, test_fraction=FRACTION)
     warmup = {name: round(100 / (len(train) / samples), 4) for name, (_, _, samples) in RUNS.items()}
     with tempfile.TemporaryDirectory() as workdir:
-        rows = ceiling(args, workdir)
+        rows = []
         for name in args.runs.split(","):
             rows += distml_run(name, args, workdir, warmup)
+            if name == "sync 2 ranks":  # the ceiling gets exactly the time sync at 2 ranks trained for
+                rows = ceiling(rows[-1]["train_time_s"], workdir) + rows
     print(tables(rows, args.target_loss))
     write_csv(rows, args.out + ".csv", fieldnames=["run", "train_time_s", "tokens", "test_loss",
                                                    "bytes_communicated", "units"])

@@ -56,8 +56,8 @@ BAD = {
                                                   "training targets are torch.int64, test targets torch.float32"),
     "class beyond num_classes": (dict(dataset=f"{CASES}:beyond_num_classes"), r"must lie in \[0, 3\).*found 3"),
     "negative class": (dict(dataset=f"{CASES}:negative_label"), "found -1"),
-    "targets of the wrong length": (dict(dataset=f"{CASES}:short_targets"), "targets must hold one integer label "
-                                                                          r"per sample \(40\)"),
+    "targets of the wrong length": (dict(dataset=f"{CASES}:short_targets"), "targets must hold one integer per "
+                                                                          r"sample \(40\)"),
     "unpicklable with workers": (dict(dataset=f"{CASES}:unpicklable", data_workers=1),
                                  "--data-workers: the Dataset cannot be sent to loading workers"),
 }

@@ -105,10 +105,12 @@ def from_datasets(name, train, test=None, *, test_fraction=0.2, seed=0):
     task = "classification" if not y.is_floating_point() else "regression"
     num_classes = 0
     if task == "classification":
-        targets = [_targets(data, split, name) for data, split in ((train, train_split), (test, test_split))]
+        targets = [_per_sample(data, split, "targets", name)
+                   for data, split in ((train, train_split), (test if test is not None else train, test_split))]
         num_classes = _num_classes(train, train_split, targets, name)
         _check_classes(name, seen + seen_test, num_classes)
-    return Dataset(name, train_split, test_split, task, num_classes, groups=_groups(train, train_split, name),
+    return Dataset(name, train_split, test_split, task, num_classes,
+                   groups=_per_sample(train, train_split, "groups", name),
                    input_shape=tuple(x.shape[1:]), target_shape=tuple(y.shape[1:]))
 
 
@@ -178,16 +180,18 @@ def _num_classes(dataset, split, targets, name):
     return max(2, max(int(torch.as_tensor(split[i][1]).max()) for i in range(len(split))) + 1)
 
 
-def _targets(dataset, split, name):
-    """The split's per-sample labels from the Dataset's `targets`, checked (None without one)."""
-    targets = getattr(dataset, "targets", None)
-    if targets is None:
+def _per_sample(dataset, split, attribute, name):
+    """The Dataset's `attribute` (`targets`, `groups`: one integer per sample) for `split`'s samples,
+    as int64; None where the Dataset has none."""
+    values = getattr(dataset, attribute, None)
+    if values is None:
         return None
-    targets = np.asarray(targets)
-    if targets.shape != (len(dataset),) or not np.issubdtype(targets.dtype, np.integer):
-        raise UsageError(f"--dataset {name}: targets must hold one integer label per sample ({len(dataset)}), "
-                         f"got {targets.dtype} of shape {targets.shape}")
-    return split.targets
+    values = np.asarray(values)
+    if values.shape != (len(dataset),) or not np.issubdtype(values.dtype, np.integer):
+        raise UsageError(f"--dataset {name}: {attribute} must hold one integer per sample ({len(dataset)}), "
+                         f"got {values.dtype} of shape {values.shape}")
+    values = values.astype(np.int64, copy=False)
+    return values if split.indices is None else values[split.indices]
 
 
 def _check_classes(name, targets, num_classes):
@@ -196,18 +200,6 @@ def _check_classes(name, targets, num_classes):
     if low < 0 or high >= num_classes:
         raise UsageError(f"--dataset {name}: class targets must lie in [0, {num_classes}) (num_classes "
                          f"{num_classes}), found {low if low < 0 else high}")
-
-
-def _groups(dataset, split, name):
-    """Per training sample client id (`groups`), as int64, or None."""
-    groups = getattr(dataset, "groups", None)
-    if groups is None:
-        return None
-    groups = np.asarray(groups)
-    if groups.shape != (len(dataset),) or not np.issubdtype(groups.dtype, np.integer):
-        raise UsageError(f"--dataset {name}: groups must hold one integer per sample ({len(dataset)}), got "
-                         f"{groups.dtype} of shape {groups.shape}")
-    return groups.astype(np.int64) if split.indices is None else groups[split.indices].astype(np.int64)
 
 
 def _standard(t):
