@@ -12,7 +12,6 @@ import numpy as np
 
 from .config import UsageError
 from .data import read_rows
-from .data.loader import seeded
 from .sharding import rng
 
 __all__ = ["RankFailure", "agree", "check_same", "fingerprint", "data_fingerprint", "sample_rows"]
@@ -120,8 +119,7 @@ def data_fingerprint(dataset, salt=0, *, samples=4096):
         else:  # a Dataset of items: each may cost a file read, so fewer are sampled
             parts.append(str(len(split)))
             rows = sample_rows(len(split), samples // 64, salt)
-            with seeded(0):  # the same items on every rank, also where they are randomly augmented
-                x, y = split.batch(np.arange(len(split)) if rows is None else rows)
+            x, y = split.batch(np.arange(len(split)) if rows is None else rows)  # items seeded: the same everywhere
             parts += [f"{x.dtype}{tuple(x.shape)}", "%08x" % zlib.crc32(x.contiguous().numpy().tobytes()),
                       f"{y.dtype}{tuple(y.shape)}", "%08x" % zlib.crc32(y.contiguous().numpy().tobytes())]
     return "%08x" % zlib.crc32("|".join(parts).encode())

@@ -15,7 +15,6 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
 
 import numpy as np
 import torch
@@ -98,7 +97,6 @@ def _run(cfg, comm, signals):
     torch.set_num_threads(threads)
     strategy = STRATEGIES[cfg.mode](cfg, dataset, model, comm, loss)
     strategy.setup()
-    strategy.loader.start()  # loading workers, if any: their start-up is not the first epoch's time
     _seed_rank(cfg, comm, work_done=0)  # dropout masks differ by rank (the initial weights do not)
     path, ckpt = agree(comm, lambda: _find_resume(cfg, comm, strategy, dataset, model, report))
     path, ckpt = comm.bcast_object((path, ckpt))  # rare and small next to training: pickled
@@ -114,6 +112,8 @@ def _run(cfg, comm, signals):
     with (HangDoctor(comm, cfg.watchdog) if cfg.watchdog and comm.size > 1 else nullcontext()) as doctor:
         loop = _Loop(cfg, comm, strategy, model, dataset, report, signals, doctor, bytes_before)
         try:
+            if strategy.loads_data():
+                strategy.loader.start()  # loading workers, if any: their start-up is not the first epoch's time
             loop.run(epoch, step, history, ckpt.position["elapsed_s"] if ckpt else 0.0,
                      ckpt.position.get("nonfinite_skipped", 0) if ckpt else 0)
         finally:
@@ -364,14 +364,10 @@ class _Saver:
 
     def __init__(self, cfg, comm, strategy, model, dataset, report):
         self.cfg, self.comm, self.strategy, self.model, self.report = cfg, comm, strategy, model, report
-        self.dataset = dataset
         self.last = time.monotonic()
         self.epoch_s = 0.0
-
-    @cached_property
-    def data(self):
-        """The data's fingerprint in a checkpoint: salt 0, a function of the data alone (root, at the first save)."""
-        return data_fingerprint(self.dataset)
+        # The data's fingerprint in a checkpoint: salt 0, a function of the data alone (root, before training)
+        self.data = data_fingerprint(dataset) if comm.is_root and cfg.checkpoint_dir else None
 
     def due(self):
         every = self.cfg.checkpoint_every_s

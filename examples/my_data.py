@@ -21,6 +21,8 @@ class Waves(torch.utils.data.Dataset):
     """`count` waves of random frequency and phase (seeded): item i is (x, y), x the noisy
     wave's first LENGTH values as (LENGTH, 1), y the next value after each, (LENGTH,)."""
 
+    deterministic = True  # __getitem__ draws no random numbers: distml need not seed it
+
     def __init__(self, count, seed):
         gen = torch.Generator().manual_seed(seed)
         freq = 0.2 + 0.6 * torch.rand(count, 1, generator=gen)

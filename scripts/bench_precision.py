@@ -11,7 +11,8 @@ float32. The accuracy cost is paired per seed: float32's test accuracy minus
 bf16's, in points (positive: bf16 lost accuracy); the speed ratio is paired
 too: bf16's training samples/s over float32's with the same seed (below 1:
 bf16 is slower). Median and min-max over seeds. Prints one table and writes
-results/bench_precision.csv (one row per run).
+results/bench_precision.csv (one row per run); then times one training step
+of the default gpt in each precision (see gpt_steps).
 """
 import argparse
 import os
@@ -65,6 +66,35 @@ def table(rows):
     return "\n".join(lines)
 
 
+def gpt_steps(repeats=3, steps=8, warm=2):
+    """Median seconds of one training step of the default gpt (batch 24 x 64 tokens, 1 thread, AdamW)
+    per precision, in this process, the precisions interleaved (`repeats` rounds of `steps`, the first
+    `warm` of each not counted)."""
+    import sys
+    import torch
+    sys.path.insert(0, str(ROOT))
+    from distml.gpt import gpt
+    from distml.losses import cross_entropy
+    from distml.strategies.base import summed_loss
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = gpt(166, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randint(0, 166, (24, 64)), torch.randint(0, 166, (24, 64))
+    times = {kind: [] for kind in KINDS}
+    for repeat in range(repeats):
+        for kind in (KINDS if repeat % 2 == 0 else KINDS[::-1]):
+            for step in range(steps):
+                began = time.perf_counter()
+                loss = summed_loss(model, cross_entropy, x, y, kind)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                if step >= warm:
+                    times[kind].append(time.perf_counter() - began)
+    return {kind: statistics.median(t) for kind, t in times.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -77,6 +107,9 @@ def main():
     rows = run_all(args)
     print(table(rows))
     write_csv(rows, args.out + ".csv")
+    step = gpt_steps()
+    print(f"gpt step (batch 24 x 64, 1 thread): float32 {step['float32'] * 1e3:.0f} ms, bf16 "
+          f"{step['bf16'] * 1e3:.0f} ms: bf16 takes {step['bf16'] / step['float32']:.1f} x as long")
     print(f"# total {time.perf_counter() - start:.0f} s; load avg {os.getloadavg()[0]:.2f}")
     print(f"wrote {args.out}.csv")
 

@@ -1,5 +1,6 @@
 """End-to-end: a user's own Dataset, model and loss under mpirun, in every mode, with loading workers."""
 import json
+import re
 import time
 from pathlib import Path
 
@@ -41,9 +42,22 @@ def test_resume_mid_epoch_with_a_user_dataset_and_loading_workers_gives_the_unin
     inside = [path for path in list_checkpoints(tmp_path / "ckpt") if read_checkpoint(path).position["step"] > 0]
     assert inside, "no checkpoint inside an epoch"
 
-    _ok(launch(2, *common, "--resume", inside[len(inside) // 2], "--save-model", tmp_path / "resumed.pt"))
+    resumed = _ok(launch(2, *[f for f in common if f != "--quiet"], "--resume", inside[len(inside) // 2],
+                         "--save-model", tmp_path / "resumed.pt"))
 
+    assert re.search(r"resumed from .* at epoch \d, unit [1-9]", resumed.stdout), resumed.stdout  # mid-epoch
     assert _max_diff(tmp_path / "timed.pt", tmp_path / "resumed.pt") == 0.0
+
+
+def test_loading_workers_under_mpirun_are_not_forked_from_a_rank_and_never_initialise_mpi(tmp_path):
+    _ok(launch(2, "train", "--quiet", "--dataset", f"{CASES}:recorder", "--model", "mlp", "--hidden", 4,
+               "--data-workers", 2, "--epochs", 1, "--batch-size", 8, env={"DISTML_TEST_RECORD": str(tmp_path)}))
+
+    ranks = {int(p.stem.split("-")[1]) for p in tmp_path.glob("rank-*.txt")}
+    workers = [p.read_text().split() for p in tmp_path.glob("worker-*.txt")]
+    assert len(ranks) == 2 and len(workers) == 4  # 2 workers on each of 2 ranks, all of them used
+    assert sorted(rank for _, _, rank in workers) == ["0", "0", "1", "1"]  # each started by a rank's loader
+    assert all(initialised == "0" and int(parent) not in ranks for initialised, parent, _ in workers)
 
 
 def test_a_killed_loading_worker_ends_the_job_promptly_naming_the_rank():

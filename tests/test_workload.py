@@ -168,7 +168,7 @@ def test_loading_workers_give_the_same_batches_and_never_initialise_mpi(tmp_path
         want = data.train.batch(indices)
         assert torch.equal(x, want[0]) and torch.equal(y, want[1])
     assert torch.equal(again[0], batches[1][0])
-    records = [p.read_text().split() for p in tmp_path.glob("*.txt")]
+    records = [p.read_text().split() for p in tmp_path.glob("worker-*.txt")]
     assert records, "no worker loaded an item"
     assert all(initialised == "0" and int(parent) != os.getpid() for initialised, parent, _ in records)
 
@@ -197,7 +197,7 @@ def test_natural_partition_with_more_clients_a_round_than_groups_is_a_usage_erro
         _run(dataset=f"{WORKLOAD}:labelled", mode="federated", partition="natural", clients_per_round=9)
 
 
-def test_random_augmentation_is_the_same_in_workers_and_again_for_the_same_batch():
+def test_random_augmentation_draws_per_item_the_same_in_any_batch_process_or_rerun():
     data = load_dataset(Config(dataset=f"{CASES}:augmented"))
     lists = [np.array([3, 1, 4]), np.array([1, 5]), np.array([9, 2, 6])]
     here, workers = Loader(data.train), Loader(data.train, workers=2)
@@ -206,11 +206,14 @@ def test_random_augmentation_is_the_same_in_workers_and_again_for_the_same_batch
         theirs = [workers.get("train", 1, lists, i) for i in range(3)]
     finally:
         workers.close()
+    raw = data.train.dataset.x  # the training set is the whole Dataset: no held-out indices
 
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(mine, theirs))
-    assert torch.equal(here.get("train", 1, lists, 0)[0], mine[0][0])  # a resumed run makes it again
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(mine, theirs))  # loading workers draw the same
+    assert torch.equal(mine[0][0][1], mine[1][0][0])  # sample 1 in two batches (two ranks): the same draw
+    assert torch.equal(here.get("train", 1, lists, 0)[0], mine[0][0])  # a resumed run draws it again
     assert not torch.equal(mine[1][0][0], here.get("train", 2, lists, 1)[0][0])  # another epoch: another draw
-    assert not torch.equal(mine[0][0], data.train.batch(lists[0])[0])  # augmented, not the plain items
+    assert not torch.allclose(mine[0][0][0], raw[3])  # augmented: not the plain item
+    assert not torch.equal(mine[0][0][0] - raw[3], mine[0][0][1] - raw[1])  # each item its own noise
 
 
 def test_training_epochs_leave_the_test_split_and_the_fingerprint_as_they_were():

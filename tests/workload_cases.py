@@ -96,15 +96,15 @@ def list_loss(output, target):
 
 
 class Recorder(Pairs):
-    """Writes, from each loading worker, whether MPI is initialised there and who its parent is."""
+    """Writes, from each loading worker, whether MPI is initialised there and who its parent is
+    (worker-PID.txt), and from the process that trains, its own process id (rank-PID.txt)."""
 
     def __getitem__(self, i):
-        info = torch.utils.data.get_worker_info()
-        if info is not None:
-            from mpi4py import MPI  # a user's module may import mpi4py: it must not initialise MPI here
-            path = os.path.join(os.environ["DISTML_TEST_RECORD"], f"{os.getpid()}.txt")
-            with open(path, "w") as f:
-                f.write(f"{int(MPI.Is_initialized())} {os.getppid()} {os.environ.get('OMPI_COMM_WORLD_RANK', '-')}")
+        from mpi4py import MPI  # a user's module may import mpi4py: it must not initialise MPI in a worker
+        role = "rank" if torch.utils.data.get_worker_info() is None else "worker"
+        path = os.path.join(os.environ["DISTML_TEST_RECORD"], f"{role}-{os.getpid()}.txt")
+        with open(path, "w") as f:
+            f.write(f"{int(MPI.Is_initialized())} {os.getppid()} {os.environ.get('OMPI_COMM_WORLD_RANK', '-')}")
         return super().__getitem__(i)
 
 

@@ -8,10 +8,8 @@ under mpirun. So the workers come from a forkserver (a fresh interpreter
 started with exec, never a fork of this MPI process), and everything they
 start under has MPI4PY_RC_INITIALIZE=0: a dataset module that imports distml
 or mpi4py still works, without MPI. The workers live as long as the Loader;
-which batch comes next travels with its indices, the epoch (for data sets
-whose items vary by epoch) and a seed for the batch, so a batch is the same
-whatever N is, and no random number is drawn from this process's generators
-for them.
+which batch comes next travels with its indices and the epoch (for data
+sets whose items vary by epoch), so a batch is the same whatever N is.
 
 A user's Dataset class defined in a FILE.py reaches the workers by name: the
 file is imported there again before the data set is unpickled.
@@ -20,16 +18,12 @@ import contextlib
 import multiprocessing
 import os
 import pickle
-import random
-import zlib
 
-import numpy as np
 import torch
 
-from ..sharding import rng
 from ..userfn import FILES, import_file
 
-__all__ = ["Loader", "seeded", "check_picklable"]
+__all__ = ["Loader", "check_picklable"]
 
 
 class Loader:
@@ -40,15 +34,14 @@ class Loader:
     restarts the stream there. `calls`: a CallRecord whose context names a wait for the workers
     (the hang doctor's report).
 
-    Every batch is made with torch's, numpy's and random's generators seeded from (seed, key,
-    epoch, position) (see `seeded`), so an item's random augmentation is the same whichever
-    process makes it, and a resumed run makes it again. The split is a private copy: its
-    set_epoch() reaches neither the test split (which may share the user's Dataset) nor what
-    the data fingerprint reads.
+    The split is a private copy where it has set_epoch (ItemSplit.detached): the epoch reaches
+    neither the test split (which may share the user's Dataset) nor what the data fingerprint
+    reads. Random augmentation is seeded per item by the split itself (ItemSplit.batch), so a
+    batch is the same whichever process makes it.
     """
 
-    def __init__(self, split, workers=0, *, seed=0, calls=None):
-        self.workers, self.seed, self.calls = workers, seed, calls
+    def __init__(self, split, workers=0, *, calls=None):
+        self.workers, self.calls = workers, calls
         self.batches = _Batches(split.detached() if hasattr(split, "detached") else split)
         self._loader = self._stream = None
 
@@ -60,9 +53,9 @@ class Loader:
     def get(self, key, epoch, lists, position):
         at = (key, epoch, position)
         if not self.workers:
-            return self.batches[self._item(at, lists[position])]
+            return self.batches[epoch, lists[position]]
         if self._stream is None or self._stream[0] != at:
-            self._start(at, [self._item((key, epoch, p), lists[p]) for p in range(position, len(lists))])
+            self._start(at, [(epoch, lists[p]) for p in range(position, len(lists))])
         at, batches = self._stream
         self._stream = ((key, epoch, position + 1), batches)
         context = self.calls.context if self.calls else None
@@ -73,10 +66,6 @@ class Loader:
         finally:
             if self.calls:
                 self.calls.context = context
-
-    def _item(self, at, indices):
-        """What a worker is sent for one batch: (epoch, indices, the batch's seed)."""
-        return at[1], indices, int(rng(self.seed, "batch", zlib.crc32(repr(at[0]).encode()), *at[1:]).integers(2**63))
 
     def _start(self, at, items):
         if self._loader is None:
@@ -96,23 +85,8 @@ class Loader:
         self._loader = self._stream = None
 
 
-@contextlib.contextmanager
-def seeded(seed):
-    """torch's (CPU), numpy's and random's global generators seeded from `seed` inside; restored after."""
-    numpy_state, python_state = np.random.get_state(), random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        random.seed(seed)
-        try:
-            yield
-        finally:
-            np.random.set_state(numpy_state)
-            random.setstate(python_state)
-
-
 class _Schedule(torch.utils.data.Sampler):
-    """The (epoch, indices, seed) of the batches to load next; replaced before each stream starts."""
+    """The (epoch, indices) of the batches to load next; replaced before each stream starts."""
 
     def __init__(self):
         self.items = []
@@ -131,14 +105,11 @@ class _Batches(torch.utils.data.Dataset):
         self.split, self.epoch = split, None
 
     def __getitem__(self, item):
-        epoch, indices, seed = item
+        epoch, indices = item
         if epoch != self.epoch and hasattr(self.split, "set_epoch"):
             self.split.set_epoch(epoch)
             self.epoch = epoch
-        if getattr(self.split, "deterministic", False):  # arrays: no augmentation to seed (0.2 ms saved)
-            return self.split.batch(indices)
-        with seeded(seed):
-            return self.split.batch(indices)
+        return self.split.batch(indices)
 
     def __len__(self):
         return len(self.split)

@@ -42,11 +42,15 @@ _MAX_CHARS = 65535  # chars are stored as uint16
 class TextBlocks(torch.utils.data.Dataset):
     """Blocks of one split of the text: item i -> (x, y), int64 tensors of shape (block_size,).
 
+    `deterministic`: reading an item draws no random numbers (the trainer need not seed it).
+
     `tokens` is the whole token array of all files (train and test text); `segments`
     holds each file's (start, length) in it for this split. `groups[i]` is the index
     in `files` of the file item i comes from. `vocab[t]` is token t's character
     (chars: a str) or byte (bytes: a bytes object of range(256)).
     """
+
+    deterministic = True
 
     def __init__(self, tokens, segments, *, files, vocab, block_size, seed=0, shifting=True):
         self.tokens, self.files, self.vocab = tokens, files, vocab

@@ -11,7 +11,9 @@ Everything is checked before training, on a sample of items (a full pass could m
 every image file): that they are pairs, that targets are numbers, and that items collate.
 """
 import collections.abc
+import contextlib
 import copy
+import random
 
 import numpy as np
 import torch
@@ -29,11 +31,17 @@ class ItemSplit(torch.utils.data.Dataset):
     """A map-style Dataset (or the samples `indices` of one) whose batches are collated from items.
 
     Floating-point inputs and targets become float32, as the model's weights; integer targets int64.
+    Each item is read with torch's, numpy's and random's global generators seeded from (seed,
+    epoch, the item's index), so random augmentation in `__getitem__` draws the same numbers
+    whichever rank, loading worker or resumed run reads the item, and whatever the batch it is
+    in: equivalences and exact resume hold for augmented data too. A Dataset that draws no random
+    numbers can say so (`deterministic = True`) and skip the seeding (about 10 us an item).
     """
 
-    def __init__(self, dataset, indices=None, collate=None):
-        self.dataset, self.indices = dataset, indices
+    def __init__(self, dataset, indices=None, collate=None, seed=0):
+        self.dataset, self.indices, self.seed, self.epoch = dataset, indices, seed, 0
         self.collate = collate or torch.utils.data.default_collate
+        self.deterministic = bool(getattr(dataset, "deterministic", False))
 
     def __len__(self):
         return len(self.dataset) if self.indices is None else len(self.indices)
@@ -43,19 +51,38 @@ class ItemSplit(torch.utils.data.Dataset):
 
     def batch(self, indices):
         """(inputs, targets) tensors of the samples `indices`."""
-        batch = self.collate([self[i] for i in np.asarray(indices).tolist()])
+        batch = self.collate(self._items(np.asarray(indices).tolist()))
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise TypeError(f"collate returned {type(batch).__name__}, not an (inputs, targets) pair")
         x, y = (torch.as_tensor(part) for part in batch)
         return (x.float() if x.is_floating_point() else x), _standard(y)
 
+    def _items(self, positions):
+        if self.deterministic:
+            return [self[i] for i in positions]
+        items = []
+        with _generators_kept():
+            for i in positions:
+                _seed_generators(_item_seed(self.seed, self.epoch, i if self.indices is None else self.indices[i]))
+                items.append(self[i])
+        return items
+
     def detached(self):
-        """A copy over a shallow copy of the Dataset: its set_epoch() leaves this one (and the test
-        split, which may share the Dataset) as they are."""
-        return ItemSplit(copy.copy(self.dataset), self.indices, self.collate)
+        """A split over a shallow copy of a Dataset with set_epoch, whose epochs then leave this one
+        (and the test split, which may share the Dataset) as they are; itself where no copy is
+        needed, or where the Dataset cannot be copied (a set_epoch that changes shared state in
+        place is not isolated either: it should rebind attributes, as TextBlocks does)."""
+        if not hasattr(self.dataset, "set_epoch"):
+            return self
+        try:
+            dataset = copy.copy(self.dataset)
+        except Exception:  # noqa: BLE001  (e.g. a wrapper forwarding __getattr__ to a member not yet set)
+            return self
+        return ItemSplit(dataset, self.indices, self.collate, self.seed)
 
     def set_epoch(self, epoch):
         """The epoch the next items belong to (a Dataset with set_epoch varies by epoch, e.g. text offsets)."""
+        self.epoch = epoch
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
 
@@ -91,9 +118,9 @@ def from_datasets(name, train, test=None, *, test_fraction=0.2, seed=0):
     if test is None:
         kept, test_indices = held_out(len(train), test_fraction, seed, f"--dataset {name}",
                                       "; return a (train, test) pair")
-        train_split, test_split = ItemSplit(train, kept, collate), ItemSplit(train, test_indices, collate)
+        train_split, test_split = ItemSplit(train, kept, collate, seed), ItemSplit(train, test_indices, collate, seed)
     else:
-        train_split, test_split = ItemSplit(train, None, collate), ItemSplit(test, None, collate)
+        train_split, test_split = ItemSplit(train, None, collate, seed), ItemSplit(test, None, collate, seed)
     (x, y), seen = _check_items(train_split, name, "train", collate)
     (x_test, y_test), seen_test = _check_items(test_split, name, "test", collate)
     if (x_test.shape[1:], y_test.shape[1:]) != (x.shape[1:], y.shape[1:]) and collate is None:
@@ -108,7 +135,8 @@ def from_datasets(name, train, test=None, *, test_fraction=0.2, seed=0):
         targets = [_per_sample(data, split, "targets", name)
                    for data, split in ((train, train_split), (test if test is not None else train, test_split))]
         num_classes = _num_classes(train, train_split, targets, name)
-        _check_classes(name, seen + seen_test, num_classes)
+        _check_classes(name, seen + seen_test + [torch.as_tensor(t) for t in targets if t is not None],
+                       num_classes)
     return Dataset(name, train_split, test_split, task, num_classes,
                    groups=_per_sample(train, train_split, "groups", name),
                    input_shape=tuple(x.shape[1:]), target_shape=tuple(y.shape[1:]))
@@ -195,11 +223,40 @@ def _per_sample(dataset, split, attribute, name):
 
 
 def _check_classes(name, targets, num_classes):
-    """Every target looked at is a class in [0, num_classes)."""
+    """Every target looked at (and every label of a `targets` attribute) is a class in [0, num_classes)."""
     low, high = min(int(t.min()) for t in targets), max(int(t.max()) for t in targets)
     if low < 0 or high >= num_classes:
         raise UsageError(f"--dataset {name}: class targets must lie in [0, {num_classes}) (num_classes "
                          f"{num_classes}), found {low if low < 0 else high}")
+
+
+_MASK = 2**64 - 1
+
+
+def _item_seed(seed, epoch, index):
+    """A 64-bit seed from (seed, epoch, index): splitmix64 of their combination (1 us, no allocation)."""
+    x = (seed * 0x9E3779B97F4A7C15 + (epoch + 1) * 0xBF58476D1CE4E5B9 + (int(index) + 1) * 0x94D049BB133111EB) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def _seed_generators(seed):
+    torch.default_generator.manual_seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+    random.seed(seed)
+
+
+@contextlib.contextmanager
+def _generators_kept():
+    """torch's (CPU), numpy's and random's global generators as they were, after what runs inside."""
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            np.random.set_state(numpy_state)
+            random.setstate(python_state)
 
 
 def _standard(t):

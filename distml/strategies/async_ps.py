@@ -90,6 +90,9 @@ class AsyncStrategy(Strategy):
     def units_in(self, epoch):
         return 1
 
+    def loads_data(self):
+        return not self.is_server
+
     def epochs(self):
         """--epochs, or as many segments as --max-steps gradients fill (the last one shorter)."""
         return -(-self.budget // self.per_epoch)

@@ -72,7 +72,7 @@ class Strategy:
     def __init__(self, cfg, dataset, model, comm, loss=None):
         self.cfg, self.dataset, self.model, self.comm = cfg, dataset, model, comm
         self.loss = loss or make_loss(cfg.loss, dataset.task)  # per sample (losses.py)
-        self.loader = Loader(dataset.train, cfg.data_workers, seed=cfg.seed, calls=comm.calls)
+        self.loader = Loader(dataset.train, cfg.data_workers, calls=comm.calls)
 
     def summed_loss(self, x, y):
         """This batch's loss summed over its samples (float32, --precision's forward)."""
@@ -93,6 +93,10 @@ class Strategy:
         """Why a checkpoint made with config dict `saved` on `world_size` ranks cannot continue here, or None."""
         return None if saved["batch_size"] == self.cfg.batch_size else \
             f"was made with --batch-size {saved['batch_size']}, this run has {self.cfg.batch_size}"
+
+    def loads_data(self):
+        """Whether this rank reads training batches (an async parameter server does not)."""
+        return True
 
     def evaluate_extra(self):
         """Mode-specific scores of the shared model (a collective)."""
