@@ -110,21 +110,29 @@ def _max_difference(a, b):
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
-def test_sync_losing_rank_2_of_3_mid_epoch_ends_with_the_uninterrupted_weights(tmp_path):
-    """3 ranks x 16, rank 2 killed in epoch 1 step 5: the survivors split each global batch of 48
+USER_DATA = Path(__file__).parent / "mpi" / "workload_data.py"
+
+
+@pytest.mark.parametrize("data, where", [
+    ((), "epoch 1 step 5"),
+    # a user Dataset of 120 samples (3 steps an epoch) read by a loading worker on each rank
+    (("--dataset", f"{USER_DATA}:labelled", "--data-workers", 1, "--epochs", 3), "epoch 2 step 2"),
+], ids=["digits", "user-dataset-with-workers"])
+def test_sync_losing_rank_2_of_3_mid_epoch_ends_with_the_uninterrupted_weights(tmp_path, data, where):
+    """3 ranks x 16, rank 2 killed at its 5th step: the survivors split each global batch of 48
     over 2 ranks, redo the step, and end where 1 rank x 48 (== 3 x 16 uninterrupted) ends."""
-    common = ("--epochs", 2, "--lr-schedule", "constant")
+    common = ("--epochs", 2, "--lr-schedule", "constant", *data)
     lost = launch(3, *BASE, *common, "--on-rank-failure", "continue", "--save-model", tmp_path / "lost.pt",
                   "--metrics", tmp_path / "m.jsonl", env=_fault("kill", 2, 5, tmp_path / "mark"),
                   mpirun_args=ULFM, timeout=120)
     assert lost.returncode == 0, lost.stderr
-    assert lost.stderr.count("distml: lost rank(s) 2 at epoch 1 step 5") == 1, lost.stderr
+    assert lost.stderr.count(f"distml: lost rank(s) 2 at {where}") == 1, lost.stderr
     s = summary(tmp_path / "m.jsonl")
     assert [r["rank"] for r in s["ranks_lost"]] == [2] and s["global_batch_size"] == 48 and s["world_size"] == 2
     reference = _in_process((*common, "--batch-size", 48), tmp_path, "one.pt")
     weights = torch.load(tmp_path / "lost.pt", weights_only=True)
     assert _max_difference(weights, reference) < 1e-5
-    first = _in_process(("--epochs", 1, "--lr-schedule", "constant", "--batch-size", 48), tmp_path, "e1.pt")
+    first = _in_process((*common, "--epochs", 1, "--batch-size", 48), tmp_path, "e1.pt")
     assert _max_difference(weights, first) > 1e-3  # the comparison can tell training apart
 
 

@@ -15,9 +15,13 @@ A user's Dataset class defined in a FILE.py reaches the workers by name: the
 file is imported there again before the data set is unpickled.
 """
 import contextlib
+import functools
 import multiprocessing
 import os
 import pickle
+import select
+import threading
+import time
 
 import torch
 
@@ -73,7 +77,8 @@ class Loader:
             self._loader = torch.utils.data.DataLoader(
                 self.batches, sampler=self._schedule, batch_size=None, collate_fn=_as_is,
                 num_workers=self.workers, persistent_workers=True, prefetch_factor=2,
-                multiprocessing_context=_context(), generator=torch.Generator().manual_seed(0))
+                multiprocessing_context=_context(), generator=torch.Generator().manual_seed(0),
+                worker_init_fn=functools.partial(_end_with_rank, os.getpid()))
         self._schedule.items = items
         with _without_mpi():
             self._stream = (at, iter(self._loader))
@@ -125,6 +130,42 @@ class _Batches(torch.utils.data.Dataset):
 
 def _as_is(batch):
     return batch
+
+
+def _end_with_rank(rank_pid, worker_id):
+    """In a loading worker: end it as soon as the rank that started it is gone.
+
+    torch's workers watch their parent, which here is the forkserver, and the forkserver waits
+    for its children: after a SIGKILLed rank both would live on, holding the rank's stdout and
+    stderr, and mpirun would wait for them forever. A thread waits on the rank's pidfd (Linux),
+    or else checks every second that the rank is alive.
+    """
+    try:
+        pidfd = os.pidfd_open(rank_pid)
+    except ProcessLookupError:
+        os._exit(0)
+    except (AttributeError, OSError):  # no pidfd here: poll
+        pidfd = None
+    threading.Thread(target=_wait_for_exit, args=(rank_pid, pidfd), daemon=True, name="distml-rank-watch").start()
+
+
+def _wait_for_exit(pid, pidfd):
+    if pidfd is not None:
+        select.select([pidfd], [], [])
+    else:
+        while _alive(pid):
+            time.sleep(1.0)
+    os._exit(0)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _context():
