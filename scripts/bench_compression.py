@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import ROOT, train_records, write_csv
+from benchlib import ROOT, spread, train_records, write_csv
 
 KINDS = ("none", "fp16", "bf16")
 
@@ -42,10 +42,6 @@ def run_all(args):
                                  "wall_time_s": round(summary["wall_time_s"], 3)})
                 print(f"{model} seed {seed} done", flush=True)
     return rows
-
-
-def spread(values, fmt):
-    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))} to {fmt.format(max(values))})"
 
 
 def table(rows):

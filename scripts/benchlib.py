@@ -6,6 +6,7 @@ on sys.path when run as `python scripts/NAME.py`).
 import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +33,8 @@ def write_csv(rows, path, fieldnames=None):
         out = csv.DictWriter(f, fieldnames=fieldnames or list(rows[0]))
         out.writeheader()
         out.writerows(rows)
+
+
+def spread(values, fmt):
+    """'median (min to max)' of `values`, each formatted with `fmt` (e.g. "{:.4f}")."""
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))} to {fmt.format(max(values))})"
