@@ -97,19 +97,25 @@ def list_loss(output, target):
 
 class Recorder(Pairs):
     """Writes, from each loading worker, whether MPI is initialised there and who its parent is
-    (worker-PID.txt), and from the process that trains, its own process id (rank-PID.txt)."""
+    (worker-PID.txt), and from the process that trains, its own process id (rank-PID.txt), in `folder`
+    (read from DISTML_TEST_RECORD where the Dataset is built: a forkserver started earlier in a test
+    session keeps the environment it started with, so a worker must not read it)."""
+
+    def __init__(self, n, folder):
+        super().__init__(n)
+        self.folder = folder
 
     def __getitem__(self, i):
         from mpi4py import MPI  # a user's module may import mpi4py: it must not initialise MPI in a worker
         role = "rank" if torch.utils.data.get_worker_info() is None else "worker"
-        path = os.path.join(os.environ["DISTML_TEST_RECORD"], f"{role}-{os.getpid()}.txt")
+        path = os.path.join(self.folder, f"{role}-{os.getpid()}.txt")
         with open(path, "w") as f:
             f.write(f"{int(MPI.Is_initialized())} {os.getppid()} {os.environ.get('OMPI_COMM_WORLD_RANK', '-')}")
         return super().__getitem__(i)
 
 
 def recorder():
-    return Recorder(60), Pairs(12, seed=1)
+    return Recorder(60, os.environ["DISTML_TEST_RECORD"]), Pairs(12, seed=1)
 
 
 _LOADED_HERE = [0]  # items this process has loaded (a worker imports this module afresh)
