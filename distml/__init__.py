@@ -1,23 +1,31 @@
 """distml: data-parallel training of PyTorch models over MPI.
 
-The CLI (`distml train`) and this Python API share one implementation:
+The CLI (`distml train`) and this Python API share one implementation. Your own
+loop (the whole pattern, runnable: docs/api.md):
 
     import distml
-    distml.init()
-    distml.broadcast_parameters(model)
+    distml.init(watchdog=600)
+    sampler = distml.ShardSampler(train_set, 32, seed=0)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler)
     optimizer = distml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
-    for batch in distml.shard_batches(len(dataset), 32, epoch=epoch):
-        ...
+    ckpt = distml.Checkpointer("ckpt", model=model, optimizer=optimizer, sampler=sampler)
+    state = ckpt.restore() or {"epoch": 0}
+    ...
 """
 __version__ = "0.1.0"
 
-from .api import (DistributedOptimizer, allreduce, broadcast_buffers, broadcast_parameters, init,
-                  is_root, rank, size)
+from .api import (DistributedOptimizer, allreduce, barrier, broadcast_buffers, broadcast_parameters, init,
+                  is_root, print, rank, seed, size, stop_requested)
+from .checkpointer import Checkpointer
 from .config import Config, UsageError
+from .matching import CollectiveMismatch
+from .data.loader import DataLoader
+from .sampler import ShardSampler, bptt_columns
 from .sharding import Batch, shard_batches
 
-__all__ = ["init", "rank", "size", "is_root", "allreduce", "broadcast_parameters",
-           "broadcast_buffers", "DistributedOptimizer", "shard_batches", "Batch", "Config", "UsageError", "train"]
+__all__ = ["init", "rank", "size", "is_root", "allreduce", "barrier", "print", "seed", "stop_requested",
+           "broadcast_parameters", "broadcast_buffers", "DistributedOptimizer", "ShardSampler", "DataLoader", "bptt_columns",
+           "Checkpointer", "CollectiveMismatch", "shard_batches", "Batch", "Config", "UsageError", "train"]
 
 
 def train(config=None, **settings):

@@ -1,39 +1,98 @@
-"""The Horovod-style Python API for users who keep their own training loop.
+"""The Python API for users who keep their own training loop (the pattern: docs/api.md).
 
     import distml
-    distml.init()                                            # distributed: start MPI
+    distml.init(watchdog=600)                                # MPI, threads per rank, the hang doctor
     model = Net()
-    distml.broadcast_parameters(model)                       # distributed: same start everywhere
+    distml.broadcast_parameters(model)                       # same start everywhere
+    sampler = distml.ShardSampler(train_set, 32, seed=0)     # this rank's part of each global batch
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler)
     opt = distml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
-    for x, y in batches(distml.shard_batches(n, 32, epoch=e)):  # distributed: this rank's part
+    for x, y in loader:
         opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+        if distml.stop_requested(): ...                      # the same step on every rank
 
-The CLI trainer uses exactly these pieces.
+Your loop's collectives (allreduce, barrier, broadcasts, the Checkpointer's)
+run on a communicator of their own, each one checked against every rank's
+call first (distml.matching), so a mismatch is an error naming each rank's
+call, never memory overwritten.
 """
+import atexit
+import builtins
+import random
 import sys
 import time
 
+import numpy as np
 import torch
 
 from . import comm as _comm
-from .reducer import DEFAULT_CHUNK_MB, GradientReducer
+from .config import UsageError
+from .matching import negotiate
+from .optimizer import DistributedOptimizer
+from .signals import LOOP_STOP
 
-__all__ = ["init", "rank", "size", "is_root", "allreduce", "broadcast_parameters",
-           "broadcast_buffers", "DistributedOptimizer"]
+__all__ = ["init", "rank", "size", "is_root", "allreduce", "barrier", "print", "seed", "stop_requested",
+           "broadcast_parameters", "broadcast_buffers", "DistributedOptimizer"]
+
+DEFAULT_WATCHDOG_S = 600.0  # as `distml train --watchdog`
 
 
-def init():
-    """Start MPI (idempotent) and return the world communicator.
+class _State:
+    loop = None  # the communicator of your loop's collectives
+    doctor = None  # the hang doctor, while it runs
+    threads = None
+
+
+def init(*, watchdog=DEFAULT_WATCHDOG_S, threads=None):
+    """Start MPI (idempotent; a collective the first time) and return the world communicator.
 
     With several ranks, an uncaught exception then ends the whole job: its
-    traceback, one line naming the rank, MPI Abort. Without that the failed
-    rank finalizes MPI and exits, and the others wait in their next collective
-    forever (mpirun was still waiting after 60 s).
+    traceback, one line naming the rank, MPI Abort (an error every rank raises
+    alike is printed once; a distml.UsageError as one line, exit 2). Without
+    that the failed rank finalizes MPI and exits, and the others wait in their
+    next collective forever (mpirun was still waiting after 60 s).
+    `watchdog`: seconds a rank may wait in one MPI call before the hang doctor
+    reports where every rank is and ends the job with exit 124 (0: off).
+    `threads`: torch threads per rank; by default the cores of the node over the
+    ranks on it (SLURM_CPUS_PER_TASK under SLURM), as `distml train`.
     """
     world = _comm.world()
+    if _State.loop is not None:
+        return world
+    if watchdog < 0:
+        raise ValueError(f"watchdog must be >= 0 seconds (0: off), got {watchdog}")
+    from .cluster import default_threads
+    _State.threads = threads or default_threads(world)  # a collective
+    torch.set_num_threads(_State.threads)
+    _State.loop = world.dup()
     if world.size > 1 and sys.excepthook is sys.__excepthook__:
         sys.excepthook = aborting_excepthook(lambda: world)
+    if world.size > 1 and watchdog:
+        from .watchdog import HangDoctor
+        _State.doctor = HangDoctor(world, watchdog)
+    atexit.register(_finish)  # after mpi4py's: atexit runs it first, before MPI_Finalize
     return world
+
+
+def _loop():
+    if _State.loop is None:
+        init()
+    return _State.loop
+
+
+def _finish():
+    """At exit: wait for every rank at the end of the script (a wait the hang doctor reports only
+    when another rank is stuck elsewhere), then stop the doctor before MPI is finalized."""
+    comm = _State.loop
+    if comm is not None and comm.size > 1:
+        comm.calls.context, comm.calls.patient = "the end of the script", True
+        try:
+            negotiate(comm, "distml's exit barrier")
+        except Exception as error:  # noqa: BLE001  (a rank in another call: report it, end the job)
+            sys.excepthook(type(error), error, error.__traceback__)
+    if _State.doctor is not None:
+        _State.doctor.stop()
+        _State.doctor = None
 
 
 _REPORT_WAIT_S = 10.0
@@ -45,19 +104,37 @@ def aborting_excepthook(comm_of, name="distml"):
     `comm_of()` gives the communicator to abort. An error every rank raises
     alike (marked `error.everywhere`, as distml.horovod's disagreements are)
     is printed by rank 0 only; the others wait for its abort, since aborting
-    first could end rank 0 before it has printed.
+    first could end rank 0 before it has printed. Such a UsageError (a
+    checkpoint of another model, say) is one line and exit 2 on every rank.
     """
     def hook(kind, error, tb):
         comm = comm_of()
-        if getattr(error, "everywhere", False) and comm.rank != 0:
+        alike = getattr(error, "everywhere", False)
+        if alike and issubclass(kind, UsageError):
+            _exit_everywhere(comm, 2, f"{name}: error: {error}")
+        if alike and comm.rank != 0:
             time.sleep(_REPORT_WAIT_S)  # rank 0's MPI Abort ends this process; if it never comes, abort
             comm.abort(1)
         sys.__excepthook__(kind, error, tb)
         what = f"{kind.__name__}: {error}" if str(error) else kind.__name__
-        print(f"{name}: rank {comm.rank} of {comm.size} failed: {what} (aborting all ranks)", file=sys.stderr,
-              flush=True)
+        builtins.print(f"{name}: rank {comm.rank} of {comm.size} failed: {what} (aborting all ranks)",
+                       file=sys.stderr, flush=True)
         comm.abort(130 if issubclass(kind, KeyboardInterrupt) else 1)
     return hook
+
+
+def _exit_everywhere(comm, code, line):
+    """Every rank is here (the error was raised alike): rank 0 prints `line`; all end MPI and exit `code`."""
+    if comm.rank == 0:
+        builtins.print(line, file=sys.stderr, flush=True)
+    if _State.doctor is not None:
+        _State.doctor.stop()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    from mpi4py import MPI
+    MPI.Finalize()
+    import os
+    os._exit(code)
 
 
 def rank():
@@ -72,21 +149,69 @@ def is_root():
     return _comm.world().is_root
 
 
+def print(*args, **kwargs):  # noqa: A001  (distml.print: the builtin, on rank 0 only)
+    """print() on rank 0 only (flushed, so lines from a job appear as they are written)."""
+    if _comm.world().is_root:
+        kwargs.setdefault("flush", True)
+        builtins.print(*args, **kwargs)
+
+
 def allreduce(value, op="average"):
-    """A float or tensor summed or averaged over ranks (a copy; for metrics and small values)."""
+    """A float or tensor summed or averaged over ranks (a copy; for metrics and small values).
+
+    A collective of your loop: every rank must call it with the same op and shape (checked).
+    """
     if op not in ("average", "sum", "max", "min"):
         raise ValueError(f"op must be 'average', 'sum', 'max' or 'min', got {op!r}")
-    world = _comm.world()
+    comm = _loop()
     tensor = torch.as_tensor(value, dtype=torch.float64).clone().contiguous()
-    world.allreduce_(tensor, op="sum" if op == "average" else op)
+    negotiate(comm, f"distml.allreduce(op={op}, float64 {list(tensor.shape)})")
+    comm.allreduce_(tensor, op="sum" if op == "average" else op, what="distml.allreduce")
     if op == "average":
-        tensor /= world.size
+        tensor /= comm.size
     return tensor.item() if tensor.dim() == 0 else tensor
 
 
+def barrier():
+    """Wait until every rank is here (to read a file root just wrote, say)."""
+    negotiate(_loop(), "distml.barrier()")
+
+
+def seed(value):
+    """Seed torch, numpy and random with a seed of this rank's own, from (value, rank); returns it.
+
+    For dropout masks and augmentation that differ by rank, as the CLI's do.
+    Call it after the model is built (or broadcast): weights must start alike.
+    """
+    from .sharding import rng
+    mine = int(rng(int(value), "torch", rank()).integers(2**63))
+    torch.manual_seed(mine)
+    np.random.seed(mine % 2**32)
+    random.seed(mine)
+    return mine
+
+
+def stop_requested():
+    """Whether any rank has received SIGTERM, SIGUSR1 or SIGUSR2: true on every rank after the same step.
+
+    The first call starts catching those signals (until then they keep their usual
+    effect). The answer travels in the DistributedOptimizer's gradient reduction,
+    at no cost; a loop without one makes this a collective (call it on every rank).
+    mpirun ends a job at once on TERM: send it USR1 (SLURM: `--signal=USR1@60`).
+    """
+    LOOP_STOP.listen()
+    from .optimizer import live_optimizers
+    if not live_optimizers() and not LOOP_STOP.agreed:
+        comm = _loop()
+        negotiate(comm, "distml.stop_requested()")
+        caught = torch.tensor([1.0 if LOOP_STOP.caught() else 0.0], dtype=torch.float64)
+        LOOP_STOP.record(comm.allreduce_(caught, what="distml.stop_requested").item())
+    return LOOP_STOP.agreed
+
+
 def broadcast_parameters(model, root=0, *, comm=None):
-    """Copy root's parameters and buffers into every rank's `model`, in place."""
-    comm = comm or _comm.world()
+    """Copy root's parameters and buffers into every rank's `model`, in place (a collective)."""
+    comm = comm or _checked(model, "distml.broadcast_parameters", root, params=True)
     with torch.no_grad():
         for tensor in model.parameters():
             comm.broadcast_(tensor, root=root)
@@ -94,108 +219,19 @@ def broadcast_parameters(model, root=0, *, comm=None):
 
 
 def broadcast_buffers(model, root=0, *, comm=None):
-    """Copy root's buffers (e.g. BatchNorm running statistics) into every rank's `model`."""
-    comm = comm or _comm.world()
+    """Copy root's buffers (e.g. BatchNorm running statistics) into every rank's `model` (a collective)."""
+    comm = comm or _checked(model, "distml.broadcast_buffers", root, params=False)
     with torch.no_grad():
         for buffer in model.buffers():
             comm.broadcast_(buffer, root=root)
 
 
-class DistributedOptimizer:
-    """Wraps any torch optimizer: step() first reduces the gradients over all ranks.
-
-    It reduces the gradients of the parameters the optimizer updates; `model`
-    is accepted for Horovod-style call sites and not needed.
-    The gradients live in fused bucket buffers (see `reducer`): after
-    zero_grad() they are None, and backward writes them into the buffers, for
-    op="average" already divided by the world size (this rank's share: read or
-    change gradients after synchronize()). op="sum" is for losses already
-    divided by the global batch size (uneven last batches).
-    chunk_mb, compression ("fp16", "bf16") and overlap as `distml train`'s --chunk-mb, --compression
-    and --overlap (overlap needs one backward() per step).
-    """
-
-    def __init__(self, optimizer, model=None, *, bucket_mb=25.0, op="average", comm=None,
-                 chunk_mb=DEFAULT_CHUNK_MB, compression="none", overlap=False):
-        self.optimizer = optimizer
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.reducer = GradientReducer(params, comm or _comm.world(), bucket_mb=bucket_mb, op=op,
-                                       chunk_mb=chunk_mb, compression=compression, overlap=overlap)
-        self._synchronized = False
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    def zero_grad(self, set_to_none=True):
-        """As torch's: None (the fast path, see `reducer`), or zeroed in place with set_to_none=False."""
-        self.reducer.zero_grad(set_to_none)
-        self._synchronized = False
-
-    def synchronize(self):
-        """Reduce the gradients now; step() then steps on them without reducing again.
-
-        For `backward(); synchronize(); clip_grad_norm_(...); step()`: clipping
-        before it would see this rank's share, not the average. A backward (or
-        a `.grad` replaced) after synchronize() is reduced by step() as usual.
-        """
-        self.reducer.allreduce_grads()
-        self._synchronized = True
-
-    def step(self, closure=None):
-        """Reduce the gradients (unless synchronize() did and nothing changed since), then step.
-
-        A closure (LBFGS evaluates several) is reduced after each evaluation,
-        and the loss it returns combined over the ranks by `op`, so that every
-        rank takes the same decisions from the same numbers.
-        """
-        synchronized, self._synchronized = self._synchronized, False
-        if closure is not None:
-            comm = self.reducer.comm
-            return self.optimizer.step(reduced_closure(closure, self._reduce_unless_reduced, comm.allreduce_,
-                                                       comm.size, average=self.reducer.op == "average"))
-        if synchronized:
-            self._reduce_unless_reduced()
-        else:
-            self.reducer.allreduce_grads()
-        return self.optimizer.step()
-
-    def _reduce_unless_reduced(self):
-        """Reduce unless every rank's buckets still hold the last result.
-
-        The ranks agree first (one int64 MAX): a rank without data may have
-        skipped its backward, and deciding alone it would skip an Allreduce
-        the others wait in.
-        """
-        changed = torch.tensor([0 if self.reducer.reduced() else 1], dtype=torch.int64)
-        if self.reducer.comm.allreduce_max_(changed, what="whether gradients changed since the reduction").item():
-            self.reducer.allreduce_grads()
-
-    def state_dict(self):
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state):
-        self._synchronized = False
-        self.optimizer.load_state_dict(state)
-
-
-def reduced_closure(closure, reduce, allreduce_sum, size, *, average):
-    """`closure` for an optimizer's step(): gradients reduced after each evaluation, the loss combined.
-
-    Every rank then sees the same gradients and the same loss, so an optimizer
-    that decides from them (LBFGS's line search and stopping tests) takes the
-    same path everywhere. The loss comes back detached, as the closure's type:
-    a tensor of its dtype, or a float.
-    """
-    def evaluate():
-        loss = closure()
-        reduce()
-        value = 0.0 if loss is None else float(loss.detach() if torch.is_tensor(loss) else loss)
-        total = allreduce_sum(torch.tensor([value, loss is not None], dtype=torch.float64))
-        if total[1].item() not in (0, size):  # the same sum everywhere, so every rank raises
-            raise ValueError("the closure returned a loss on some ranks and None on others")
-        if loss is None:
-            return None
-        combined = total[0].item() / (size if average else 1)
-        return torch.tensor(combined, dtype=loss.dtype) if torch.is_tensor(loss) else combined
-    return evaluate
+def _checked(model, call, root, *, params):
+    """Your loop's communicator, once every rank is in `call` with a model of the same shapes."""
+    tensors = [*model.parameters(), *model.buffers()] if params else list(model.buffers())
+    import zlib
+    shapes = zlib.crc32(repr([(str(t.dtype), tuple(t.shape)) for t in tensors]).encode())
+    comm = _loop()
+    negotiate(comm, f"{call}(root={root}, {len(tensors)} tensors, {sum(t.numel() for t in tensors):,} values, "
+                    f"shapes {shapes:08x})")
+    return comm

@@ -22,7 +22,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["LaunchInfo", "launch_info", "cpus_per_task", "requeue_job", "format_launch_table"]
+__all__ = ["LaunchInfo", "launch_info", "cpus_per_task", "default_threads", "requeue_job", "format_launch_table"]
 
 # (launcher, rank, size, local rank, required marker): the first whose rank variable is set wins.
 SOURCES = (
@@ -117,3 +117,15 @@ def _int(env, name):
         return int(env[name]) if name else None
     except (KeyError, ValueError):
         return None
+
+
+def default_threads(comm):
+    """SLURM_CPUS_PER_TASK where SLURM set it, else the cores of this node divided by the ranks
+    on it; within this rank's CPU set (>= 1).
+
+    A collective (it counts the ranks on the node): call it on every rank.
+    """
+    on_node = comm.node_size()  # called on every rank, also where SLURM's answer makes it moot
+    per_rank = cpus_per_task() or (os.cpu_count() or 1) // on_node
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux only
+    return max(1, min(per_rank, len(affinity(0)) if affinity else per_rank))

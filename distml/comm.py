@@ -68,6 +68,7 @@ class CallRecord:
         self.current = None  # (seq, op, nbytes, where, started) of the call in progress
         self.recent = deque(maxlen=keep)  # the last calls that returned, oldest first
         self.since = time.monotonic()  # when the last call returned
+        self.patient = False  # waiting for the others at the end: not a stall by itself (the hang doctor)
 
     def enter(self, op, nbytes, what=None):
         self.seq += 1
@@ -364,6 +365,24 @@ class Comm:
     def duplicate(self):
         """A new mpi4py communicator over the same ranks (the watchdog's own channel); a collective."""
         return self.mpi_comm.Dup()
+
+    def dup(self):
+        """A Comm over the same ranks for one purpose, sharing this one's call record; a collective.
+
+        MPI matches a collective only with the same communicator's, so a rank in
+        one purpose's call and another in a different purpose's wait for each
+        other (which the hang doctor reports) where on one communicator the calls
+        would match each other and the larger message overwrite the smaller
+        buffer. One call record: a rank is in one blocking call at a time.
+        """
+        if self.size == 1:
+            twin = Comm.__new__(Comm)
+            twin.__dict__.update(self.__dict__)
+            twin.bytes_sent = 0
+            return twin
+        twin = Comm(self.mpi_comm.Dup())
+        twin.calls, twin.members = self.calls, self.members
+        return twin
 
     # -- facts about the MPI installation -----------------------------------
     def thread_multiple(self):

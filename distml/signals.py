@@ -11,7 +11,7 @@ then root writes a checkpoint and every rank exits with EX_TEMPFAIL (75).
 import signal
 import threading
 
-__all__ = ["EXIT_PREEMPTED", "STOP_SIGNALS", "StopFlag", "Preempted"]
+__all__ = ["EXIT_PREEMPTED", "STOP_SIGNALS", "StopFlag", "Preempted", "LoopStop", "LOOP_STOP"]
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL from sysexits.h: "try again later"; the batch scripts requeue on it
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -61,3 +61,29 @@ class StopFlag:
     def _catch(self, signum, frame):
         if self.requested is None:
             self.requested = signal.Signals(signum).name
+
+
+class LoopStop:
+    """The stop signals of a user's own loop (distml.stop_requested()).
+
+    Caught from the first question on, for the rest of the process: a loop that
+    never asks keeps the signals' usual effect. Each DistributedOptimizer
+    reduction carries `caught()` from every rank and `record`s the sum, so
+    `agreed` turns true on every rank after the same step.
+    """
+
+    def __init__(self):
+        self.flag, self.agreed = None, False
+
+    def listen(self):
+        if self.flag is None:
+            self.flag = StopFlag().__enter__()
+
+    def caught(self):
+        return self.flag is not None and self.flag.requested is not None
+
+    def record(self, ranks_that_caught):
+        self.agreed = self.agreed or ranks_that_caught > 0
+
+
+LOOP_STOP = LoopStop()

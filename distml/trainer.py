@@ -22,6 +22,7 @@ import torch
 from . import comm as _comm
 from .agreement import agree, check_same, data_fingerprint, fingerprint
 from .comm import RankLost
+from .cluster import default_threads
 from .checkpoint import (Checkpoint, checkpoint_number, list_checkpoints, newest_checkpoint, read_checkpoint,
                          save_state_dict, set_aside, write_checkpoint)
 from .config import RESUME_NEWEST, UsageError
@@ -52,19 +53,6 @@ class Result:
     summary: dict
     history: list = field(default_factory=list)
     model: torch.nn.Module = None
-
-
-def default_threads(comm):
-    """SLURM_CPUS_PER_TASK where SLURM set it, else the cores of this node divided by the ranks
-    on it; within this rank's CPU set (>= 1).
-
-    A collective (it counts the ranks on the node): call it on every rank.
-    """
-    from .cluster import cpus_per_task
-    on_node = comm.node_size()  # called on every rank, also where SLURM's answer makes it moot
-    per_rank = cpus_per_task() or (os.cpu_count() or 1) // on_node
-    affinity = getattr(os, "sched_getaffinity", None)  # Linux only
-    return max(1, min(per_rank, len(affinity(0)) if affinity else per_rank))
 
 
 def run(cfg, comm=None, *, signals=None):

@@ -97,8 +97,9 @@ class HangDoctor:
                 "seconds": now - (current[4] if current else record.since)}
 
     def _stalled(self):
-        current = self.comm.calls.current
-        return current is not None and time.monotonic() - current[4] > self.limit
+        record = self.comm.calls
+        current = record.current
+        return current is not None and not record.patient and time.monotonic() - current[4] > self.limit
 
     def _as_peer(self):
         if self._stalled() and not self._told:
@@ -133,7 +134,7 @@ class HangDoctor:
     def _alone(self):
         """No MPI_THREAD_MULTIPLE: report this rank only, if it is stuck in a call or has made none for the limit."""
         status = self.status()
-        if status["seconds"] <= self.limit:
+        if status["seconds"] <= self.limit or self.comm.calls.patient:
             return
         print(f"distml: watchdog: {_position(status)} (--watchdog {self.limit:g}; without MPI_THREAD_MULTIPLE "
               f"each rank reports only itself); aborting (exit {EXIT_STALLED})", file=sys.stderr, flush=True)

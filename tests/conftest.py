@@ -23,3 +23,15 @@ def slurm_cluster(tmp_path_factory):
         yield cluster
     finally:
         cluster.down()
+
+
+@pytest.fixture
+def loop_stop(monkeypatch):
+    """A fresh distml.stop_requested() state for one test; the signal handlers it installs put back after."""
+    from distml import api, optimizer, signals
+    fresh = signals.LoopStop()
+    for module in (signals, api, optimizer):
+        monkeypatch.setattr(module, "LOOP_STOP", fresh)
+    yield fresh
+    if fresh.flag is not None:
+        fresh.flag.__exit__(None, None, None)

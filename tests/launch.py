@@ -47,7 +47,12 @@ def launch_mpmd(*per_rank_args, timeout=120, cwd=None):
 
 def start(n, *args, cwd=None):
     """A running `distml args` on n ranks (n=0: plain python), in a session of its own; see finish()."""
-    command = [sys.executable, "-m", "distml", *map(str, args)]
+    return start_python(n, "-m", "distml", *args, cwd=cwd)
+
+
+def start_python(n, *args, cwd=None):
+    """A running `python args` on n ranks (n=0: no mpirun), in a session of its own; see finish()."""
+    command = [sys.executable, *map(str, args)]
     if n:
         command = [mpirun_path(), "-n", str(n), *command]
     env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(ROOT)}

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from launch import ROOT, launch, launch_mpmd, launch_python, summary
+from launch import ROOT, launch, launch_mpmd, summary
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -213,13 +213,6 @@ def test_config_file_sets_values_and_flags_win(tmp_path):
     assert done.returncode == 0, done.stderr
     s = summary(metrics)
     assert (s["epochs"], s["batch_size"], s["model"]) == (2, 64, "logreg")
-
-
-def test_api_example_trains_under_mpirun(tmp_path):
-    done = launch_python(2, ROOT / "scripts" / "example_api.py", "--epochs", 3, cwd=tmp_path)
-
-    assert done.returncode == 0, done.stderr
-    assert "test accuracy" in done.stdout
 
 
 def test_sync_batchnorm_model_trains_when_the_last_global_batch_is_tiny(tmp_path):

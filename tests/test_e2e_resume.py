@@ -55,9 +55,10 @@ def test_sync_stopped_mid_epoch_by_sigusr1_exits_75_and_resumes_to_the_same_weig
     ckpt = tmp_path / "ckpt"
     full = _ok(launch(2, *SYNC, "--save-model", tmp_path / "full.pt", "--metrics", tmp_path / "full.jsonl"))
 
-    # --slow-rank: only the pace changes (an epoch takes ~0.05 s here otherwise, too short to signal inside)
+    # --slow-rank: only the pace changes (an epoch takes ~0.05 s here otherwise, too short to signal inside).
+    # A loading worker: mpirun signals a rank's whole process group, and the worker must not die of it.
     proc = start(2, *SYNC, "--checkpoint-dir", ckpt, "--save-model", tmp_path / "part.pt",
-                 "--metrics", tmp_path / "part.jsonl", "--slow-rank", 1, "--slow-factor", 8)
+                 "--metrics", tmp_path / "part.jsonl", "--slow-rank", 1, "--slow-factor", 8, "--data-workers", 1)
     _wait_for_checkpoint(ckpt, proc)
     os.kill(proc.pid, signal.SIGUSR1)  # to mpirun, which forwards USR1 to every rank
     stopped = finish(proc)

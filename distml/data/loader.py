@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import pickle
 import select
+import signal
 import threading
 import time
 
@@ -27,7 +28,7 @@ import torch
 
 from ..userfn import FILES, import_file
 
-__all__ = ["Loader", "check_picklable"]
+__all__ = ["Loader", "DataLoader", "check_picklable", "worker_start"]
 
 
 class Loader:
@@ -80,7 +81,7 @@ class Loader:
                 multiprocessing_context=_context(), generator=torch.Generator().manual_seed(0),
                 worker_init_fn=functools.partial(_end_with_rank, os.getpid()))
         self._schedule.items = items
-        with _without_mpi():
+        with worker_start():
             self._stream = (at, iter(self._loader))
 
     def close(self):
@@ -133,13 +134,15 @@ def _as_is(batch):
 
 
 def _end_with_rank(rank_pid, worker_id):
-    """In a loading worker: end it as soon as the rank that started it is gone.
+    """In a loading worker: block the stop signals; end as soon as the rank that started it is gone.
 
     torch's workers watch their parent, which here is the forkserver, and the forkserver waits
     for its children: after a SIGKILLed rank both would live on, holding the rank's stdout and
     stderr, and mpirun would wait for them forever. A thread waits on the rank's pidfd (Linux),
     or else checks every second that the rank is alive.
     """
+    from ..signals import STOP_SIGNALS
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # where the forkserver was started by others
     try:
         pidfd = os.pidfd_open(rank_pid)
     except ProcessLookupError:
@@ -173,6 +176,48 @@ def _context():
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "numpy"])
     return context
+
+
+class DataLoader(torch.utils.data.DataLoader):
+    """torch's DataLoader, its workers started safely under MPI (distml.DataLoader, for your own loop).
+
+    With num_workers > 0 the workers come from a forkserver (never a fork of this
+    MPI process), never initialise MPI, never see the stop signals that
+    distml.stop_requested() catches (mpirun and SLURM signal a rank's whole
+    process group), and end when their rank ends (even SIGKILLed). Your
+    worker_init_fn, if any, runs after that.
+    """
+
+    def __init__(self, dataset, *args, num_workers=0, worker_init_fn=None, multiprocessing_context=None, **kwargs):
+        if num_workers > 0:
+            multiprocessing_context = multiprocessing_context or _context()
+            worker_init_fn = functools.partial(_worker_init, os.getpid(), worker_init_fn)
+        super().__init__(dataset, *args, num_workers=num_workers, worker_init_fn=worker_init_fn,
+                         multiprocessing_context=multiprocessing_context, **kwargs)
+
+    def __iter__(self):
+        with worker_start():
+            return super().__iter__()
+
+
+def _worker_init(rank_pid, user_init, worker_id):
+    _end_with_rank(rank_pid, worker_id)
+    if user_init is not None:
+        user_init(worker_id)
+
+
+@contextlib.contextmanager
+def worker_start():
+    """Processes started in here (the forkserver, loading workers) do not initialise MPI and never get the
+    stop signals: those stay blocked in them (a mask survives fork and exec), while this process gets
+    any that arrive meanwhile as soon as the block ends here."""
+    from ..signals import STOP_SIGNALS
+    with _without_mpi():
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 @contextlib.contextmanager

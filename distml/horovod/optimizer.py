@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 
-from ..api import reduced_closure
+from ..optimizer import WrappingOptimizer, reduced_closure
 from ..reducer import GradientReducer, weak_grad_hook
 from . import mpi_ops
 from .basics import Adasum, Average, Sum, _check_process_set, global_process_set, size
@@ -48,7 +48,7 @@ class _Channel:
         return buffer
 
 
-class DistributedOptimizer(torch.optim.Optimizer):
+class DistributedOptimizer(WrappingOptimizer):
     """Wraps a torch optimizer: step() first averages (or sums) the gradients over all ranks.
 
     Horovod's arguments and checks; `groups`, `num_groups` and
@@ -62,7 +62,6 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer, named_parameters=None, compression=Compression.none,
                  backward_passes_per_step=1, op=Average, gradient_predivide_factor=1.0, num_groups=0,
                  groups=None, sparse_as_dense=False, process_set=global_process_set):
-        # Optimizer.__init__ is deliberately not called: the wrapped optimizer holds groups and state.
         if gradient_predivide_factor != 1.0 and op != Average:
             raise ValueError("gradient_predivide_factor not supported with op != Average")
         if backward_passes_per_step <= 0:
@@ -119,7 +118,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._should_synchronize = True
 
     def step(self, closure=None):
-        """Horovod's, except that a closure is reduced after each evaluation (see distml.api.reduced_closure).
+        """Horovod's, except that a closure is reduced after each evaluation (see distml.optimizer.reduced_closure).
 
         Horovod reduces before the closure runs, so LBFGS stepped on unreduced gradients.
         """
@@ -149,36 +148,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.backward_passes_per_step = passes
         self._passes = dict.fromkeys(self._passes, 0)
 
-    # -- the wrapped optimizer's -----------------------------------------------------------------------
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    @property
-    def defaults(self):
-        return self.optimizer.defaults
-
-    def state_dict(self):
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state_dict):
+    def _forget(self):
         self._passes = dict.fromkeys(self._passes, 0)
         self._synchronized, self._should_synchronize = False, True
-        self.optimizer.load_state_dict(state_dict)
-
-    def add_param_group(self, param_group):
-        self.optimizer.add_param_group(param_group)
-        self._build()
-
-    def __getattr__(self, name):  # hooks, and whatever else the wrapped optimizer offers
-        return getattr(self.__dict__["optimizer"], name)
-
-    def __repr__(self):
-        return f"DistributedOptimizer({self.optimizer!r})"
 
 
 def _names(optimizer, named_parameters):

@@ -1,0 +1,185 @@
+"""DistributedOptimizer: any torch optimizer, its step() preceded by the gradient reduction.
+
+It is a torch.optim.Optimizer (so every lr_scheduler drives it) that holds no
+state of its own: param_groups, state and defaults are the wrapped optimizer's.
+Its reductions run on communicators of their own (distml.matching): one for
+the gradient buckets, checked alike on every rank when they are made, one for
+the "did anything change since synchronize()" check and one for a closure's
+loss. A rank in your loop's collective can therefore never be matched with
+another rank's gradient reduction. One spare element of the last bucket
+carries this rank's caught stop signal (distml.stop_requested()).
+"""
+import weakref
+
+import torch
+
+from . import comm as _comm
+from .matching import negotiate
+from .reducer import DEFAULT_CHUNK_MB, GradientReducer
+from .signals import LOOP_STOP
+
+__all__ = ["DistributedOptimizer", "WrappingOptimizer", "reduced_closure", "live_optimizers"]
+
+_LIVE = weakref.WeakSet()
+
+
+def live_optimizers():
+    """The DistributedOptimizers alive in this process (their reductions carry the stop flag)."""
+    return list(_LIVE)
+
+
+class WrappingOptimizer(torch.optim.Optimizer):
+    """A torch.optim.Optimizer holding nothing of its own: param_groups, state and defaults are
+    `self.optimizer`'s (Optimizer.__init__ is deliberately not called), and so is anything else
+    asked for. Subclasses make their reduction in `_build()` (again after add_param_group, a
+    collective) and forget what they knew of the gradients in `_forget()` (after load_state_dict)."""
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @property
+    def defaults(self):
+        return self.optimizer.defaults
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self._forget()
+        self.optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group):
+        self.optimizer.add_param_group(param_group)
+        self._build()
+
+    def __getattr__(self, name):  # hooks, and whatever else the wrapped optimizer offers
+        return getattr(self.__dict__["optimizer"], name)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.optimizer!r})"
+
+
+class DistributedOptimizer(WrappingOptimizer):
+    """Wraps any torch optimizer: step() first reduces the gradients over all ranks.
+
+    It reduces the gradients of the parameters the optimizer updates; `model`
+    is accepted for Horovod-style call sites and not needed.
+    The gradients live in fused bucket buffers (see `reducer`): after
+    zero_grad() they are None, and backward writes them into the buffers, for
+    op="average" already divided by the world size (this rank's share: read or
+    change gradients after synchronize()). op="sum" is for losses already
+    divided by the global batch size (uneven last batches: ShardSampler.global_size).
+    chunk_mb, compression ("fp16", "bf16") and overlap as `distml train`'s --chunk-mb, --compression
+    and --overlap (overlap needs one backward() per step). A collective: make it on every rank.
+    """
+
+    def __init__(self, optimizer, model=None, *, bucket_mb=25.0, op="average", comm=None,
+                 chunk_mb=DEFAULT_CHUNK_MB, compression="none", overlap=False):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"DistributedOptimizer wraps a torch.optim.Optimizer, not {type(optimizer).__name__}")
+        self.__dict__["optimizer"] = optimizer  # before anything reaches __getattr__
+        base = comm or _comm.world()
+        self._options = dict(bucket_mb=bucket_mb, op=op, chunk_mb=chunk_mb, compression=compression,
+                             overlap=overlap)
+        self._channels = {"gradients": base.dup(), "control": base.dup(), "closure": base.dup()}
+        self._synchronized, self._steps = False, 0
+        self._build()
+        _LIVE.add(self)
+
+    def _build(self):
+        """The buckets, and a check on every rank that every rank made the same ones."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        channel = self._channels["gradients"]
+        self.reducer = GradientReducer(params, channel, control=1, **self._options)
+        plan = [(str(b.buffer.dtype).removeprefix("torch."), b.buffer.numel()) for b in self.reducer.buckets]
+        negotiate(channel, f"DistributedOptimizer({sum(len(b.params) for b in self.reducer.buckets)} tensors in "
+                           f"buckets {plan}, " + ", ".join(f"{k}={v}" for k, v in self._options.items()) + ")")
+
+    def _forget(self):
+        self._synchronized = False
+
+    @property
+    def comm(self):
+        return self._channels["gradients"]
+
+    def zero_grad(self, set_to_none=True):
+        """As torch's: None (the fast path, see `reducer`), or zeroed in place with set_to_none=False."""
+        self.reducer.zero_grad(set_to_none)
+        self._synchronized = False
+
+    def synchronize(self):
+        """Reduce the gradients now; step() then steps on them without reducing again.
+
+        For `backward(); synchronize(); clip_grad_norm_(...); step()`: clipping
+        before it would see this rank's share, not the average. A backward (or
+        a `.grad` replaced) after synchronize() is reduced by step() as usual.
+        """
+        self._reduce()
+        self._synchronized = True
+
+    def step(self, closure=None):
+        """Reduce the gradients (unless synchronize() did and nothing changed since), then step.
+
+        A closure (LBFGS evaluates several) is reduced after each evaluation,
+        and the loss it returns combined over the ranks by `op`, so that every
+        rank takes the same decisions from the same numbers.
+        """
+        synchronized, self._synchronized = self._synchronized, False
+        if closure is not None:
+            comm = self._channels["closure"]
+            loss = self.optimizer.step(reduced_closure(closure, self._reduce_unless_reduced, comm.allreduce_,
+                                                       comm.size, average=self.reducer.op == "average"))
+        else:
+            self._reduce_unless_reduced() if synchronized else self._reduce()
+            loss = self.optimizer.step()
+        self._steps += 1
+        self.comm.calls.context = f"your loop, after optimizer step {self._steps}"
+        return loss
+
+    def _reduce(self):
+        """The gradient reduction, carrying this rank's caught stop signal in the control element."""
+        self.comm.calls.context = f"optimizer step {self._steps + 1}: gradient reduction"
+        control = self.reducer.control
+        control.fill_(1.0 if LOOP_STOP.caught() else 0.0)
+        self.reducer.allreduce_grads()
+        if control.numel():
+            LOOP_STOP.record(control[0].item())
+
+    def _reduce_unless_reduced(self):
+        """Reduce unless every rank's buckets still hold the last result.
+
+        The ranks agree first (one int64 MAX): a rank without data may have
+        skipped its backward, and deciding alone it would skip an Allreduce
+        the others wait in.
+        """
+        changed = torch.tensor([0 if self.reducer.reduced() else 1], dtype=torch.int64)
+        if self._channels["control"].allreduce_max_(changed, what="whether gradients changed since the "
+                                                                   "reduction").item():
+            self._reduce()
+
+
+def reduced_closure(closure, reduce, allreduce_sum, size, *, average):
+    """`closure` for an optimizer's step(): gradients reduced after each evaluation, the loss combined.
+
+    Every rank then sees the same gradients and the same loss, so an optimizer
+    that decides from them (LBFGS's line search and stopping tests) takes the
+    same path everywhere. The loss comes back detached, as the closure's type:
+    a tensor of its dtype, or a float.
+    """
+    def evaluate():
+        loss = closure()
+        reduce()
+        value = 0.0 if loss is None else float(loss.detach() if torch.is_tensor(loss) else loss)
+        total = allreduce_sum(torch.tensor([value, loss is not None], dtype=torch.float64))
+        if total[1].item() not in (0, size):  # the same sum everywhere, so every rank raises
+            raise ValueError("the closure returned a loss on some ranks and None on others")
+        if loss is None:
+            return None
+        combined = total[0].item() / (size if average else 1)
+        return torch.tensor(combined, dtype=loss.dtype) if torch.is_tensor(loss) else combined
+    return evaluate

@@ -1,0 +1,87 @@
+"""Your own loop under mpirun: a mismatched collective is reported, not memory corrupted; a loop stopped by
+SIGUSR1 exits 75 and resumes, also on another world size, to the uninterrupted weights; the two examples
+train, stop and resume."""
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch import ROOT, finish, launch_python, start_python
+
+SCRIPT = Path(__file__).parent / "loop_script.py"
+
+
+def _max_diff(a, b):
+    a, b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_a_rank_in_a_metric_allreduce_while_the_others_reduce_gradients_is_reported_by_the_hang_doctor(
+        tmp_path, ranks):
+    result = launch_python(ranks, SCRIPT, tmp_path, "--mismatch", 4, "--watchdog", 5, timeout=60)
+    ended = time.time()
+
+    assert result.returncode == 124, result.stderr
+    started = float(re.search(r"mismatch at ([\d.]+)", result.stdout).group(1))
+    assert ended - started < 5 + 10
+    err = result.stderr
+    assert "rank 0 has waited 5 s in allreduce" in err and "distml.allreduce(op=average, float64 [])" in err
+    assert all(f"rank {r} has waited" in err for r in range(1, ranks))
+    assert "the ranks' calls first differ at" in err and "optimizer step 5: gradient reduction, bucket 1 of 1" in err
+    assert "malloc" not in err and "Signal:" not in err and "Segmentation" not in err
+
+
+def test_a_loop_stopped_by_sigusr1_resumes_mid_epoch_to_the_uninterrupted_weights_on_2_and_on_3_ranks(tmp_path):
+    one = tmp_path / "one"
+    ok = launch_python(0, SCRIPT, one)  # one process, no mpirun: the reference
+    assert ok.returncode == 0, ok.stderr
+    assert "threads 2" in ok.stdout  # distml.init() gives a rank the node's cores over its ranks
+
+    two = tmp_path / "two"
+    stopped = launch_python(2, SCRIPT, two, "--signal-at", 5)
+    assert stopped.returncode == 75, stopped.stderr
+    assert [line for line in stopped.stderr.splitlines() if line.startswith("stopped")] == [
+        line for line in stopped.stderr.splitlines() if re.fullmatch(r"stopped at epoch 0 step ([6-9]|1\d)", line)]
+    shutil.copytree(two, tmp_path / "three")
+
+    for ranks, where in ((2, two), (3, tmp_path / "three")):
+        resumed = launch_python(ranks, SCRIPT, where)
+        assert resumed.returncode == 0, resumed.stderr
+        assert "threads 1" in resumed.stdout  # 2 cores over 2 or 3 ranks
+        assert _max_diff(one / "final.pt", where / "final.pt") < 1e-5
+
+
+def _stop_after_first_epoch(ranks, script, *args):
+    """Start `script`; send SIGUSR1 to mpirun once it has printed its first epoch; the finished process."""
+    proc = start_python(ranks, script, *args)
+    for line in proc.stdout:
+        if line.startswith("epoch 1:"):
+            proc.send_signal(signal.SIGUSR1)
+            break
+    return finish(proc)
+
+
+@pytest.mark.parametrize("script, args, quality", [
+    ("mnist_cnn.py", ["--epochs", 4, "--workers", 1], r"epoch 4: test loss [\d.]+, accuracy 0\.(9\d|8[5-9])"),
+    ("word_lm.py", ["--epochs", 2, "--files", 15, "--vocab", 500, "--bptt", 20, "--embed", 32, "--hidden", 32],
+     r"epoch 2: validation loss [\d.]+, perplexity ([12]\d|3[0-9])\.\d"),  # 500 words: uniform would be 500
+], ids=["mnist_cnn", "word_lm"])
+def test_the_examples_train_and_resume_after_a_stop_signal_to_the_same_weights(tmp_path, script, args, quality):
+    path = ROOT / "examples" / script
+    full = launch_python(2, path, *args, "--checkpoint-dir", tmp_path / "full", "--save", tmp_path / "full.pt")
+    assert full.returncode == 0, full.stderr
+    assert re.search(quality, full.stdout), full.stdout
+
+    common = [*args, "--checkpoint-dir", tmp_path / "part", "--save", tmp_path / "part.pt"]
+    stopped = _stop_after_first_epoch(2, path, *common)
+    assert stopped.returncode == 75, stopped.stdout + stopped.stderr
+    assert "stopped by a signal in epoch 2" in stopped.stdout and not (tmp_path / "part.pt").exists()
+    resumed = launch_python(2, path, *common)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "distml: restored" in resumed.stderr
+    assert _max_diff(tmp_path / "full.pt", tmp_path / "part.pt") == 0.0
