@@ -82,7 +82,7 @@ def test_a_straggler_does_less_of_the_work_and_the_budget_is_exact(tmp_path):
 @pytest.mark.parametrize("ranks,flags,expected", [
     (0, [], "needs at least 2 ranks"),
     (2, ["--servers", 2], "leaves no worker"),
-    (6, ["--dataset", "synthetic", "--samples", 5], "5 workers but only 4 training samples"),
+    (3, ["--dataset", "synthetic", "--samples", 3, "--test-fraction", 0.5], "2 workers but only 1 training samples"),
 ])
 def test_async_world_too_small_is_a_usage_error(ranks, flags, expected):
     done = launch(ranks, "train", "--mode", "async", *flags, timeout=60)

@@ -22,10 +22,11 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_final_weights_do_not_depend_on_the_number_of_ranks(tmp_path, variant):
-    # 8 clients, 6 sampled per round, on 1, 2 and 3 ranks (8 is not divisible by 3), and 4 once.
+    # 8 clients, 6 sampled per round, on 1, 2 and 3 ranks (8 is not divisible by 3); the other variants
+    # on 1 and 3 (tests/mpi/test_federated_ranks.py holds each algorithm at 2 and 3 ranks inside a job).
     flags = ["train", "--quiet", "--mode", "federated", "--clients", 8, "--clients-per-round", 6,
              "--rounds", 3, "--local-epochs", 2, "--lr", 0.05, "--eval-every", 3, *VARIANTS[variant]]
-    rank_counts = (1, 2, 3, 4) if variant.startswith("fedavg") else (1, 2, 3)
+    rank_counts = (1, 2, 3) if variant.startswith("fedavg") else (1, 3)
     saved = {}
     for ranks in rank_counts:
         path = tmp_path / f"{ranks}.pt"

@@ -2,7 +2,6 @@
 SIGUSR1 exits 75 and resumes, also on another world size, to the uninterrupted weights; the two examples
 train, stop and resume."""
 import re
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -23,20 +22,20 @@ def _max_diff(a, b):
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_a_rank_in_a_metric_allreduce_while_the_others_reduce_gradients_is_reported_by_the_hang_doctor(
         tmp_path, ranks):
-    result = launch_python(ranks, SCRIPT, tmp_path, "--mismatch", 4, "--watchdog", 5, timeout=60)
+    result = launch_python(ranks, SCRIPT, tmp_path, "--mismatch", 4, "--watchdog", 3, timeout=60)
     ended = time.time()
 
     assert result.returncode == 124, result.stderr
     started = float(re.search(r"mismatch at ([\d.]+)", result.stdout).group(1))
-    assert ended - started < 5 + 10
+    assert ended - started < 3 + 10
     err = result.stderr
-    assert "rank 0 has waited 5 s in allreduce" in err and "distml.allreduce(op=average, float64 [])" in err
+    assert "rank 0 has waited 3 s in allreduce" in err and "distml.allreduce(op=average, float64 [])" in err
     assert all(f"rank {r} has waited" in err for r in range(1, ranks))
     assert "the ranks' calls first differ at" in err and "optimizer step 5: gradient reduction, bucket 1 of 1" in err
     assert "malloc" not in err and "Signal:" not in err and "Segmentation" not in err
 
 
-def test_a_loop_stopped_by_sigusr1_resumes_mid_epoch_to_the_uninterrupted_weights_on_2_and_on_3_ranks(tmp_path):
+def test_a_loop_stopped_by_sigusr1_on_2_ranks_resumes_mid_epoch_on_3_to_the_one_process_weights(tmp_path):
     one = tmp_path / "one"
     ok = launch_python(0, SCRIPT, one)  # one process, no mpirun: the reference
     assert ok.returncode == 0, ok.stderr
@@ -47,13 +46,11 @@ def test_a_loop_stopped_by_sigusr1_resumes_mid_epoch_to_the_uninterrupted_weight
     assert stopped.returncode == 75, stopped.stderr
     assert [line for line in stopped.stderr.splitlines() if line.startswith("stopped")] == [
         line for line in stopped.stderr.splitlines() if re.fullmatch(r"stopped at epoch 0 step ([6-9]|1\d)", line)]
-    shutil.copytree(two, tmp_path / "three")
-
-    for ranks, where in ((2, two), (3, tmp_path / "three")):
-        resumed = launch_python(ranks, SCRIPT, where)
-        assert resumed.returncode == 0, resumed.stderr
-        assert "threads 1" in resumed.stdout  # 2 cores over 2 or 3 ranks
-        assert _max_diff(one / "final.pt", where / "final.pt") < 1e-5
+    # on 3 ranks (the same global batch): the examples' test resumes on as many ranks as stopped
+    resumed = launch_python(3, SCRIPT, two)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "threads 1" in resumed.stdout  # 2 cores over 3 ranks
+    assert _max_diff(one / "final.pt", two / "final.pt") < 1e-5
 
 
 def _stop_after_first_epoch(ranks, script, *args):
@@ -67,7 +64,7 @@ def _stop_after_first_epoch(ranks, script, *args):
 
 
 @pytest.mark.parametrize("script, args, quality", [
-    ("mnist_cnn.py", ["--epochs", 4, "--workers", 1], r"epoch 4: test loss [\d.]+, accuracy 0\.(9\d|8[5-9])"),
+    ("mnist_cnn.py", ["--epochs", 2], r"epoch 2: test loss [\d.]+, accuracy 0\.[89]\d"),
     ("word_lm.py", ["--epochs", 2, "--files", 15, "--vocab", 500, "--bptt", 20, "--embed", 32, "--hidden", 32],
      r"epoch 2: validation loss [\d.]+, perplexity ([12]\d|3[0-9])\.\d"),  # 500 words: uniform would be 500
 ], ids=["mnist_cnn", "word_lm"])
@@ -77,7 +74,9 @@ def test_the_examples_train_and_resume_after_a_stop_signal_to_the_same_weights(t
     assert full.returncode == 0, full.stderr
     assert re.search(quality, full.stdout), full.stdout
 
-    common = [*args, "--checkpoint-dir", tmp_path / "part", "--save", tmp_path / "part.pt"]
+    # stopped and resumed with a loading worker where the example has them: mpirun signals the worker too
+    workers = ["--workers", 1] if script == "mnist_cnn.py" else []
+    common = [*args, *workers, "--checkpoint-dir", tmp_path / "part", "--save", tmp_path / "part.pt"]
     stopped = _stop_after_first_epoch(2, path, *common)
     assert stopped.returncode == 75, stopped.stdout + stopped.stderr
     assert "stopped by a signal in epoch 2" in stopped.stdout and not (tmp_path / "part.pt").exists()
