@@ -41,6 +41,7 @@ class _State:
     loop = None  # the communicator of your loop's collectives
     doctor = None  # the hang doctor, while it runs
     threads = None
+    settings = None  # (watchdog, threads) of the call that started distml
 
 
 def init(*, watchdog=DEFAULT_WATCHDOG_S, threads=None):
@@ -48,7 +49,8 @@ def init(*, watchdog=DEFAULT_WATCHDOG_S, threads=None):
 
     With several ranks, an uncaught exception then ends the whole job: its
     traceback, one line naming the rank, MPI Abort (an error every rank raises
-    alike is printed once; a distml.UsageError as one line, exit 2). Without
+    alike is printed once). A distml.UsageError every rank raises (a refused
+    checkpoint) is one line and exit 2, also in a world of one. Without
     that the failed rank finalizes MPI and exits, and the others wait in their
     next collective forever (mpirun was still waiting after 60 s).
     `watchdog`: seconds a rank may wait in one MPI call before the hang doctor
@@ -58,14 +60,19 @@ def init(*, watchdog=DEFAULT_WATCHDOG_S, threads=None):
     """
     world = _comm.world()
     if _State.loop is not None:
+        if (watchdog, threads) != _State.settings and (watchdog, threads) != (DEFAULT_WATCHDOG_S, None):
+            raise RuntimeError(f"distml.init(watchdog={watchdog}, threads={threads}): distml was started already "
+                               f"with watchdog={_State.settings[0]}, threads={_State.settings[1]} (by an earlier "
+                               f"call, or the first call that needed it): call distml.init() first")
         return world
     if watchdog < 0:
         raise ValueError(f"watchdog must be >= 0 seconds (0: off), got {watchdog}")
     from .cluster import default_threads
-    _State.threads = threads or default_threads(world)  # a collective
+    default = default_threads(world)  # a collective: every rank calls it, whatever its `threads`
+    _State.threads, _State.settings = threads or default, (watchdog, threads)
     torch.set_num_threads(_State.threads)
     _State.loop = world.dup()
-    if world.size > 1 and sys.excepthook is sys.__excepthook__:
+    if sys.excepthook is sys.__excepthook__:
         sys.excepthook = aborting_excepthook(lambda: world)
     if world.size > 1 and watchdog:
         from .watchdog import HangDoctor
@@ -109,9 +116,11 @@ def aborting_excepthook(comm_of, name="distml"):
     """
     def hook(kind, error, tb):
         comm = comm_of()
-        alike = getattr(error, "everywhere", False)
+        alike = getattr(error, "everywhere", False) or comm.size == 1
         if alike and issubclass(kind, UsageError):
             _exit_everywhere(comm, 2, f"{name}: error: {error}")
+        if comm.size == 1:  # nothing to abort: Python's own report and exit
+            return sys.__excepthook__(kind, error, tb)
         if alike and comm.rank != 0:
             time.sleep(_REPORT_WAIT_S)  # rank 0's MPI Abort ends this process; if it never comes, abort
             comm.abort(1)
@@ -196,16 +205,17 @@ def stop_requested():
 
     The first call starts catching those signals (until then they keep their usual
     effect). The answer travels in the DistributedOptimizer's gradient reduction,
-    at no cost; a loop without one makes this a collective (call it on every rank).
+    at no cost; where no reduction has run since the last call (a loop without
+    one, an evaluation) this is a small collective: call it on every rank.
     mpirun ends a job at once on TERM: send it USR1 (SLURM: `--signal=USR1@60`).
     """
     LOOP_STOP.listen()
-    from .optimizer import live_optimizers
-    if not live_optimizers() and not LOOP_STOP.agreed:
+    if not LOOP_STOP.carried and not LOOP_STOP.agreed:  # no reduction since the last question (equal everywhere)
         comm = _loop()
         negotiate(comm, "distml.stop_requested()")
         caught = torch.tensor([1.0 if LOOP_STOP.caught() else 0.0], dtype=torch.float64)
         LOOP_STOP.record(comm.allreduce_(caught, what="distml.stop_requested").item())
+    LOOP_STOP.carried = 0
     return LOOP_STOP.agreed
 
 

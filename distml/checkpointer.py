@@ -137,21 +137,12 @@ def _check_pieces(path, ckpt, pieces):
                          f"{ckpt.config})")
     if "model" in pieces:
         _check_model(path, ckpt.model, pieces["model"].state_dict())
-    if "sampler" in pieces:
+    check = getattr(pieces.get("sampler"), "check_state", None)  # a ShardSampler's
+    if check is not None:
         try:
-            pieces["sampler"].__class__.load_state_dict(_Probe(pieces["sampler"]), ckpt.strategy["sampler"])
+            check(ckpt.strategy["sampler"])
         except ValueError as e:
             raise UsageError(f"distml.Checkpointer: {path}: {e}") from None
-
-
-class _Probe:
-    """A sampler's checked attributes only, for load_state_dict to check a state against without loading it."""
-
-    def __init__(self, sampler):
-        self.__dict__.update({k: getattr(sampler, k) for k in ("num_samples", "global_batch", "shuffle", "seed")})
-
-    def set_epoch(self, epoch):
-        pass
 
 
 def _check_model(path, saved, mine):

@@ -157,12 +157,12 @@ class Comm:
             return tensor
         contiguous = tensor.is_contiguous()  # if not (rare: a transposed buffer), through a copy
         tmp = tensor if contiguous else tensor.detach().contiguous()
-        buf = buffer_of(tmp)
-        self._call("broadcast", buf.nbytes, what, self.mpi_comm.Bcast, buf, root)
+        nbytes = tmp.numel() * tmp.element_size()
+        self._call("broadcast", nbytes, what, self.mpi_comm.Bcast, _typed(self._MPI, tmp.detach()), root)
         if not contiguous:
             tensor.detach().copy_(tmp)
         if self.rank == root:
-            self.bytes_sent += buf.nbytes
+            self.bytes_sent += nbytes
         return tensor
 
     def allreduce_array(self, values, op="sum", *, what=None):

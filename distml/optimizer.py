@@ -9,8 +9,6 @@ loss. A rank in your loop's collective can therefore never be matched with
 another rank's gradient reduction. One spare element of the last bucket
 carries this rank's caught stop signal (distml.stop_requested()).
 """
-import weakref
-
 import torch
 
 from . import comm as _comm
@@ -18,14 +16,7 @@ from .matching import negotiate
 from .reducer import DEFAULT_CHUNK_MB, GradientReducer
 from .signals import LOOP_STOP
 
-__all__ = ["DistributedOptimizer", "WrappingOptimizer", "reduced_closure", "live_optimizers"]
-
-_LIVE = weakref.WeakSet()
-
-
-def live_optimizers():
-    """The DistributedOptimizers alive in this process (their reductions carry the stop flag)."""
-    return list(_LIVE)
+__all__ = ["DistributedOptimizer", "WrappingOptimizer", "reduced_closure"]
 
 
 class WrappingOptimizer(torch.optim.Optimizer):
@@ -86,19 +77,25 @@ class DistributedOptimizer(WrappingOptimizer):
         base = comm or _comm.world()
         self._options = dict(bucket_mb=bucket_mb, op=op, chunk_mb=chunk_mb, compression=compression,
                              overlap=overlap)
-        self._channels = {"gradients": base.dup(), "control": base.dup(), "closure": base.dup()}
+        self._channels = {name: base.dup() for name in ("gradients", "control", "closure", "plan")}
         self._synchronized, self._steps = False, 0
         self._build()
-        _LIVE.add(self)
+
+    def _params(self):
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _build(self):
-        """The buckets, and a check on every rank that every rank made the same ones."""
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        channel = self._channels["gradients"]
-        self.reducer = GradientReducer(params, channel, control=1, **self._options)
+        """The buckets of the parameters that train now, checked alike on every rank (on a channel of its
+        own: a rank building while another reduces gradients waits, and is reported, instead)."""
+        params = self._params()
+        self._trainable = [p.requires_grad for p in params]
+        self.reducer = GradientReducer(params, self._channels["gradients"], control=1, **self._options)
         plan = [(str(b.buffer.dtype).removeprefix("torch."), b.buffer.numel()) for b in self.reducer.buckets]
-        negotiate(channel, f"DistributedOptimizer({sum(len(b.params) for b in self.reducer.buckets)} tensors in "
-                           f"buckets {plan}, " + ", ".join(f"{k}={v}" for k, v in self._options.items()) + ")")
+        negotiate(self._channels["plan"], f"DistributedOptimizer({sum(len(b.params) for b in self.reducer.buckets)} "
+                  f"tensors in buckets {plan}, " + ", ".join(f"{k}={v}" for k, v in self._options.items()) + ")")
+
+    def _trainable_changed(self):
+        return [p.requires_grad for p in self._params()] != self._trainable
 
     def _forget(self):
         self._synchronized = False
@@ -108,7 +105,15 @@ class DistributedOptimizer(WrappingOptimizer):
         return self._channels["gradients"]
 
     def zero_grad(self, set_to_none=True):
-        """As torch's: None (the fast path, see `reducer`), or zeroed in place with set_to_none=False."""
+        """As torch's: None (the fast path, see `reducer`), or zeroed in place with set_to_none=False.
+
+        Parameters frozen or unfrozen (requires_grad) since the buckets were made get buckets anew here,
+        as torch's optimizers skip frozen ones: a collective, like every zero_grad() of the loop.
+        """
+        if self._trainable_changed():
+            for p in self._params():
+                p.grad = None  # none left in the old buckets' views
+            self._build()
         self.reducer.zero_grad(set_to_none)
         self._synchronized = False
 
@@ -143,6 +148,9 @@ class DistributedOptimizer(WrappingOptimizer):
 
     def _reduce(self):
         """The gradient reduction, carrying this rank's caught stop signal in the control element."""
+        if self._trainable_changed():
+            raise RuntimeError("parameters were frozen or unfrozen between zero_grad() and step(): change "
+                               "requires_grad before zero_grad(), which then makes the gradient buckets anew")
         self.comm.calls.context = f"optimizer step {self._steps + 1}: gradient reduction"
         control = self.reducer.control
         control.fill_(1.0 if LOOP_STOP.caught() else 0.0)

@@ -69,11 +69,13 @@ class LoopStop:
     Caught from the first question on, for the rest of the process: a loop that
     never asks keeps the signals' usual effect. Each DistributedOptimizer
     reduction carries `caught()` from every rank and `record`s the sum, so
-    `agreed` turns true on every rank after the same step.
+    `agreed` turns true on every rank after the same step; a question no
+    reduction has answered since the last one asks the ranks itself.
     """
 
     def __init__(self):
         self.flag, self.agreed = None, False
+        self.carried = 0  # reductions that carried `caught()` since the last question (equal on every rank)
 
     def listen(self):
         if self.flag is None:
@@ -84,6 +86,7 @@ class LoopStop:
 
     def record(self, ranks_that_caught):
         self.agreed = self.agreed or ranks_that_caught > 0
+        self.carried += 1
 
 
 LOOP_STOP = LoopStop()

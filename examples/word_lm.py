@@ -108,8 +108,8 @@ def main():
         model.train()
         hidden = model.init_state(train.size(1))
         start = state.pop("position", 0) if epoch == state["epoch"] else 0
-        if start:                                  # distributed: this rank's hidden state, as saved
-            hidden = tuple(state["rank_state"]["hidden"])
+        if start and state["rank_state"]:          # distributed: this rank's hidden state, as saved
+            hidden = tuple(state["rank_state"]["hidden"])  # (None on another world size: its columns differ)
         for i in range(start, train.size(0) - 1, args.bptt):
             x, y = train[i:i + args.bptt], train[i + 1:i + 1 + args.bptt]
             hidden = tuple(h.detach() for h in hidden)

@@ -1,5 +1,6 @@
 """The documented loop (docs/api.md), for the end-to-end tests: python loop_script.py DIR [options].
 
+--linger S: rank 0 works S seconds after the loop while the others wait to exit.
 --signal-at STEP: rank 0 sends SIGUSR1 to its parent (mpirun, which forwards it to every rank) after
 that step, as `kill -USR1` would. --mismatch STEP: after that step rank 0 alone calls a metric
 allreduce while the others go on into the gradient reduction (the bug distml must report, not
@@ -24,14 +25,16 @@ def main():
     parser.add_argument("--signal-at", type=int, default=0)
     parser.add_argument("--mismatch", type=int, default=0)
     parser.add_argument("--watchdog", type=float, default=600)
+    parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument("--linger", type=float, default=0, help="rank 0 works this long after the loop")
     args = parser.parse_args()
 
     distml.init(watchdog=args.watchdog)
     gen = torch.Generator().manual_seed(7)
-    x = torch.randn(103, 6, generator=gen)
-    data = torch.utils.data.TensorDataset(x, torch.randint(0, 3, (103,), generator=gen))
+    x = torch.randn(105, 6, generator=gen)  # 105 = 17 x 6 + 3: a last batch of 3 (2 + 1 at 2 ranks)
+    data = torch.utils.data.TensorDataset(x, torch.randint(0, 3, (105,), generator=gen))
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 3))
+    model = nn.Sequential(nn.Linear(6, args.hidden), nn.Tanh(), nn.Linear(args.hidden, 3))
     sampler = distml.ShardSampler(data, global_batch=6, seed=1)
     loader = torch.utils.data.DataLoader(data, batch_sampler=sampler)
     optimizer = distml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model,
@@ -61,6 +64,7 @@ def main():
         ckpt.save(epoch=epoch + 1)
     if distml.is_root():
         torch.save(model.state_dict(), os.path.join(args.dir, "final.pt"))
+        time.sleep(args.linger)  # the others wait at the end meanwhile: no stall for the hang doctor
     distml.print(f"threads {torch.get_num_threads()}")
 
 

@@ -78,7 +78,7 @@ def test_the_api_pattern_runs_as_written_and_a_second_run_restores_its_checkpoin
 
     done = launch_python(2, "pattern.py", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    losses = [float(v) for v in re.findall(r"epoch \d: last batch loss ([\d.]+)", done.stdout)]
+    losses = [float(v) for v in re.findall(r"epoch \d: mean loss ([\d.]+)", done.stdout)]
     assert len(losses) == 5 and losses[-1] < 0.5 * losses[0], done.stdout  # printed once, by rank 0; learning
     again = launch_python(2, "pattern.py", cwd=tmp_path)  # all 5 epochs done: restores, trains no more
     assert again.returncode == 0 and "restored" in again.stderr and "epoch" not in again.stdout

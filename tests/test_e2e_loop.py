@@ -46,11 +46,17 @@ def test_a_loop_stopped_by_sigusr1_on_2_ranks_resumes_mid_epoch_on_3_to_the_one_
     assert stopped.returncode == 75, stopped.stderr
     assert [line for line in stopped.stderr.splitlines() if line.startswith("stopped")] == [
         line for line in stopped.stderr.splitlines() if re.fullmatch(r"stopped at epoch 0 step ([6-9]|1\d)", line)]
-    # on 3 ranks (the same global batch): the examples' test resumes on as many ranks as stopped
-    resumed = launch_python(3, SCRIPT, two)
+    # on 3 ranks (the same global batch): the examples' test resumes on as many ranks as stopped. Rank 0
+    # works 4 s after the loop while the others wait to exit: longer than the watchdog, and no stall.
+    resumed = launch_python(3, SCRIPT, two, "--watchdog", 2, "--linger", 4)
     assert resumed.returncode == 0, resumed.stderr
     assert "threads 1" in resumed.stdout  # 2 cores over 3 ranks
     assert _max_diff(one / "final.pt", two / "final.pt") < 1e-5
+
+    other = launch_python(0, SCRIPT, two, "--hidden", 16)  # another model: one line, exit 2, also alone
+    assert other.returncode == 2 and other.stderr.strip().splitlines() == [
+        f"distml: error: distml.Checkpointer: {two / 'ckpt'}/checkpoint-000000004.pt holds another model "
+        f"('0.bias' is torch.float32 [32] there, torch.float32 [16] here)"], other.stderr
 
 
 def _stop_after_first_epoch(ranks, script, *args):

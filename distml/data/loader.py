@@ -27,6 +27,7 @@ import time
 import torch
 
 from ..userfn import FILES, import_file
+from .user import _generators_kept, _item_seed, _seed_generators
 
 __all__ = ["Loader", "DataLoader", "check_picklable", "worker_start"]
 
@@ -186,18 +187,50 @@ class DataLoader(torch.utils.data.DataLoader):
     distml.stop_requested() catches (mpirun and SLURM signal a rank's whole
     process group), and end when their rank ends (even SIGKILLed). Your
     worker_init_fn, if any, runs after that.
+
+    With a distml.ShardSampler, each item is read with torch's, numpy's and
+    random's generators seeded from (seed, epoch, sample index), as `distml
+    train` reads a Dataset: random transforms are then the same whichever
+    rank, worker or resumed run reads the item (and leave your loop's
+    generators alone). A Dataset with `deterministic = True` is read as is.
     """
 
     def __init__(self, dataset, *args, num_workers=0, worker_init_fn=None, multiprocessing_context=None, **kwargs):
         if num_workers > 0:
             multiprocessing_context = multiprocessing_context or _context()
             worker_init_fn = functools.partial(_worker_init, os.getpid(), worker_init_fn)
+        if not getattr(dataset, "deterministic", False) and not isinstance(dataset, torch.utils.data.IterableDataset):
+            dataset = _SeededItems(dataset)
         super().__init__(dataset, *args, num_workers=num_workers, worker_init_fn=worker_init_fn,
                          multiprocessing_context=multiprocessing_context, **kwargs)
 
     def __iter__(self):
         with worker_start():
             return super().__iter__()
+
+
+class _SeededItems(torch.utils.data.Dataset):
+    """`dataset`, each item of a ShardSampler's batch read with the generators seeded for it."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i]
+
+    def __getitems__(self, indices):  # torch's fetcher reads a batch through this, where it is defined
+        epoch = getattr(indices, "epoch", None)
+        if epoch is None:  # not a ShardSampler's batch
+            return [self.dataset[i] for i in indices]
+        items = []
+        with _generators_kept():
+            for i in indices:
+                _seed_generators(_item_seed(indices.seed, epoch, i))
+                items.append(self.dataset[i])
+        return items
 
 
 def _worker_init(rank_pid, user_init, worker_id):

@@ -20,22 +20,39 @@ def _model():
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
 
 
-def _train(comm, data, epochs=3):
-    """The documented loop on `comm` with a global batch of 12 (103 samples: the last batch has 7)."""
+def _train(comm, data, epochs=3, unfreeze_at=None, extra_group_at=None):
+    """The documented loop on `comm` with a global batch of 12 (103 samples: the last batch has 7).
+
+    unfreeze_at: the first layer is frozen (weight decay would move it) until that many steps;
+    extra_group_at: the last layer joins the optimizer (add_param_group) after that many steps.
+    """
     model = _model()
+    first, last = model[0], model[2]
+    first.requires_grad_(unfreeze_at is None)
+    params = [p for p in model.parameters() if extra_group_at is None or all(p is not q for q in last.parameters())]
     sampler = distml.ShardSampler(data, global_batch=12, seed=1, comm=comm)
     loader = torch.utils.data.DataLoader(data, batch_sampler=sampler)
-    opt = distml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model,
+    opt = distml.DistributedOptimizer(torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01), model,
                                       op="sum", comm=comm)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(sampler))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * sampler.steps_per_epoch)
+    steps = 0
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
         for x, y in loader:
+            if steps == unfreeze_at:
+                first.requires_grad_(True)
+            if steps == extra_group_at:
+                opt.add_param_group({"params": list(last.parameters()), "lr": 0.05})
             opt.zero_grad()
             (nn.functional.cross_entropy(model(x), y, reduction="sum") / sampler.global_size).backward()
             opt.step()
             sched.step()
+            steps += 1
     return model
+
+
+def _max_diff(a, b):
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
 @pytest.mark.mpi(min_size=2)
@@ -46,9 +63,24 @@ def test_a_shard_sampler_loop_gives_one_process_weights_with_an_uneven_last_batc
     alone = _train(_comm.Comm(MPI.COMM_SELF), data)
     control = _model()  # one step's worth of difference would show: the test is not vacuous
 
-    diffs = [(a - b).abs().max().item() for a, b in zip(world.parameters(), alone.parameters())]
-    assert max(diffs) < 1e-5
-    assert max((a - b).abs().max().item() for a, b in zip(world.parameters(), control.parameters())) > 1e-2
+    assert _max_diff(world, alone) < 1e-5
+    assert _max_diff(world, control) > 1e-2
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("n, options", [
+    (27, {}),                      # 27 = 2 x 12 + 3: a last batch of one sample a rank at 3 ranks
+    (103, {"unfreeze_at": 5}),     # frozen, then trained: the buckets are made anew at zero_grad()
+    (103, {"extra_group_at": 4}),  # add_param_group on every rank
+])
+def test_loops_with_small_last_batches_unfrozen_layers_or_new_groups_give_one_process_weights(n, options):
+    from mpi4py import MPI
+    data = _data(n)
+    world, alone = _train(None, data, **options), _train(_comm.Comm(MPI.COMM_SELF), data, **options)
+    assert _max_diff(world, alone) < 1e-5
+    assert _max_diff(world, _model()) > 1e-3
+    if "unfreeze_at" in options:  # the frozen layer was left alone (torch skips it), then trained
+        assert (world[0].weight - _model()[0].weight).abs().max().item() > 1e-3
 
 
 @pytest.mark.mpi(min_size=2)
