@@ -14,6 +14,7 @@ x batch N*b does, and a checkpoint resumes on any world size with the same
 global batch.
 """
 import sys
+import weakref
 
 import numpy as np
 import torch
@@ -52,6 +53,8 @@ class ShardSampler:
     in the epoch is the number of batches the DataLoader has handed to your loop
     (not those its workers fetched ahead): `state_dict()` and the Checkpointer
     save it, and after `load_state_dict` the epoch saved continues from there.
+    distml.DataLoader counts them itself; torch's is asked while its iterator
+    lives, so with its workers save inside the loop, not after a `break`.
     `global_size`: the global batch size of the batch last handed to your loop.
     """
 
@@ -74,6 +77,7 @@ class ShardSampler:
         self.epoch, self._resume = 0, None  # _resume: (epoch, step) to continue from
         self._start, self._handed, self._reader = 0, 0, None
         self._sizes, self._rng = [], None
+        self.counted = None  # batches distml.DataLoader has handed to your loop in this pass
 
     def set_epoch(self, epoch):
         """Draw epoch `epoch`'s order; the epoch a loaded state saved continues where it stopped."""
@@ -81,7 +85,7 @@ class ShardSampler:
         self._start = self._resume[1] if self._resume and self._resume[0] == epoch else 0
         self._resume = None
         self._rng = torch.get_rng_state() if self._start else None  # see _indices
-        self._handed, self._reader = 0, None
+        self._handed, self._reader, self.counted = 0, None, None
 
     def _cuts(self):
         """Where the epoch's global batches start, and its end (drop_last: the last whole batch's);
@@ -109,10 +113,9 @@ class ShardSampler:
     def __iter__(self):
         caller = sys._getframe(1).f_locals.get("self")  # a DataLoader's iterator asks from its own method
         reader = isinstance(caller, torch.utils.data.dataloader._BaseDataLoaderIter)
-        # held (not a weak reference) until the next pass: after a `break` the count must outlive it
-        self._reader = caller if reader else None
+        self._reader = weakref.ref(caller) if reader else None  # weak: it refers to this sampler
         batches = self._batches()[self._start:]
-        self._sizes, self._handed = [size for _, size in batches], 0
+        self._sizes, self._handed, self.counted = [size for _, size in batches], 0, None
         return self._indices(batches)
 
     def _indices(self, batches):
@@ -133,9 +136,12 @@ class ShardSampler:
         return self.steps_per_epoch - self._start
 
     def _taken(self):
-        """Batches of this pass your loop has received: the DataLoader's count where a DataLoader reads
-        this sampler (its workers fetch ahead), else those this sampler handed out."""
-        return getattr(self._reader, "_num_yielded", self._handed) if self._reader is not None else self._handed
+        """Batches of this pass your loop has received: distml.DataLoader counts them (`counted`); torch's
+        own, while its iterator lives, in `_num_yielded` (its workers fetch ahead); else those handed out."""
+        if self.counted is not None:
+            return self.counted
+        reader = self._reader() if self._reader is not None else None
+        return reader._num_yielded if reader is not None else self._handed
 
     @property
     def step(self):

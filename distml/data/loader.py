@@ -191,8 +191,11 @@ class DataLoader(torch.utils.data.DataLoader):
     With a distml.ShardSampler, each item is read with torch's, numpy's and
     random's generators seeded from (seed, epoch, sample index), as `distml
     train` reads a Dataset: random transforms are then the same whichever
-    rank, worker or resumed run reads the item (and leave your loop's
-    generators alone). A Dataset with `deterministic = True` is read as is.
+    rank, worker or resumed run reads the item. Neither they nor the
+    iterator (whose workers' base seed torch draws from your loop's
+    generator) move your loop's generators: its dropout masks are the same
+    with any number of workers. A Dataset with `deterministic = True` is
+    read as is.
     """
 
     def __init__(self, dataset, *args, num_workers=0, worker_init_fn=None, multiprocessing_context=None, **kwargs):
@@ -201,12 +204,17 @@ class DataLoader(torch.utils.data.DataLoader):
             worker_init_fn = functools.partial(_worker_init, os.getpid(), worker_init_fn)
         if not getattr(dataset, "deterministic", False) and not isinstance(dataset, torch.utils.data.IterableDataset):
             dataset = _SeededItems(dataset)
+        if hasattr(kwargs.get("batch_sampler"), "check_state"):  # a ShardSampler: the workers' base seed from a
+            kwargs.setdefault("generator", torch.Generator().manual_seed(0))  # generator of its own, not your loop's
         super().__init__(dataset, *args, num_workers=num_workers, worker_init_fn=worker_init_fn,
                          multiprocessing_context=multiprocessing_context, **kwargs)
 
     def __iter__(self):
         with worker_start():
-            return super().__iter__()
+            batches = super().__iter__()
+        if hasattr(self.batch_sampler, "counted"):  # a ShardSampler: it learns how many batches your loop had
+            return _counted(batches, self.batch_sampler)
+        return batches
 
 
 class _SeededItems(torch.utils.data.Dataset):
@@ -231,6 +239,14 @@ class _SeededItems(torch.utils.data.Dataset):
                 _seed_generators(_item_seed(indices.seed, epoch, i))
                 items.append(self.dataset[i])
         return items
+
+
+def _counted(batches, sampler):
+    """`batches`, each counted in `sampler.counted` as it reaches your loop (also when the loop breaks)."""
+    sampler.counted = 0
+    for batch in batches:
+        sampler.counted += 1
+        yield batch
 
 
 def _worker_init(rank_pid, user_init, worker_id):
