@@ -76,7 +76,7 @@ def init(*, watchdog=DEFAULT_WATCHDOG_S, threads=None):
         sys.excepthook = aborting_excepthook(lambda: world)
     if world.size > 1 and watchdog:
         from .watchdog import HangDoctor
-        _State.doctor = HangDoctor(world, watchdog)
+        _State.doctor = HangDoctor(world, watchdog, setting="distml.init(watchdog=)")
     atexit.register(_finish)  # after mpi4py's: atexit runs it first, before MPI_Finalize
     return world
 

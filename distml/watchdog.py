@@ -48,8 +48,8 @@ class HangDoctor:
 
     GRACE_S = 3.0  # without MPI_THREAD_MULTIPLE: from a rank's own report to its exit
 
-    def __init__(self, comm, limit):
-        self.comm, self.limit = comm, limit
+    def __init__(self, comm, limit, setting="--watchdog"):
+        self.comm, self.limit, self.setting = comm, limit, setting  # setting: its name in the report
         self._thread = None
         self.restart()
 
@@ -115,7 +115,8 @@ class HangDoctor:
         if not (told or self._stalled()):
             return
         statuses = self._gather()
-        print(format_report(statuses, self.comm.size, self.limit, self.comm.members), file=sys.stderr, flush=True)
+        print(format_report(statuses, self.comm.size, self.limit, self.comm.members, self.setting), file=sys.stderr,
+              flush=True)
         abort_from_thread(self.comm, EXIT_STALLED, self.channel)
 
     def _gather(self, wait=5.0):
@@ -136,7 +137,7 @@ class HangDoctor:
         status = self.status()
         if status["seconds"] <= self.limit or self.comm.calls.patient:
             return
-        print(f"distml: watchdog: {_position(status)} (--watchdog {self.limit:g}; without MPI_THREAD_MULTIPLE "
+        print(f"distml: watchdog: {_position(status)} ({self.setting} {self.limit:g}; without MPI_THREAD_MULTIPLE "
               f"each rank reports only itself); aborting (exit {EXIT_STALLED})", file=sys.stderr, flush=True)
         time.sleep(self.GRACE_S)  # the other stalled ranks reach the limit within a tick: let them print too
         abort_from_thread(self.comm, EXIT_STALLED)
@@ -164,11 +165,11 @@ def first_difference(statuses):
     return None
 
 
-def format_report(statuses, size, limit, members=None):
+def format_report(statuses, size, limit, members=None, setting="--watchdog"):
     """The hang doctor's report: who waits where, who did not answer, where the calls first differ."""
     members = members or list(range(size))
     answered = sorted(statuses.values(), key=lambda s: s["rank"])
-    lines = [f"distml: watchdog: a rank has waited over {limit:g} s in one MPI call (--watchdog); where each "
+    lines = [f"distml: watchdog: a rank has waited over {limit:g} s in one MPI call ({setting}); where each "
              f"rank is:"]
     lines += [f"  {_position(s)}" for s in answered]
     known = {s["rank"] for s in answered}

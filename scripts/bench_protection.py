@@ -17,11 +17,14 @@ in four variants of the same model and batches:
   distml+metric  distml, and distml.allreduce(loss) (its 16-byte signature first)
 Blocks of >= 10 steps (about 0.5 s) per variant, in rotating order, --repeats times;
 medians of the slowest rank's seconds per step and of the per-repeat ratios (paired, so
-drift between repeats cancels). Writes results/bench_protection.csv.
+drift between repeats cancels), and the time of one signature check alone.
+Writes results/bench_protection.csv.
 """
 import argparse
 import itertools
 import os
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +86,20 @@ def measure(name, args, world):
     return rows
 
 
+def signature_us(world, calls=2000, repeats=9):
+    """Median microseconds of one negotiate() (the 16-byte signature Allreduce before each loop collective)."""
+    from distml.api import _loop
+    from distml.matching import negotiate
+    comm, times = _loop(), []
+    for _ in range(repeats):
+        world.mpi_comm.Barrier()
+        start = time.perf_counter()
+        for _ in range(calls):
+            negotiate(comm, "distml.allreduce(op=average, float64 [])")
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(times)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="mid")
@@ -92,6 +109,7 @@ def main():
     args = ap.parse_args()
     world = distml.init()  # threads per rank and the hang doctor, as your loop gets them
     rows = [row for name in args.models.split(",") for row in measure(name, args, world)]
+    check_us = signature_us(world)
     if world.is_root:
         print(machine_line(world))
         print("| model | parameters | variant | step ms (median) | min-max ms | paired ratio | to |")
@@ -99,6 +117,8 @@ def main():
         for r in rows:
             print(f"| {r['model']} | {r['parameters']:,} | {r['variant']} | {r['step_ms']:.3f} | "
                   f"{r['min_ms']:.3f}-{r['max_ms']:.3f} | {r['paired_ratio']:.4f} | {r['baseline']} |")
+        print(f"# one signature check (a 16-byte Allreduce before each of your loop's collectives): "
+              f"{check_us:.1f} us, median of 9 x 2000")
         write_csv(rows, args.csv)
         print(f"# {world.size} ranks, {args.repeats} repeats; load avg {os.getloadavg()[0]:.2f}; wrote {args.csv}")
 
