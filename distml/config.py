@@ -46,6 +46,7 @@ GROUPS = {  # --help shows the settings in these groups, in this order
     "sync": "sync mode",
     "async": "async mode (parameter servers)",
     "federated": "federated mode",
+    "privacy": "privacy: differential privacy and secure aggregation",
     "checkpoints": "checkpoints, resume and preemption",
     "faults": "faults: hangs, lost ranks, non-finite values",
     "outputs": "outputs",
@@ -161,6 +162,24 @@ class Config:
     dropout: float = setting("federated", 0.0, "chance that a sampled client fails to report in a round")
     target_accuracy: Optional[float] = setting("federated", None, "report the first round whose test "
                                                                   "accuracy reaches this")
+    # -- privacy ----------------------------------------------------------------
+    dp_clip: Optional[float] = setting("privacy", None, "differential privacy: clip each sample's gradient (sync, "
+                                       "DP-SGD) or each client's update (federated, DP-FedAvg) to this L2 norm, "
+                                       "and sample by Poisson sampling (needs --dp-noise or --dp-epsilon)")
+    dp_noise: Optional[float] = setting("privacy", None, "noise multiplier z: Gaussian noise of std z x clip "
+                                        "is added once to each step's or round's sum")
+    dp_epsilon: Optional[float] = setting("privacy", None, "instead of --dp-noise: the smallest noise that ends "
+                                          "the run at this epsilon (at --dp-delta)")
+    dp_delta: float = setting("privacy", 1e-5, "delta of the (epsilon, delta) reported and targeted")
+    dp_adaptive_clip: Optional[float] = setting("privacy", None, "federated: move the clip norm, starting from "
+                                                "--dp-clip, so that this quantile of the updates fit under it")
+    dp_secure_noise: bool = setting("privacy", False, "draw the noise from the operating system's entropy "
+                                                      "(default: seeded, reproducible, not for production)")
+    secure_aggregation: bool = setting("privacy", False, "federated: clients mask their updates so that ranks "
+                                                         "and root see only the round's sum (SecAgg+)")
+    secagg_neighbors: int = setting("privacy", 0, "secure aggregation: each client masks with this many "
+                                                  "neighbours (0: enough for --dropout; all pairs in small "
+                                                  "rounds)")
     # -- checkpoints ------------------------------------------------------------
     checkpoint_dir: Optional[str] = setting("checkpoints", None, "rank 0 writes checkpoints here "
                                             "(checkpoint-<position>.pt, atomically)")
@@ -215,6 +234,7 @@ class Config:
                    f"--{_flag(name)} must be one of {', '.join(a for a in allowed if a)}, got {getattr(self, name)!r}")
         self._check_numbers()
         self._check_federated()
+        self._check_privacy()
         self._check_checkpoints()
         try:
             sizes = self.hidden_sizes()
@@ -315,6 +335,54 @@ class Config:
         _check(self.target_accuracy is None or 0 < self.target_accuracy <= 1,
                f"--target-accuracy must be in (0, 1], got {self.target_accuracy}")
 
+    @property
+    def dp(self):
+        """Whether differential privacy is on (--dp-clip given)."""
+        return self.dp_clip is not None
+
+    def _check_privacy(self):
+        dp_flags = [f"--{_flag(n)}" for n in ("dp_noise", "dp_epsilon", "dp_adaptive_clip")
+                    if getattr(self, n) is not None] + (["--dp-secure-noise"] if self.dp_secure_noise else [])
+        _check(self.dp or not dp_flags, f"{dp_flags[0] if dp_flags else ''} needs --dp-clip C (each "
+                                        f"contribution's L2 bound; noise is z x C)")
+        if self.dp:
+            _check(self.dp_clip > 0, f"--dp-clip must be > 0, got {self.dp_clip}")
+            _check(self.dp_noise is None or self.dp_epsilon is None,
+                   "give --dp-noise or --dp-epsilon, not both (--dp-epsilon finds the noise for you)")
+            _check(self.dp_noise is not None or self.dp_epsilon is not None,
+                   "--dp-clip needs --dp-noise Z (noise multiplier) or --dp-epsilon E (a budget for the run)")
+            _check(self.dp_noise is None or self.dp_noise >= 0, f"--dp-noise must be >= 0, got {self.dp_noise}")
+            _check(self.dp_epsilon is None or self.dp_epsilon > 0, f"--dp-epsilon must be > 0, got {self.dp_epsilon}")
+            _check(0 < self.dp_delta < 1, f"--dp-delta must be in (0, 1), got {self.dp_delta}")
+            _check(self.dp_adaptive_clip is None or 0 < self.dp_adaptive_clip < 1,
+                   f"--dp-adaptive-clip must be a quantile in (0, 1), got {self.dp_adaptive_clip}")
+            _check(self.mode != "async", "differential privacy is for --mode sync (DP-SGD) and federated "
+                                         "(DP-FedAvg): async applies each gradient alone, unnoised")
+            _check(self.mode == "federated" or self.dp_adaptive_clip is None,
+                   "--dp-adaptive-clip is for --mode federated (it tracks a quantile of the clients' update norms)")
+            _check(not (self.mode == "federated" and self.algorithm == "scaffold"),
+                   "--algorithm scaffold with differential privacy: its control variates leave the clients "
+                   "unclipped and unnoised; use fedavg or fedprox")
+            _check(not (self.mode == "sync" and self.clip_norm),
+                   "--clip-norm with --dp-clip: DP-SGD clips each sample's gradient to --dp-clip; leave out "
+                   "--clip-norm")
+            _check(not (self.mode == "sync" and self.overlap),
+                   "--overlap with --dp-clip: DP-SGD needs every sample's gradient before the reduction; "
+                   "leave out --overlap")
+            from .privacy import require_accounting
+            require_accounting()
+        if self.secure_aggregation:
+            _check(self.mode == "federated", f"--secure-aggregation is for --mode federated; {self.mode} mode "
+                                             f"has no clients whose updates could be masked")
+            _check(self.on_rank_failure == "abort", "--secure-aggregation with --on-rank-failure continue: a "
+                                                    "lost rank takes its clients' mask shares; use abort")
+            try:
+                import cryptography  # noqa: F401
+            except ImportError:
+                raise UsageError("--secure-aggregation needs cryptography: pip install 'distml[privacy]'") from None
+        _check(self.secagg_neighbors >= 0, f"--secagg-neighbors must be >= 0 (0: automatic), "
+                                           f"got {self.secagg_neighbors}")
+
     def _check_checkpoints(self):
         units = self.rounds if self.mode == "federated" else self.epochs
         _check(0 <= self.warmup_epochs < units, f"--warmup-epochs must be in [0, {units}) (the "
@@ -379,6 +447,9 @@ class Config:
                    f"--partition {self.partition} splits by label and needs a classification data set with "
                    f"per-sample labels: {self.dataset} has "
                    f"{'real-valued targets' if dataset.task != 'classification' else 'no targets attribute'}")
+        _check(not self.secure_aggregation or self.clients_each_round(size) >= 3,
+               f"--secure-aggregation needs at least 3 clients per round (with 2, each learns the other's "
+               f"update from the sum); this run has {self.clients_each_round(size)}")
         if self.partition == "shards":
             _check(clients * self.shards_per_client <= n,
                    f"--clients {clients} x --shards-per-client {self.shards_per_client} is more shards "

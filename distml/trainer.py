@@ -180,6 +180,8 @@ class _Loop:
         self.history.append(record)
         self.recorded = True
         self.report.record(**record)
+        if "round_failed" in record:
+            self.report.warn(f"distml: round {record['round']}: {record['round_failed']}")
         if any(k.startswith("test_") for k in record):
             self.report.say(_epoch_line(record, strategy.unit, strategy.epochs()))
         epoch = self.epoch + 1
@@ -307,6 +309,9 @@ def _load(cfg, comm):
     cfg.validate_data(dataset, comm.size)
     model = build_model(cfg.model, dataset, cfg.hidden_sizes(), cfg.seed,
                         layers=cfg.layers, heads=cfg.heads, embed=cfg.embed)
+    if cfg.dp:
+        from .per_sample import check_private_model
+        check_private_model(model)
     loss = make_loss(cfg.loss, dataset.task)
     x, y = probe_batch(dataset)
     check_loss(loss, cfg.loss, probe_output(model, x), y)
@@ -541,7 +546,15 @@ def _epoch_line(record, unit, total):
     loss = "n/a" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
     speed = f"  {record['samples_per_s']:,.0f} samples/s" if record.get("samples_per_s") else ""
     return (f"{unit} {record[unit]:>3}/{total}{clients}  train_loss {loss}  {_score(record)}  "
-            f"{record[f'{unit}_time_s']:.2f}s{speed}")
+            f"{record[f'{unit}_time_s']:.2f}s{speed}{_privacy(record)}")
+
+
+def _privacy(record):
+    """epsilon at delta (differential privacy), or nothing."""
+    if "epsilon" not in record:
+        return ""
+    clip = f"  clip {record['dp_clip']:.4g}" if record.get("dp_adaptive") else ""
+    return f"  epsilon {record['epsilon']:.3f} (delta {record['delta']:g}){clip}"
 
 
 def _summary_line(s, unit):
@@ -549,4 +562,5 @@ def _summary_line(s, unit):
     count = s.get("epochs", s.get("rounds"))
     units = f"{count} {unit}" + ("s" if count != 1 else "")
     return (f"done: {s['mode']}, {s['world_size']} rank(s), {units} in {s['train_time_s']:.2f}s  "
-            f"{_score(s)}  {s['samples_per_s']:,.0f} samples/s{moved}  {s['bytes_communicated']:,} bytes via MPI")
+            f"{_score(s)}  {s['samples_per_s']:,.0f} samples/s{moved}  {s['bytes_communicated']:,} bytes via MPI"
+            f"{_privacy(s)}")

@@ -23,6 +23,7 @@ from ..api import broadcast_parameters
 from ..flat import FlatModel, zeros
 from ..nonfinite import first_nonfinite
 from ..partition import natural, partition
+from ..privacy import PrivateRun, poisson_sample
 from ..schedule import lr_at, set_lr
 from ..sharding import rng
 from .base import Flags, Strategy, clip_grad_norm_, make_optimizer
@@ -97,6 +98,13 @@ class FederatedStrategy(Strategy):
             self.control = torch.zeros_like(self.global_params)
             self.client_control = {}
         end = self.slices.get("control", self.slices["buffers"]).stop
+        self.private = None  # DP-FedAvg: Poisson-sampled clients, clipped unweighted updates, noise once
+        if cfg.dp:
+            self.private = PrivateRun(cfg, self.per_round / self.num_clients, cfg.rounds, self.per_round)
+            self.slices["dp"] = slice(end, end + 2)  # clients counted, updates that fitted under the clip
+            end += 2
+        self.masked = end  # secure aggregation masks each client's part up to here
+        self.secure = cfg.secure_aggregation
         self.slices["totals"] = slice(end, end + 2)  # samples trained, summed loss
         self.slices["flags"] = slice(end + 2, end + 5)  # stop, checkpoint, nonfinite: in the same Allreduce
         self.sums = zeros(end + 5, torch.float64)  # float64: rank counts change the order of summing
@@ -116,28 +124,80 @@ class FederatedStrategy(Strategy):
         A non-finite loss or gradient in any client (agreed in the round's Allreduce) skips the
         round on every rank: no server step, no client's control variate changes, no samples.
         """
-        sampled, survivors = sample_clients(self.cfg.seed, round_, self.num_clients, self.per_round,
-                                            self.cfg.dropout)
+        sampled, survivors = self._sample(round_)
         survivors = [c for c in survivors if c not in self.lost_clients.get(round_, ())]
         self.lr = lr_at(self.cfg.lr, self.cfg.schedule(), round_, self.cfg.rounds, self.cfg.warmup_epochs)
         self.sums.zero_()
         self.model.train()
-        self.nonfinite, self.control_updates = None, {}
-        for client, rank in self._trainers(survivors).items():
-            if rank == self.comm.rank and self.nonfinite is None:  # after a non-finite one the round is lost
-                self._train_client(client, round_)
+        self.nonfinite, self.control_updates, self.contributions = None, {}, {}
+        alive = set(survivors)
+        dealt = self._trainers(sampled if self.secure else survivors)  # secure: dropped clients hold shares
+        for client, rank in dealt.items():
+            if rank == self.comm.rank and client in alive and self.nonfinite is None:  # after a non-finite one
+                self._train_client(client, round_)                                       # the round is lost
         mine = wants()
         mine.nonfinite = self.nonfinite is not None
         self.sums[self.slices["flags"]] = torch.tensor(mine.values(), dtype=self.sums.dtype)
-        self.comm.allreduce_(self.sums, what="the clients' summed updates")  # the only collective of a round
-        agreed = Flags.summed(self.sums[self.slices["flags"]].tolist())
+        agreed, failed = self._aggregate(round_, sampled, survivors, dealt)
         samples, loss = self.sums[self.slices["totals"]].tolist() if not agreed.nonfinite else (0, 0.0)
-        if samples > 0:  # a round without survivors (or skipped) keeps the model
-            self._apply(samples, len(survivors))
+        clip = self.private.clip if self.private else None
+        if not agreed.nonfinite and not failed and (samples > 0 or self.private):
+            self._apply(samples, len(survivors))  # DP: a round without clients still releases its noise
         self.record = self._round_record(sampled, survivors, samples, loss)
+        if self.private:
+            self.record.update(self.private.record(round_ + 1), dp_clip_used=clip)
+        if failed:
+            self.record["round_failed"] = failed
         if round_ in self.lost_clients:
             self.record["clients_lost"] = len(self.lost_clients[round_])
         return agreed, True
+
+    def _sample(self, round_):
+        """(sampled, survivors): DP samples each client with probability q (Poisson), as accounted."""
+        if not self.private:
+            return sample_clients(self.cfg.seed, round_, self.num_clients, self.per_round, self.cfg.dropout)
+        sampled = poisson_sample(self.cfg.seed, "dp-clients", (round_,), self.num_clients,
+                                 self.private.sample_rate).tolist()
+        fails = rng(self.cfg.seed, "dropout", round_).random(self.num_clients) < self.cfg.dropout
+        return sampled, [c for c in sampled if not fails[c]]
+
+    def _aggregate(self, round_, sampled, survivors, dealt):
+        """Sum the clients' parts over ranks (root adds the DP noise once); returns (agreed Flags,
+        why secure aggregation failed or None)."""
+        noise = self._noise(round_) if self.private and self.comm.is_root else None
+        if not self.secure:
+            if noise is not None:
+                self.sums[:self.masked].add_(noise)
+            self.comm.allreduce_(self.sums, what="the clients' summed updates")  # the only collective of a round
+            return Flags.summed(self.sums[self.slices["flags"]].tolist()), None
+        clear = self.sums[self.masked:]  # totals and flags travel in the clear
+        self.comm.allreduce_(clear, what="the round's totals and flags")
+        agreed = Flags.summed(self.sums[self.slices["flags"]].tolist())
+        if agreed.nonfinite:
+            return agreed, None
+        if len(sampled) < 3:
+            return agreed, f"{len(sampled)} client(s) sampled: secure aggregation needs 3 (no update this round)"
+        from ..secagg import TooFewSurvivors, default_neighbors  # cryptography: the privacy extra
+        from .secure import secure_sum
+        k = self.cfg.secagg_neighbors or default_neighbors(len(sampled), self.cfg.dropout)
+        try:
+            total, self.masked_part = secure_sum(self.comm, self.contributions, self.masked, sampled, survivors,
+                                                 dealt, k=k, seed=self.cfg.seed, round_=round_,
+                                                 extra=None if noise is None else noise.numpy())
+        except TooFewSurvivors as e:
+            return agreed, f"secure aggregation cannot remove the masks: {e} (no update this round)"
+        self.sums[:self.masked] = torch.from_numpy(total)
+        return agreed, None
+
+    def _noise(self, round_):
+        """N(0, (z_update C)^2) on the summed update, N(0, sigma_b^2) on the count of fitting updates."""
+        noise = torch.zeros(self.masked, dtype=torch.float64)
+        params = self.slices["params"]
+        noise[params] = self.private.noise.gaussian((params.stop,), self.private.update_std(), round_)
+        if self.private.adaptive:
+            noise[self.slices["dp"].stop - 1] = self.private.noise.gaussian((1,), self.private.count_std(),
+                                                                           (round_, 1))[0]
+        return noise
 
     def end_epoch(self, round_):
         return self.record
@@ -214,12 +274,32 @@ class FederatedStrategy(Strategy):
             optimizer.step()
             trained, loss_total = trained + len(positions), loss_total + loss
         with torch.no_grad():
-            self.sums[self.slices["params"]].add_((flat.data - self.global_params).double(), alpha=trained)
-            self.sums[self.slices["buffers"]].add_((self._buffer_vector() - self.global_buffers).double(),
-                                                   alpha=trained)
-            if self.scaffold:
-                self.sums[self.slices["control"]].add_(self._update_control(client, len(batches)).double())
+            self._contribute(client, self._client_part(client, trained, len(batches)))
             self.sums[self.slices["totals"]] += torch.tensor([trained, loss_total], dtype=self.sums.dtype)
+
+    def _client_part(self, client, trained, steps):
+        """What a client sends: its update weighted by samples trained (DP: clipped to C, weight 1),
+        its buffers' change, SCAFFOLD's control change, DP's counts."""
+        part = torch.zeros(self.masked, dtype=torch.float64)
+        update = (self.flat.data - self.global_params).double()
+        weight = trained
+        if self.private:
+            norm = float(torch.linalg.vector_norm(update))
+            update.mul_(min(1.0, self.private.clip / (norm + 1e-6)))
+            part[self.slices["dp"]] = torch.tensor([1.0, float(norm <= self.private.clip)], dtype=torch.float64)
+            weight = 1
+        part[self.slices["params"]] = update * weight
+        part[self.slices["buffers"]] = (self._buffer_vector() - self.global_buffers).double() * trained
+        if self.scaffold:
+            part[self.slices["control"]] = self._update_control(client, steps).double()
+        return part
+
+    def _contribute(self, client, part):
+        """Into the rank's sum, or (secure aggregation) kept apart to be masked."""
+        if self.secure:
+            self.contributions[client] = part.numpy()
+        else:
+            self.sums[:self.masked].add_(part)
 
     def _update_control(self, client, steps):
         """SCAFFOLD option II: c_i+ = c_i - c + (x - y) / (K lr); returns c_i+ - c_i (kept in
@@ -229,10 +309,15 @@ class FederatedStrategy(Strategy):
         return delta
 
     def _apply(self, samples, survivors):
-        """Server step with the weighted average update; buffers are plainly averaged."""
+        """Server step with the weighted average update (DP: the noised sum over the expected number
+        of clients, a fixed denominator); buffers are averaged by samples."""
         sums, dtype = self.sums, self.global_params.dtype
-        self.server.step(self.global_params, (sums[self.slices["params"]] / samples).to(dtype))
-        self.global_buffers.add_((sums[self.slices["buffers"]] / samples).to(dtype))
+        denominator = self.private.expected if self.private else samples
+        self.server.step(self.global_params, (sums[self.slices["params"]] / denominator).to(dtype))
+        if samples > 0:
+            self.global_buffers.add_((sums[self.slices["buffers"]] / samples).to(dtype))
+        if self.private and self.private.adaptive:
+            self.private.adaptive.update(float(sums[self.slices["dp"]][1]))
         if self.scaffold:  # c += (1 / N) sum over participants of (c_i+ - c_i)
             self.control.add_((sums[self.slices["control"]] / self.num_clients).to(dtype))
             for client, delta in self.control_updates.items():
@@ -267,7 +352,8 @@ class FederatedStrategy(Strategy):
         return {"global_params": self.global_params, "global_buffers": self.global_buffers,
                 "server_m": self.server.m, "server_v": self.server.v, "record": getattr(self, "record", None),
                 "control": getattr(self, "control", None),
-                "client_control": {c: v for part in owned for c, v in part.items()}}
+                "client_control": {c: v for part in owned for c, v in part.items()},
+                "privacy": self.private.state_dict() if self.private else None}
 
     def load_state_dict(self, state, own):
         """Also on another world size: each rank takes the client variates of the clients it owns now."""
@@ -281,6 +367,8 @@ class FederatedStrategy(Strategy):
                 self.control.copy_(state["control"])
                 self.client_control = {c: v for c, v in state["client_control"].items()
                                        if self.owner[c] == self.comm.rank}
+            if self.private:
+                self.private.load_state_dict(state["privacy"])
         self.load_global()
 
     # -- a lost rank: its clients drop out of the round, later rounds go to the survivors --
@@ -315,6 +403,10 @@ class FederatedStrategy(Strategy):
                     f"(made on {world_size} ranks); this run has {self.num_clients}, {self.per_round}: give "
                     f"--clients {then.num_clients(world_size)} (and the same --clients-per-round) to resume on "
                     f"{self.comm.size} ranks")
+        if self.private:
+            problem = self.private.check_resume((state or {}).get("privacy"))
+            if problem:
+                return problem
         return super().check_resume(saved, world_size)
 
     def evaluate_extra(self):
@@ -356,4 +448,5 @@ class FederatedStrategy(Strategy):
                 "clients": self.num_clients, "clients_per_round": self.per_round,
                 **({"clients_lost": {r + 1: c for r, c in self.lost_clients.items()}} if self.lost_clients else {}),
                 "algorithm": self.cfg.algorithm, "server_opt": self.cfg.server_opt,
-                "partition": self.cfg.partition}
+                "partition": self.cfg.partition, **(self.private.record(len(history)) if self.private else {}),
+                **({"rounds_failed": sum("round_failed" in r for r in history)} if self.secure else {})}

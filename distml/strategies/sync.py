@@ -19,6 +19,8 @@ import torch
 
 from ..api import broadcast_buffers, broadcast_parameters
 from ..nonfinite import first_nonfinite
+from ..per_sample import add_clipped_grad_sum_
+from ..privacy import PrivateRun, poisson_sample
 from ..reducer import GradientReducer
 from ..schedule import lr_at, set_lr
 from ..sharding import num_steps, shard_batches
@@ -38,6 +40,10 @@ class SyncStrategy(Strategy):
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.stats = EpochStats()
         self._batches = (None, None)  # (epoch, _epoch_batches(epoch))
+        self.private = None  # DP-SGD (--dp-clip): Poisson batches of expected size global_batch
+        if cfg.dp:
+            self.private = PrivateRun(cfg, self.global_batch / len(self.dataset.train), self.total_steps,
+                                      self.global_batch)
 
     def epochs(self):
         """--epochs, or as many as --max-steps begins (the last one cut short)."""
@@ -60,12 +66,18 @@ class SyncStrategy(Strategy):
         for position in range(starts[step], starts[step + 1]):  # none: the last global batch left this rank none
             with compute_phase(self.cfg, self.comm.rank):
                 x, y = self.loader.get("train", epoch, micro, position)
-                summed = self.summed_loss(x, y)
-                (summed / global_sizes[step]).backward()
+                if self.private:  # sum of the samples' clipped gradients / the expected global batch
+                    summed = add_clipped_grad_sum_(self.model, self.loss, x, y, self.private.clip,
+                                                   1.0 / global_sizes[step], self.cfg.precision)
+                else:
+                    summed = self.summed_loss(x, y)
+                    (summed / global_sizes[step]).backward()
             loss, samples = loss + summed.item(), samples + len(micro[position])
         self.reducer.attach_grads()  # the buckets hold this step's gradients (zero where backward gave none)
         grads = [b.grads for b in self.reducer.buckets]
         self.nonfinite = first_nonfinite(loss, grads, self.model)
+        if self.private and self.comm.is_root:  # the noise, once: root's part of the sum carries it
+            self._add_noise(epoch * self.steps_per_epoch + step, global_sizes[step])
         mine = wants()
         mine.nonfinite = self.nonfinite is not None
         self.reducer.control.copy_(torch.tensor(mine.values()))
@@ -78,6 +90,16 @@ class SyncStrategy(Strategy):
             self.stats.samples += samples
             self._step(epoch * self.steps_per_epoch + step)
         return agreed, True
+
+    def _add_noise(self, position, expected):
+        """N(0, (zC)^2) on each coordinate of the summed gradient, divided by the expected batch like it."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        noise = self.private.noise.gaussian((sum(p.numel() for p in params),), self.private.update_std() / expected,
+                                            position, dtype=torch.float32)
+        offset = 0
+        for p in params:
+            p.grad.add_(noise[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
 
     def _step(self, position):
         cfg = self.cfg
@@ -92,6 +114,8 @@ class SyncStrategy(Strategy):
         A step's share of the global batch is cut into --accumulate nearly equal micro-batches;
         empty ones (a small last batch) are left out.
         """
+        if self._batches[0] != epoch and self.private:
+            self._batches = (epoch, self._poisson_batches(epoch))
         if self._batches[0] != epoch:
             steps = shard_batches(len(self.dataset.train), self.cfg.batch_size * self.cfg.accumulate, epoch=epoch,
                                   seed=self.cfg.seed, rank=self.comm.rank, size=self.comm.size,
@@ -103,10 +127,24 @@ class SyncStrategy(Strategy):
             self._batches = (epoch, (micro, starts, [batch.global_size for batch in steps]))
         return self._batches[1]
 
+    def _poisson_batches(self, epoch):
+        """DP-SGD: each step's global batch takes each sample with probability q (the accounted event),
+        split over the ranks; its expected size, not its drawn one, divides the summed gradient."""
+        n, micro, starts = len(self.dataset.train), [], [0]
+        for step in range(self.steps_per_epoch):
+            drawn = poisson_sample(self.cfg.seed, "dp-batch", (epoch, step), n, self.private.sample_rate)
+            mine = np.array_split(drawn, self.comm.size)[self.comm.rank]
+            micro += [m for m in np.array_split(mine, self.cfg.accumulate) if len(m)]
+            starts.append(len(micro))
+        return micro, starts, [self.global_batch] * self.steps_per_epoch
+
     def end_epoch(self, epoch):
         loss, samples = self._totals()
         self.stats = EpochStats()
-        return {"train_loss": loss / max(samples, 1), "samples": int(samples)}
+        record = {"train_loss": loss / max(samples, 1), "samples": int(samples)}
+        if self.private:
+            record.update(self.private.record(epoch * self.steps_per_epoch + self.units_in(epoch)))
+        return record
 
     def _totals(self):
         return self.comm.allreduce_array([self.stats.loss_sum, self.stats.samples])
@@ -117,7 +155,7 @@ class SyncStrategy(Strategy):
     def state_dict(self):
         loss, samples = self._totals()  # the epoch so far, so its record comes out the same
         return {"optimizer": self.optimizer.state_dict(), "epoch_loss": float(loss), "epoch_samples": int(samples),
-                "global_batch": self.global_batch}
+                "global_batch": self.global_batch, "privacy": self.private.state_dict() if self.private else None}
 
     def load_state_dict(self, state, own):
         self.optimizer.load_state_dict(state["optimizer"])
@@ -133,10 +171,11 @@ class SyncStrategy(Strategy):
             micro = f" x --accumulate {accumulate}" if accumulate > 1 else ""
             return (f"has global batch {then} ({world_size} ranks x --batch-size {saved['batch_size']}{micro}); this "
                     f"run has {now}: resume on ranks x --batch-size x --accumulate = {then}")
-        return None
+        return self.private.check_resume((state or {}).get("privacy")) if self.private else None
 
     def summary(self, history, train_time):
-        return {"epochs": self.epochs(), "steps": self.total_steps, "global_batch_size": self.global_batch}
+        return {"epochs": self.epochs(), "steps": self.total_steps, "global_batch_size": self.global_batch,
+                **(self.private.record(self.total_steps) if self.private else {})}
 
     # -- a lost rank: the survivors share each global batch ---------------------------
     def replica_state(self):
