@@ -135,9 +135,9 @@ def update_noise_multiplier(noise_multiplier, count_stddev):
     z^-2 = z_update^-2 + (2 sigma_b)^-2, as TensorFlow Federated's gaussian_adaptive."""
     rest = noise_multiplier ** -2 - (2 * count_stddev) ** -2
     if rest <= 0:
-        raise UsageError(f"--dp-adaptive-clip: noise multiplier {noise_multiplier:.4g} is too small to also pay "
-                         f"for the clipped count (its noise std {count_stddev:g} = clients per round / 20 needs "
-                         f"z < {2 * count_stddev:g}); sample more clients per round or add noise")
+        raise UsageError(f"--dp-adaptive-clip: the clipped count's noise (std {count_stddev:g} = clients per "
+                         f"round / 20) would spend more than noise multiplier {noise_multiplier:.4g} allows in "
+                         f"all; it needs z < {2 * count_stddev:g}: sample more clients per round or lower the noise")
     return rest ** -0.5
 
 
