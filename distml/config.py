@@ -173,8 +173,9 @@ class Config:
     dp_delta: float = setting("privacy", 1e-5, "delta of the (epsilon, delta) reported and targeted")
     dp_adaptive_clip: Optional[float] = setting("privacy", None, "federated: move the clip norm, starting from "
                                                 "--dp-clip, so that this quantile of the updates fit under it")
-    dp_secure_noise: bool = setting("privacy", False, "draw the noise from the operating system's entropy "
-                                                      "(default: seeded, reproducible, not for production)")
+    dp_secure_noise: bool = setting("privacy", False, "draw the noise from the operating system's entropy, and "
+                                                      "the Poisson sampling from a seed drawn there (default: "
+                                                      "from --seed, reproducible, not for production)")
     secure_aggregation: bool = setting("privacy", False, "federated: clients mask their updates so that ranks "
                                                          "and root see only the round's sum (SecAgg+)")
     secagg_neighbors: int = setting("privacy", 0, "secure aggregation: each client masks with this many "

@@ -9,10 +9,11 @@ sum, which is divided by the *expected* set size. That is the event Google's
 so the epsilon it reports is the one the code performs (shuffled fixed-size
 batches accounted as Poisson sampling under-report it: Chua et al., ICML 2024).
 
-The noise comes from a generator seeded by (seed, step), so a run is
-reproducible and its result does not depend on the number of ranks; such noise
-is predictable to whoever knows the seed and is not for production:
-`--dp-secure-noise` draws it from the operating system's entropy instead.
+The noise and the Poisson samples come from generators seeded by (seed,
+step), so a run is reproducible and its result does not depend on the number
+of ranks; both are predictable to whoever knows the seed, which is not for
+production: `--dp-secure-noise` draws the noise from the operating system's
+entropy, and the sampling from a seed root draws there.
 """
 import math
 import os
@@ -169,8 +170,11 @@ class PrivateRun:
     (the fixed denominator of the noised mean).
     """
 
-    def __init__(self, cfg, sample_rate, steps, expected):
+    def __init__(self, cfg, sample_rate, steps, expected, comm):
         self.delta, self.sample_rate, self.expected = cfg.dp_delta, sample_rate, expected
+        self.sample_seed = cfg.seed  # who is in each step: secret too under --dp-secure-noise (below)
+        if cfg.dp_secure_noise:  # subsampling amplifies privacy only if the sample cannot be predicted
+            self.sample_seed = comm.bcast_object(int.from_bytes(os.urandom(8), "little") if comm.is_root else None)
         self.noise_multiplier = cfg.dp_noise if cfg.dp_noise is not None else \
             calibrate(sample_rate, steps, cfg.dp_epsilon, cfg.dp_delta)
         self.accountant = Accountant(sample_rate, self.noise_multiplier, cfg.dp_delta)

@@ -355,7 +355,8 @@ def test_help_shows_the_flags_in_their_groups(capsys):
         build_parser().parse_args(["train", "--help"])
     out = capsys.readouterr().out
     sections = ["training:", "data:", "model:", "optimizer and learning-rate schedule:", "sync mode:",
-                "async mode (parameter servers):", "federated mode:", "checkpoints, resume and preemption:",
+                "async mode (parameter servers):", "federated mode:", "privacy: differential privacy and secure aggregation:",
+                "checkpoints, resume and preemption:",
                 "outputs:", "benchmark aids:"]
     positions = [out.index("\n" + s) for s in sections]
     assert positions == sorted(positions)

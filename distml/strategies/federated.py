@@ -100,7 +100,7 @@ class FederatedStrategy(Strategy):
         end = self.slices.get("control", self.slices["buffers"]).stop
         self.private = None  # DP-FedAvg: Poisson-sampled clients, clipped unweighted updates, noise once
         if cfg.dp:
-            self.private = PrivateRun(cfg, self.per_round / self.num_clients, cfg.rounds, self.per_round)
+            self.private = PrivateRun(cfg, self.per_round / self.num_clients, cfg.rounds, self.per_round, comm)
             self.slices["dp"] = slice(end, end + 2)  # clients counted, updates that fitted under the clip
             end += 2
         self.masked = end  # secure aggregation masks each client's part up to here
@@ -156,7 +156,7 @@ class FederatedStrategy(Strategy):
         """(sampled, survivors): DP samples each client with probability q (Poisson), as accounted."""
         if not self.private:
             return sample_clients(self.cfg.seed, round_, self.num_clients, self.per_round, self.cfg.dropout)
-        sampled = poisson_sample(self.cfg.seed, "dp-clients", (round_,), self.num_clients,
+        sampled = poisson_sample(self.private.sample_seed, "dp-clients", (round_,), self.num_clients,
                                  self.private.sample_rate).tolist()
         fails = rng(self.cfg.seed, "dropout", round_).random(self.num_clients) < self.cfg.dropout
         return sampled, [c for c in sampled if not fails[c]]

@@ -43,7 +43,7 @@ class SyncStrategy(Strategy):
         self.private = None  # DP-SGD (--dp-clip): Poisson batches of expected size global_batch
         if cfg.dp:
             self.private = PrivateRun(cfg, self.global_batch / len(self.dataset.train), self.total_steps,
-                                      self.global_batch)
+                                      self.global_batch, comm)
 
     def epochs(self):
         """--epochs, or as many as --max-steps begins (the last one cut short)."""
@@ -132,7 +132,7 @@ class SyncStrategy(Strategy):
         split over the ranks; its expected size, not its drawn one, divides the summed gradient."""
         n, micro, starts = len(self.dataset.train), [], [0]
         for step in range(self.steps_per_epoch):
-            drawn = poisson_sample(self.cfg.seed, "dp-batch", (epoch, step), n, self.private.sample_rate)
+            drawn = poisson_sample(self.private.sample_seed, "dp-batch", (epoch, step), n, self.private.sample_rate)
             mine = np.array_split(drawn, self.comm.size)[self.comm.rank]
             micro += [m for m in np.array_split(mine, self.cfg.accumulate) if len(m)]
             starts.append(len(micro))
