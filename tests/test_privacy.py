@@ -321,3 +321,22 @@ def test_resumed_private_run_keeps_counting_epsilon_and_its_adaptive_clip(tmp_pa
     assert [r["dp_clip"] for r in a[2:4]] == [r["dp_clip"] for r in b[-3:-1]] and a[3]["dp_clip"] != 0.05
     w, p = _weights(tmp_path / "whole.pt"), _weights(tmp_path / "part.pt")
     assert all(torch.equal(w[k], p[k]) for k in w)
+
+
+@pytest.mark.parametrize("adaptive", [None, 0.5])
+def test_dp_fedavg_noise_has_std_z_update_times_clip_on_the_update_and_sigma_b_on_the_count(adaptive):
+    from distml.strategies.federated import FederatedStrategy
+    cfg = Config(mode="federated", dataset="digits", clients=200, clients_per_round=100, dp_clip=0.4,
+                 dp_noise=1.2, dp_adaptive_clip=adaptive, quiet=True).validate(writes_outputs=False)
+    dataset = load_dataset(cfg)
+    strategy = FederatedStrategy(cfg, dataset, build_model(cfg.model, dataset, cfg.hidden_sizes(), 0),
+                                 comm.Comm(MPI.COMM_SELF))
+    strategy.setup()
+
+    noise = strategy._noise(round_=3)
+
+    update = noise[strategy.slices["params"]]
+    z_update = 1.2 if adaptive is None else (1.2 ** -2 - 10.0 ** -2) ** -0.5  # sigma_b = 100 / 20
+    assert update.std().item() == pytest.approx(z_update * 0.4, rel=0.02)  # 17,226 draws: 0.5% standard error
+    counts = [strategy._noise(round_=r)[strategy.slices["dp"]][1].item() for r in range(400)]
+    assert np.std(counts) == pytest.approx(0.0 if adaptive is None else 5.0, abs=0.5)

@@ -389,7 +389,7 @@ class FederatedStrategy(Strategy):
         """The clients the lost ranks were training this round drop out of it (unless it completed)."""
         round_, done, _ = position
         if not done:
-            _, survivors = sample_clients(self.cfg.seed, round_, self.num_clients, self.per_round, self.cfg.dropout)
+            _, survivors = self._sample(round_)
             dealt = self._trainers(survivors, old_size)
             self.lost_clients[round_] = sorted(c for c, rank in dealt.items() if rank in lost)
         self.owner = assign_clients([len(p) for p in self.parts], self.comm.size)  # who scores whom
