@@ -145,8 +145,8 @@ def update_noise_multiplier(noise_multiplier, count_stddev):
 class AdaptiveClip:
     """The clip norm tracks a quantile of the update norms (Andrew et al. 2021).
 
-    Each client reports whether its update fitted (norm <= C); with b the noised
-    share that fitted, C <- C * exp(-eta (b - quantile)): too many fitting
+    Each client reports whether its update fitted (norm <= C), less 1/2; with b the
+    noised share that fitted, C <- C * exp(-eta (b - quantile)): too many fitting
     shrinks C, too few grows it, until `quantile` of the norms fit.
     """
 
@@ -155,9 +155,13 @@ class AdaptiveClip:
         self.expected = expected_clients
         self.count_stddev = expected_clients / 20  # TFF's default for the clipped count's noise
 
-    def update(self, unclipped):
-        """Move C from the noised count of updates that fitted (summed over all ranks)."""
-        share = unclipped / self.expected
+    def update(self, centred_count):
+        """Move C from the noised sum over clients of (fitted - 1/2), fitted = 1 if ||update|| <= C.
+
+        Centred, each client moves the sum by at most 1/2, the sensitivity that
+        the noise split (2 sigma_b) assumes; TFF's quantile estimator does the same.
+        """
+        share = centred_count / self.expected + 0.5
         self.clip *= math.exp(-self.eta * (share - self.quantile))
         return self.clip
 

@@ -223,10 +223,13 @@ def threshold(num_neighbors):
     return num_neighbors // 2 + 1
 
 
-def recover(client, shares, graph):
-    """`client`'s secret from the shares its surviving neighbours hold, or TooFewSurvivors."""
+def recover(client, shares, graph, t=None):
+    """`client`'s secret from the shares its surviving neighbours hold, or TooFewSurvivors.
+
+    `t`: the threshold its shares were split with (default: threshold(degree)).
+    """
     degree = len(graph[client])
-    t = threshold(degree)
+    t = t or threshold(degree)
     if len(shares) < t:
         raise TooFewSurvivors(f"client {client}: {len(shares)} of its {degree} neighbours survived, "
                               f"the threshold is {t}")

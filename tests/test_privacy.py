@@ -206,14 +206,14 @@ def test_adaptive_clip_converges_to_the_target_quantile_of_known_norms(start):
     history = []
     for _ in range(300):
         norms = median * np.exp(gen.normal(0, 0.5, 100))
-        fitted = (norms <= clip.clip).sum() + gen.normal(0, clip.count_stddev)
-        history.append(clip.update(fitted))
+        centred = (norms <= clip.clip).sum() - 0.5 * len(norms) + gen.normal(0, clip.count_stddev)
+        history.append(clip.update(centred))
 
     assert np.median(history[-50:]) == pytest.approx(median, rel=0.1)
     quantile = 0.8  # and another quantile: exp(0.5 * 0.8416) x 5
     clip = AdaptiveClip(start, quantile=quantile, expected_clients=100)
     for _ in range(300):
-        clip.update((median * np.exp(gen.normal(0, 0.5, 100)) <= clip.clip).sum())
+        clip.update((median * np.exp(gen.normal(0, 0.5, 100)) <= clip.clip).sum() - 50)
     assert clip.clip == pytest.approx(median * math.exp(0.5 * 0.8416), rel=0.1)
 
 
@@ -301,7 +301,7 @@ def test_too_few_survivors_stop_the_round_with_one_line_and_no_update(tmp_path, 
     failed = [r for r in records if "round_failed" in r]
     lines = [line for line in err.splitlines() if line.startswith("distml: round")]
     assert code == 0 and failed and len(lines) == len(failed)
-    assert all("cannot remove the masks" in line and "the threshold is 4" in line for line in lines)
+    assert all("secure aggregation cannot go on" in line and "the threshold is 4" in line for line in lines)
     assert all(f"round {r['round']}:" in line for r, line in zip(failed, lines))
 
 
@@ -340,3 +340,34 @@ def test_dp_fedavg_noise_has_std_z_update_times_clip_on_the_update_and_sigma_b_o
     assert update.std().item() == pytest.approx(z_update * 0.4, rel=0.02)  # 17,226 draws: 0.5% standard error
     counts = [strategy._noise(round_=r)[strategy.slices["dp"]][1].item() for r in range(400)]
     assert np.std(counts) == pytest.approx(0.0 if adaptive is None else 5.0, abs=0.5)
+
+
+def test_thresholds_exceed_what_any_other_rank_holds_of_a_client():
+    from distml import secagg
+    from distml.strategies.secure import thresholds
+    clients = list(range(8))
+    graph = secagg.neighbors(clients, 7, seed=0, round_=0)  # all pairs: 7 neighbours, a majority is 4
+    dealt = {c: c % 2 for c in clients}  # rank 1 plays 4 of client 0's 7 neighbours
+
+    t = thresholds(graph, dealt)
+
+    assert t[0] == 5 and secagg.threshold(7) == 4  # a majority alone would let rank 1 rebuild client 0
+    with pytest.raises(secagg.TooFewSurvivors, match="rank 1 plays 7 of its 7 neighbours"):
+        thresholds(graph, {c: int(c > 0) for c in clients})  # client 0 alone on rank 0
+
+
+def test_the_clipped_count_is_centred_so_one_client_moves_it_by_a_half(monkeypatch):
+    from distml.strategies.federated import FederatedStrategy
+    cfg = Config(mode="federated", dataset="digits", hidden="16", clients=10, clients_per_round=10, dp_clip=0.05,
+                 dp_noise=0.0, dp_adaptive_clip=0.5, local_steps=2, quiet=True).validate(writes_outputs=False)
+    dataset = load_dataset(cfg)
+    strategy = FederatedStrategy(cfg, dataset, build_model(cfg.model, dataset, cfg.hidden_sizes(), 0),
+                                 comm.Comm(MPI.COMM_SELF))
+    strategy.setup()
+    parts = []
+    monkeypatch.setattr(strategy, "_contribute", lambda client, part: parts.append(part.clone()))
+
+    strategy.train_round(0)
+
+    counts = {float(p[strategy.slices["dp"]][1]) for p in parts}
+    assert len(parts) > 0 and counts <= {-0.5, 0.5}

@@ -101,7 +101,7 @@ class FederatedStrategy(Strategy):
         self.private = None  # DP-FedAvg: Poisson-sampled clients, clipped unweighted updates, noise once
         if cfg.dp:
             self.private = PrivateRun(cfg, self.per_round / self.num_clients, cfg.rounds, self.per_round, comm)
-            self.slices["dp"] = slice(end, end + 2)  # clients counted, updates that fitted under the clip
+            self.slices["dp"] = slice(end, end + 2)  # clients counted, updates that fitted under the clip - 1/2
             end += 2
         self.masked = end  # secure aggregation masks each client's part up to here
         self.secure = cfg.secure_aggregation
@@ -176,7 +176,12 @@ class FederatedStrategy(Strategy):
         if agreed.nonfinite:
             return agreed, None
         if len(sampled) < 3:
-            return agreed, f"{len(sampled)} client(s) sampled: secure aggregation needs 3 (no update this round)"
+            return agreed, f"secure aggregation needs 3 clients, {len(sampled)} sampled (no update this round)"
+        for rank in range(self.comm.size):  # the sum less a rank's own clients must not be one client
+            others = [c for c in survivors if dealt[c] != rank]
+            if len(others) == 1:
+                return agreed, (f"secure aggregation cannot go on: rank {rank} would learn client {others[0]}'s "
+                                f"update, the only surviving client of the other ranks (no update this round)")
         from ..secagg import TooFewSurvivors, default_neighbors  # cryptography: the privacy extra
         from .secure import secure_sum
         k = self.cfg.secagg_neighbors or default_neighbors(len(sampled), self.cfg.dropout)
@@ -185,7 +190,7 @@ class FederatedStrategy(Strategy):
                                                  dealt, k=k, seed=self.cfg.seed, round_=round_,
                                                  extra=None if noise is None else noise.numpy())
         except TooFewSurvivors as e:
-            return agreed, f"secure aggregation cannot remove the masks: {e} (no update this round)"
+            return agreed, f"secure aggregation cannot go on: {e} (no update this round)"
         self.sums[:self.masked] = torch.from_numpy(total)
         return agreed, None
 
@@ -274,7 +279,11 @@ class FederatedStrategy(Strategy):
             optimizer.step()
             trained, loss_total = trained + len(positions), loss_total + loss
         with torch.no_grad():
-            self._contribute(client, self._client_part(client, trained, len(batches)))
+            part = self._client_part(client, trained, len(batches))
+            if not torch.isfinite(part).all():  # finite gradients can still make infinite weights
+                self.nonfinite = "the client's update"
+                return
+            self._contribute(client, part)
             self.sums[self.slices["totals"]] += torch.tensor([trained, loss_total], dtype=self.sums.dtype)
 
     def _client_part(self, client, trained, steps):
@@ -286,7 +295,8 @@ class FederatedStrategy(Strategy):
         if self.private:
             norm = float(torch.linalg.vector_norm(update))
             update.mul_(min(1.0, self.private.clip / (norm + 1e-6)))
-            part[self.slices["dp"]] = torch.tensor([1.0, float(norm <= self.private.clip)], dtype=torch.float64)
+            fitted = float(norm <= self.private.clip) - 0.5  # centred: one client moves the count by 0.5
+            part[self.slices["dp"]] = torch.tensor([1.0, fitted], dtype=torch.float64)
             weight = 1
         part[self.slices["params"]] = update * weight
         part[self.slices["buffers"]] = (self._buffer_vector() - self.global_buffers).double() * trained
@@ -410,7 +420,8 @@ class FederatedStrategy(Strategy):
         return super().check_resume(saved, world_size)
 
     def evaluate_extra(self):
-        return self.client_scores()
+        """Per-client scores on the clients' own data (not under DP: they are not private)."""
+        return {} if self.private else self.client_scores()
 
     @torch.no_grad()
     def client_scores(self):

@@ -14,6 +14,8 @@ rank sees the raw updates of the clients it simulates (as a real client sees
 its own), other ranks only the masked sum; see docs/privacy.md for the threat
 model.
 """
+from collections import Counter
+
 import numpy as np
 import torch
 
@@ -33,10 +35,11 @@ def secure_sum(comm, contributions, dim, sampled, survivors, dealt, *, k, seed, 
     alike on every rank, when the masks cannot be removed.
     """
     graph = secagg.neighbors(sampled, k, seed, round_)
+    t = thresholds(graph, dealt)
     mine = [c for c in sampled if dealt[c] == comm.rank]
     keys = {c: secagg.ClientSecrets.generate() for c in mine}
     publics = _exchange_publics(comm, sampled, keys)
-    held = _deliver_shares(comm, graph, dealt, keys)
+    held = _deliver_shares(comm, graph, dealt, keys, t)
     bound = len(sampled) + 1  # the fixed-point range leaves room for every client and root's extra
     total = np.zeros(dim, dtype=np.uint64)
     for c in mine:
@@ -49,11 +52,27 @@ def secure_sum(comm, contributions, dim, sampled, survivors, dealt, *, k, seed, 
     comm.allreduce_(summed, what="the round's masked updates")
     alive = set(survivors)
     revealed = _reveal(comm, held, alive)
-    self_seeds = {s: secagg.recover(s, revealed.get(s, []), graph) for s in survivors}
+    self_seeds = {s: secagg.recover(s, revealed.get(s, []), graph, t[s]) for s in survivors}
     dropped = [c for c in sampled if c not in alive]
-    dropped_keys = {d: secagg.recover(d, revealed.get(d, []), graph) for d in dropped}
+    dropped_keys = {d: secagg.recover(d, revealed.get(d, []), graph, t[d]) for d in dropped}
     unmasked = secagg.unmask(summed.numpy(), survivors, dropped, graph, publics, self_seeds, dropped_keys, round_)
     return secagg.decode(unmasked), total
+
+
+def thresholds(graph, dealt):
+    """Each client's Shamir threshold: a majority of its neighbours, and more shares than any one
+    other rank holds of it. A rank plays many clients, so the shares it holds are one party's:
+    with t of them it alone could rebuild the client's secrets. TooFewSurvivors (alike on every
+    rank) where no threshold can be met: then that rank plays too many of the client's neighbours."""
+    t = {}
+    for c, neighbours in graph.items():
+        held = Counter(dealt[j] for j in neighbours if dealt[j] != dealt[c])
+        rank, most = held.most_common(1)[0] if held else (None, 0)
+        t[c] = max(secagg.threshold(len(neighbours)), most + 1)
+        if t[c] > len(neighbours):
+            raise secagg.TooFewSurvivors(f"client {c}: rank {rank} plays {most} of its {len(neighbours)} neighbours "
+                                         f"and could rebuild its mask alone")
+    return t
 
 
 def _exchange_publics(comm, sampled, keys):
@@ -65,13 +84,13 @@ def _exchange_publics(comm, sampled, keys):
     return {c: bytes(rows[i].numpy()) for i, c in enumerate(sampled)}
 
 
-def _deliver_shares(comm, graph, dealt, keys):
+def _deliver_shares(comm, graph, dealt, keys, t):
     """Send each client's shares (key, self seed) to its neighbours' ranks; returns (client, holder) -> pair."""
     outgoing = [[] for _ in range(comm.size)]
     for c, secrets_ in keys.items():
-        n, t = len(graph[c]), secagg.threshold(len(graph[c]))
-        key_shares = secagg.split(secrets_.private_bytes(), n, t)
-        seed_shares = secagg.split(secrets_.self_seed, n, t)
+        n = len(graph[c])
+        key_shares = secagg.split(secrets_.private_bytes(), n, t[c])
+        seed_shares = secagg.split(secrets_.self_seed, n, t[c])
         for j, key_share, seed_share in zip(graph[c], key_shares, seed_shares):
             outgoing[dealt[j]].append(_ids(c, j) + key_share + seed_share)
     record = 2 * _ID + 2 * SHARE_BYTES

@@ -48,6 +48,8 @@ def test_dp_fedavg_with_noise_is_independent_of_the_rank_count(adaptive):
     alone = _train(comm.Comm(MPI.COMM_SELF), **settings)
 
     assert _max_diff(world, alone) <= 1e-5
+    quiet = _train(comm.Comm(MPI.COMM_SELF), **{**settings, "dp_noise": 0.0})
+    assert _max_diff(world, quiet) > 1e-3  # the noise is there: not vacuous
 
 
 def _federated(communicator, **settings):
@@ -60,10 +62,11 @@ def _federated(communicator, **settings):
 
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("dropout", [0.0, 0.15])  # 0.15: 4 clients drop in 3 rounds, each round recoverable
-def test_secure_aggregation_on_the_world_ends_where_plain_fedavg_ends(dropout):
+@pytest.mark.parametrize("dropout,dp", [(0.0, {}), (0.15, {}),  # 0.15: 4 clients drop in 3 rounds, all recoverable
+                                        (0.0, {"dp_clip": 0.5, "dp_noise": 0.8})])  # noise inside the masked sum
+def test_secure_aggregation_on_the_world_ends_where_plain_fedavg_ends(dropout, dp):
     settings = dict(clients=9, clients_per_round=8, local_steps=2, batch_size=16, lr=0.1, dropout=dropout,
-                    secagg_neighbors=6)
+                    secagg_neighbors=6, **dp)
     secure = _federated(comm.world(), secure_aggregation=True, **settings)
     plain = _federated(comm.Comm(MPI.COMM_SELF), **settings)
 
@@ -95,7 +98,8 @@ def test_too_few_surviving_neighbours_skip_the_round_with_no_update():
         record = secure.train_round(round_)
         if "round_failed" in record:
             failed += 1
-            assert "the threshold is 4" in record["round_failed"]
+            assert "the threshold is" in record["round_failed"] or "could rebuild" in record["round_failed"] \
+                or "would learn" in record["round_failed"]
             assert torch.equal(secure.global_params, before)
         else:
             assert not torch.equal(secure.global_params, before)
