@@ -178,11 +178,9 @@ def text_table(rows):
     lines = ["| epsilon target | epsilon reached | noise multiplier | test loss (nats/char) | test accuracy (per char) "
              "| train loss | samples/s | wall s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        dp = not math.isinf(r["epsilon_target"])
-        lines.append(f"| {r['epsilon_target']:g} | {r['epsilon_reached']:.4f} | {r['noise_multiplier']:.3f} | "
-                     f"{r['test_loss']:.3f} | {r['test_accuracy']:.3f} | {r['train_loss']:.3f} | "
-                     f"{r['samples_per_s']:,.0f} | {r['wall_time_s']:.0f} |" if dp else
-                     f"| no DP | – | – | {r['test_loss']:.3f} | {r['test_accuracy']:.3f} | {r['train_loss']:.3f} | "
+        privacy = ("no DP | – | –" if math.isinf(r["epsilon_target"]) else
+                   f"{r['epsilon_target']:g} | {r['epsilon_reached']:.4f} | {r['noise_multiplier']:.3f}")
+        lines.append(f"| {privacy} | {r['test_loss']:.3f} | {r['test_accuracy']:.3f} | {r['train_loss']:.3f} | "
                      f"{r['samples_per_s']:,.0f} | {r['wall_time_s']:.0f} |")
     return "\n".join(lines)
 

@@ -45,9 +45,14 @@ def assign_clients(sizes, ranks):
 
 def sample_clients(seed, round_, num_clients, per_round, dropout=0.0):
     """(sampled, survivors) of a round: the same on every rank, whatever the world size."""
-    sampled = np.sort(rng(seed, "sample", round_).choice(num_clients, per_round, replace=False))
+    sampled = np.sort(rng(seed, "sample", round_).choice(num_clients, per_round, replace=False)).tolist()
+    return sampled, surviving(seed, round_, sampled, num_clients, dropout)
+
+
+def surviving(seed, round_, sampled, num_clients, dropout):
+    """The sampled clients that do not fail this round (each with probability `dropout`)."""
     fails = rng(seed, "dropout", round_).random(num_clients) < dropout
-    return sampled.tolist(), [c for c in sampled.tolist() if not fails[c]]
+    return [c for c in sampled if not fails[c]]
 
 
 def client_batches(num_samples, batch_size, *, seed, round_, client, epochs=1, steps=0):
@@ -158,8 +163,7 @@ class FederatedStrategy(Strategy):
             return sample_clients(self.cfg.seed, round_, self.num_clients, self.per_round, self.cfg.dropout)
         sampled = poisson_sample(self.private.sample_seed, "dp-clients", (round_,), self.num_clients,
                                  self.private.sample_rate).tolist()
-        fails = rng(self.cfg.seed, "dropout", round_).random(self.num_clients) < self.cfg.dropout
-        return sampled, [c for c in sampled if not fails[c]]
+        return sampled, surviving(self.cfg.seed, round_, sampled, self.num_clients, self.cfg.dropout)
 
     def _aggregate(self, round_, sampled, survivors, dealt):
         """Sum the clients' parts over ranks (root adds the DP noise once); returns (agreed Flags,
@@ -175,13 +179,6 @@ class FederatedStrategy(Strategy):
         agreed = Flags.summed(self.sums[self.slices["flags"]].tolist())
         if agreed.nonfinite:
             return agreed, None
-        if len(sampled) < 3:
-            return agreed, f"secure aggregation needs 3 clients, {len(sampled)} sampled (no update this round)"
-        for rank in range(self.comm.size):  # the sum less a rank's own clients must not be one client
-            others = [c for c in survivors if dealt[c] != rank]
-            if len(others) == 1:
-                return agreed, (f"secure aggregation cannot go on: rank {rank} would learn client {others[0]}'s "
-                                f"update, the only surviving client of the other ranks (no update this round)")
         from ..secagg import TooFewSurvivors, default_neighbors  # cryptography: the privacy extra
         from .secure import secure_sum
         k = self.cfg.secagg_neighbors or default_neighbors(len(sampled), self.cfg.dropout)
@@ -293,8 +290,7 @@ class FederatedStrategy(Strategy):
         update = (self.flat.data - self.global_params).double()
         weight = trained
         if self.private:
-            norm = float(torch.linalg.vector_norm(update))
-            update.mul_(min(1.0, self.private.clip / (norm + 1e-6)))
+            norm = clip_grad_norm_([update], self.private.clip)  # the same factor as DP-SGD's per sample
             fitted = float(norm <= self.private.clip) - 0.5  # centred: one client moves the count by 0.5
             part[self.slices["dp"]] = torch.tensor([1.0, fitted], dtype=torch.float64)
             weight = 1

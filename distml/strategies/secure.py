@@ -34,6 +34,7 @@ def secure_sum(comm, contributions, dim, sampled, survivors, dealt, *, k, seed, 
     sampled client. `extra`: a vector root adds once (the noise). Raises secagg.TooFewSurvivors,
     alike on every rank, when the masks cannot be removed.
     """
+    _check_round(comm.size, sampled, survivors, dealt)
     graph = secagg.neighbors(sampled, k, seed, round_)
     t = thresholds(graph, dealt)
     mine = [c for c in sampled if dealt[c] == comm.rank]
@@ -57,6 +58,18 @@ def secure_sum(comm, contributions, dim, sampled, survivors, dealt, *, k, seed, 
     dropped_keys = {d: secagg.recover(d, revealed.get(d, []), graph, t[d]) for d in dropped}
     unmasked = secagg.unmask(summed.numpy(), survivors, dropped, graph, publics, self_seeds, dropped_keys, round_)
     return secagg.decode(unmasked), total
+
+
+def _check_round(size, sampled, survivors, dealt):
+    """TooFewSurvivors (alike on every rank) for a round whose sum would give a client away: fewer
+    than 3 clients, or a rank left with one other rank's client once it takes its own away."""
+    if len(sampled) < 3:
+        raise secagg.TooFewSurvivors(f"{len(sampled)} client(s) sampled, it needs 3")
+    for rank in range(size):
+        others = [c for c in survivors if dealt[c] != rank]
+        if len(others) == 1:
+            raise secagg.TooFewSurvivors(f"rank {rank} would learn client {others[0]}'s update, the only "
+                                         f"surviving client of the other ranks")
 
 
 def thresholds(graph, dealt):

@@ -114,29 +114,30 @@ class SyncStrategy(Strategy):
         A step's share of the global batch is cut into --accumulate nearly equal micro-batches;
         empty ones (a small last batch) are left out.
         """
-        if self._batches[0] != epoch and self.private:
-            self._batches = (epoch, self._poisson_batches(epoch))
         if self._batches[0] != epoch:
-            steps = shard_batches(len(self.dataset.train), self.cfg.batch_size * self.cfg.accumulate, epoch=epoch,
-                                  seed=self.cfg.seed, rank=self.comm.rank, size=self.comm.size,
-                                  global_batch=self.global_batch)
+            parts, sizes = self._poisson_parts(epoch) if self.private else self._shuffled_parts(epoch)
             micro, starts = [], [0]
-            for batch in steps:
-                micro += [m for m in np.array_split(batch.indices, self.cfg.accumulate) if len(m)]
+            for part in parts:
+                micro += [m for m in np.array_split(part, self.cfg.accumulate) if len(m)]
                 starts.append(len(micro))
-            self._batches = (epoch, (micro, starts, [batch.global_size for batch in steps]))
+            self._batches = (epoch, (micro, starts, sizes))
         return self._batches[1]
 
-    def _poisson_batches(self, epoch):
+    def _shuffled_parts(self, epoch):
+        """This rank's part of each global batch of the epoch's shuffle, and each global batch's size."""
+        steps = shard_batches(len(self.dataset.train), self.cfg.batch_size * self.cfg.accumulate, epoch=epoch,
+                              seed=self.cfg.seed, rank=self.comm.rank, size=self.comm.size,
+                              global_batch=self.global_batch)
+        return [batch.indices for batch in steps], [batch.global_size for batch in steps]
+
+    def _poisson_parts(self, epoch):
         """DP-SGD: each step's global batch takes each sample with probability q (the accounted event),
         split over the ranks; its expected size, not its drawn one, divides the summed gradient."""
-        n, micro, starts = len(self.dataset.train), [], [0]
-        for step in range(self.steps_per_epoch):
-            drawn = poisson_sample(self.private.sample_seed, "dp-batch", (epoch, step), n, self.private.sample_rate)
-            mine = np.array_split(drawn, self.comm.size)[self.comm.rank]
-            micro += [m for m in np.array_split(mine, self.cfg.accumulate) if len(m)]
-            starts.append(len(micro))
-        return micro, starts, [self.global_batch] * self.steps_per_epoch
+        n = len(self.dataset.train)
+        drawn = [poisson_sample(self.private.sample_seed, "dp-batch", (epoch, step), n, self.private.sample_rate)
+                 for step in range(self.steps_per_epoch)]
+        return ([np.array_split(d, self.comm.size)[self.comm.rank] for d in drawn],
+                [self.global_batch] * self.steps_per_epoch)
 
     def end_epoch(self, epoch):
         loss, samples = self._totals()
