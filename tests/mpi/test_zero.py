@@ -1,0 +1,63 @@
+"""The sharded optimizer (ZeRO stage 1) equals the full-replica optimizer on the global batch (WIP, issue 23)."""
+import pytest
+import torch
+from torch import nn
+
+from distml import comm
+from distml.sharding import shard_batches
+from distml.zero import ShardedOptimizer
+
+
+def _data(n=103, features=6, classes=3):
+    gen = torch.Generator().manual_seed(7)
+    return torch.randn(n, features, generator=gen), torch.randint(0, classes, (n,), generator=gen)
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def _optimizer(name, model):
+    if name == "adamw":  # two groups: decay on weights only, as the trainer builds it
+        return torch.optim.AdamW([{"params": [p for p in model.parameters() if p.dim() >= 2]},
+                                  {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                                 lr=0.01, weight_decay=0.1)
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=0.01)
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_sharded_step_equals_the_full_optimizer_on_the_global_batch_uneven(name):
+    world = comm.world()
+    X, y = _data()
+    model, reference = _model(), _model()
+    opt = ShardedOptimizer(_optimizer(name, model), world)
+    ref_opt = _optimizer(name, reference)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+
+    for epoch in range(3):
+        mine = shard_batches(len(y), 8, epoch=epoch, seed=1, rank=world.rank, size=world.size)
+        union = shard_batches(len(y), 8 * world.size, epoch=epoch, seed=1, rank=0, size=1)
+        for local, whole in zip(mine, union, strict=True):
+            opt.zero_grad()
+            if len(local.indices):
+                (loss_fn(model(X[local.indices]), y[local.indices]) / local.global_size).backward()
+            opt.step()
+            ref_opt.zero_grad()
+            (loss_fn(reference(X[whole.indices]), y[whole.indices]) / len(whole.indices)).backward()
+            ref_opt.step()
+
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert (p - q).abs().max().item() <= 1e-5
+    full = sum(t.numel() * t.element_size() for s in ref_opt.state.values() for t in s.values()
+               if torch.is_tensor(t) and t.dim() > 0)
+    if full:  # momentum or moments: each rank holds about 1/N of them
+        assert opt.state_bytes() <= full / world.size * 1.05 + 64
+
+
+def test_lbfgs_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="cannot be sharded"):
+        ShardedOptimizer(torch.optim.LBFGS(_model().parameters()), comm.world())
