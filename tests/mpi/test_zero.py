@@ -61,3 +61,59 @@ def test_sharded_step_equals_the_full_optimizer_on_the_global_batch_uneven(name)
 def test_lbfgs_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="cannot be sharded"):
         ShardedOptimizer(torch.optim.LBFGS(_model().parameters()), comm.world())
+
+
+@pytest.mark.mpi(min_size=2)
+def test_sharded_state_dict_is_the_full_optimizers_and_loads_back():
+    world = comm.world()
+    X, y = _data()
+    model, reference = _model(), _model()
+    opt, ref_opt = ShardedOptimizer(_optimizer("adamw", model), world), _optimizer("adamw", reference)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    for step in range(3):
+        part = torch.arange(step * 30, step * 30 + 30)
+        mine = part.tensor_split(world.size)[world.rank]
+        opt.zero_grad()
+        (loss_fn(model(X[mine]), y[mine]) / len(part)).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        (loss_fn(reference(X[part]), y[part]) / len(part)).backward()
+        ref_opt.step()
+
+    saved, expected = opt.state_dict(), ref_opt.state_dict()
+
+    assert saved["param_groups"] == expected["param_groups"]
+    for index, state in expected["state"].items():
+        for key, value in state.items():
+            assert torch.allclose(saved["state"][index][key], value, atol=1e-6), (index, key)
+    fresh_model = _model()
+    fresh = ShardedOptimizer(_optimizer("adamw", fresh_model), world)
+    fresh.load_state_dict(expected)  # a full, unsharded state into a sharded optimizer
+    assert all(torch.equal(fresh.inner.state[f.shard]["exp_avg"], opt.inner.state[g.shard]["exp_avg"]) or
+               torch.allclose(fresh.inner.state[f.shard]["exp_avg"], opt.inner.state[g.shard]["exp_avg"], atol=1e-6)
+               for f, g in zip(fresh.groups, opt.groups))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_clipping_uses_the_global_norm_of_the_reduced_gradient():
+    world = comm.world()
+    X, y = _data()
+    model, reference = _model(), _model()
+    opt, ref_opt = ShardedOptimizer(_optimizer("sgd", model), world), _optimizer("sgd", reference)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    part = torch.arange(0, 40)
+    mine = part.tensor_split(world.size)[world.rank]
+    opt.zero_grad()
+    (loss_fn(model(X[mine]), y[mine]) / len(part)).backward()
+    ref_opt.zero_grad()
+    (loss_fn(reference(X[part]), y[part]) / len(part)).backward()
+
+    opt.reduce_gradients()
+    norm = opt.clip_grad_norm_(0.1)
+    opt.step_and_gather()
+    ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
+    ref_opt.step()
+
+    assert norm == pytest.approx(float(ref_norm), rel=1e-5) and norm > 0.1
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert (p - q).abs().max().item() <= 1e-6
