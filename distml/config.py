@@ -126,6 +126,8 @@ class Config:
                                            "(shared memory is fastest at 2-16 MiB)")
     compression: str = setting("sync", "none", "reduce the gradients in half precision: none, fp16 or bf16 "
                                                "(the optimizer still steps in float32)")
+    zero: int = setting("sync", 0, "1: shard the optimizer state and its step over the ranks (ZeRO stage 1: "
+                                   "reduce-scatter, step 1/N, all-gather); 0: every rank holds it all")
     overlap: bool = setting("sync", False, "start each bucket's reduction during backward, as soon as it is "
                                            "filled (nonblocking Allreduce)")
     # -- async ------------------------------------------------------------------
@@ -292,6 +294,15 @@ class Config:
                f"{'rounds' if self.mode == 'federated' else 'epochs'}")
         _check(self.mode != "federated" or not self.max_steps, "--max-steps is for sync and async; federated "
                                                                "runs for --rounds")
+        _check(self.zero in (0, 1), f"--zero must be 0 or 1 (stage 2 is not built yet), got {self.zero}")
+        if self.zero:
+            _check(self.mode == "sync", f"--zero shards sync mode's optimizer; {self.mode} mode has no "
+                                        f"replicated optimizer to shard: leave it out")
+            _check(not self.overlap, "--zero with --overlap: the sharded step reduce-scatters the whole "
+                                     "gradient after backward; leave out --overlap")
+            _check(self.compression == "none", "--zero with --compression is not built yet: leave one out")
+            _check(self.on_rank_failure == "abort", "--zero with --on-rank-failure continue is not built yet "
+                                                    "(the slices would need cutting anew): use abort")
         _check(not (self.overlap and self.accumulate > 1),
                "--overlap reduces each bucket as soon as backward fills it, once a step: it cannot accumulate "
                "micro-batches; drop --overlap or --accumulate")

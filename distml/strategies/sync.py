@@ -23,6 +23,7 @@ from ..per_sample import add_clipped_grad_sum_
 from ..privacy import PrivateRun, poisson_sample
 from ..reducer import GradientReducer
 from ..schedule import lr_at, set_lr
+from ..zero import ShardedOptimizer
 from ..sharding import num_steps, shard_batches
 from .base import EpochStats, Flags, Strategy, clip_grad_norm_, compute_phase, make_optimizer
 
@@ -32,7 +33,10 @@ class SyncStrategy(Strategy):
         cfg, comm = self.cfg, self.comm
         broadcast_parameters(self.model, comm=comm)  # distributed: all start from root's weights
         self.optimizer = make_optimizer(cfg, self.model.named_parameters())
-        self.reducer = GradientReducer(self.model.parameters(), comm, bucket_mb=cfg.bucket_mb, op="sum",
+        self.sharded = bool(cfg.zero)
+        if self.sharded:  # ZeRO stage 1: the optimizer's own flat, sliced buffers replace the reducer's
+            self.optimizer = ShardedOptimizer(self.optimizer, comm)
+        self.reducer = None if self.sharded else GradientReducer(self.model.parameters(), comm, bucket_mb=cfg.bucket_mb, op="sum",
                                        control=3,  # Flags: stop, checkpoint, nonfinite
                                        chunk_mb=cfg.chunk_mb, compression=cfg.compression, overlap=cfg.overlap)
         self.global_batch = cfg.batch_size * cfg.accumulate * comm.size  # kept when ranks are lost
@@ -61,7 +65,7 @@ class SyncStrategy(Strategy):
         """
         micro, starts, global_sizes = self._epoch_batches(epoch)
         self.model.train()
-        self.reducer.zero_grad()
+        (self.optimizer if self.sharded else self.reducer).zero_grad()
         loss, samples = 0.0, 0
         for position in range(starts[step], starts[step + 1]):  # none: the last global batch left this rank none
             with compute_phase(self.cfg, self.comm.rank):
@@ -73,23 +77,39 @@ class SyncStrategy(Strategy):
                     summed = self.summed_loss(x, y)
                     (summed / global_sizes[step]).backward()
             loss, samples = loss + summed.item(), samples + len(micro[position])
-        self.reducer.attach_grads()  # the buckets hold this step's gradients (zero where backward gave none)
-        grads = [b.grads for b in self.reducer.buckets]
+        if self.sharded:
+            grads = [flat.grad for flat in self.optimizer.groups]
+        else:
+            self.reducer.attach_grads()  # the buckets hold this step's gradients (zero where backward gave none)
+            grads = [b.grads for b in self.reducer.buckets]
         self.nonfinite = first_nonfinite(loss, grads, self.model)
         if self.private and self.comm.is_root:  # the noise, once: root's part of the sum carries it
             self._add_noise(epoch * self.steps_per_epoch + step, global_sizes[step])
         mine = wants()
         mine.nonfinite = self.nonfinite is not None
-        self.reducer.control.copy_(torch.tensor(mine.values()))
-        self.reducer.allreduce_grads()  # distributed: Allreduce (sum) of the buckets, flags included
-        agreed = Flags.summed(self.reducer.control.tolist())
+        agreed = self._reduce(mine)
         if not agreed.nonfinite:
             if self.cfg.clip_norm:  # the reduced gradient's norm: the same on every rank, as in one process
-                clip_grad_norm_(grads, self.cfg.clip_norm)
+                if self.sharded:
+                    self.optimizer.clip_grad_norm_(self.cfg.clip_norm)
+                else:
+                    clip_grad_norm_(grads, self.cfg.clip_norm)
             self.stats.loss_sum += loss
             self.stats.samples += samples
             self._step(epoch * self.steps_per_epoch + step)
         return agreed, True
+
+    def _reduce(self, mine):
+        """Sum the gradients (sharded: each rank's slice) and agree on the flags."""
+        if not self.sharded:
+            self.reducer.control.copy_(torch.tensor(mine.values()))
+            self.reducer.allreduce_grads()  # distributed: Allreduce (sum) of the buckets, flags included
+            return Flags.summed(self.reducer.control.tolist())
+        flags = torch.tensor(mine.values(), dtype=torch.float64)
+        agreed = Flags.summed(self.comm.allreduce_(flags, what="the step's flags").tolist())
+        if not agreed.nonfinite:
+            self.optimizer.reduce_gradients()
+        return agreed
 
     def _add_noise(self, position, expected):
         """N(0, (zC)^2) on each coordinate of the summed gradient, divided by the expected batch like it."""
@@ -105,7 +125,10 @@ class SyncStrategy(Strategy):
         cfg = self.cfg
         set_lr(self.optimizer, lr_at(cfg.lr, cfg.schedule(), position, self.total_steps,
                                      cfg.warmup_epochs * self.steps_per_epoch))
-        self.optimizer.step()
+        if self.sharded:
+            self.optimizer.step_and_gather()
+        else:
+            self.optimizer.step()
 
     def _epoch_batches(self, epoch):
         """This rank's micro-batches of `epoch` (index arrays), where each step's begin, and each

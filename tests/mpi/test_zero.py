@@ -117,3 +117,19 @@ def test_clipping_uses_the_global_norm_of_the_reduced_gradient():
     assert norm == pytest.approx(float(ref_norm), rel=1e-5) and norm > 0.1
     for p, q in zip(model.parameters(), reference.parameters()):
         assert (p - q).abs().max().item() <= 1e-6
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("settings", [dict(optimizer="adamw", lr=0.01, weight_decay=0.1, clip_norm=0.5),
+                                      dict(optimizer="sgd", lr=0.1, momentum=0.9, accumulate=2)])
+def test_trainer_with_zero_1_equals_the_unsharded_run(settings):
+    from distml.config import Config
+    from distml.trainer import run
+    common = dict(dataset="digits", hidden="16", epochs=2, batch_size=20, quiet=True, watchdog=0, seed=2, **settings)
+
+    sharded = run(Config(zero=1, **common), comm.world())
+    plain = run(Config(**common), comm.world())
+
+    a, b = sharded.model.state_dict(), plain.model.state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert sharded.history[-1]["test_accuracy"] == pytest.approx(plain.history[-1]["test_accuracy"], abs=0.01)
