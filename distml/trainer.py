@@ -45,7 +45,8 @@ _FREE_ON_RESUME = ("threads", "save_model", "metrics", "quiet", "config", "check
                    "checkpoint_every_s", "keep", "resume", "requeue", "timeout", "watchdog", "on_rank_failure",
                    "on_nan", "slow_rank", "slow_factor",
                    "bucket_mb", "chunk_mb", "overlap", "eval_every", "dataset", "batch_size",  # data: by content;
-                   "accumulate", "data_workers")  # batch and accumulate: per mode (sync: the global batch)
+                   "accumulate", "data_workers",  # batch and accumulate: per mode (sync: the global batch)
+                   "zero")  # the sharded optimizer saves and loads the whole state, in the unsharded format
 
 
 @dataclass

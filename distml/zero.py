@@ -115,8 +115,9 @@ class ShardedOptimizer:
                 offset = 0
                 for p in flat.params:
                     n = p.numel()
-                    self.full.state.setdefault(p, {})[key] = (whole[offset:offset + n].view_as(p).clone()
-                                                              if whole is not None else value)
+                    self.full.state.setdefault(p, {})[key] = (  # a step counter each: optimizers add to it in place
+                        whole[offset:offset + n].view_as(p).clone() if whole is not None else
+                        value.clone() if torch.is_tensor(value) else value)
                     offset += n
         for full_group, group in zip(self.full.param_groups, self._inner_groups_by_full()):
             full_group.update({k: v for k, v in group.items() if k != "params"})
@@ -137,7 +138,7 @@ class ShardedOptimizer:
                     start = self.comm.rank * flat.slice_len
                     shard_state[key] = whole[start:start + flat.slice_len].clone()
                 else:
-                    shard_state[key] = values[0]
+                    shard_state[key] = values[0].clone() if torch.is_tensor(values[0]) else values[0]
             self.inner.state[flat.shard] = shard_state
         for full_group, group in zip(self.full.param_groups, self._inner_groups_by_full()):
             group.update({k: v for k, v in full_group.items() if k != "params"})
