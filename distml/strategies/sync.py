@@ -14,6 +14,8 @@ after a lost rank (--on-rank-failure continue) the survivors split each global
 batch among themselves, redo the interrupted step and end with the weights of
 the uninterrupted run.
 """
+import resource
+
 import numpy as np
 import torch
 
@@ -198,7 +200,12 @@ class SyncStrategy(Strategy):
         return self.private.check_resume((state or {}).get("privacy")) if self.private else None
 
     def summary(self, history, train_time):
+        """Also this rank's optimizer-state bytes (the largest over ranks) and the peak RSS (a collective)."""
+        state = self.optimizer.state_bytes() if self.sharded else _state_bytes(self.optimizer)
+        rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        most = self.comm.allreduce_max_(torch.tensor([state, rss_kib], dtype=torch.int64)).tolist()
         return {"epochs": self.epochs(), "steps": self.total_steps, "global_batch_size": self.global_batch,
+                "optimizer_state_bytes": most[0], "peak_rss_mib": most[1] / 1024,
                 **(self.private.record(self.total_steps) if self.private else {})}
 
     # -- a lost rank: the survivors share each global batch ---------------------------
@@ -212,3 +219,9 @@ class SyncStrategy(Strategy):
     def survive(self, lost, old_size, position):
         self._batches = (None, None)  # split anew over the survivors
         self.loader.close()
+
+
+def _state_bytes(optimizer):
+    """Bytes of tensor state (momentum, moments) an optimizer holds."""
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values()
+               for t in state.values() if torch.is_tensor(t))
