@@ -165,6 +165,30 @@ class Comm:
             self.bytes_sent += nbytes
         return tensor
 
+    def reduce_scatter_(self, tensor, out, counts, *, what=None):
+        """Sum `tensor` over ranks and leave counts[rank] elements of the sum, in rank order, in `out`
+        (the sharded optimizer's gradient slices; float16 and bfloat16 too)."""
+        if self.size == 1:
+            return out.copy_(tensor.reshape(-1)[:out.numel()].reshape(out.shape))
+        send, mpi_op = _reduction(self._MPI, tensor, "sum")
+        nbytes = tensor.numel() * tensor.element_size()
+        self._call("reduce_scatter", nbytes, what, self.mpi_comm.Reduce_scatter, send, _typed(self._MPI, out),
+                   list(counts), mpi_op)
+        self.bytes_sent += nbytes
+        return out
+
+    def allgather_in_place(self, out, count, displacements, *, what=None):
+        """Each rank's `count` elements at `out[displacements[rank]:]` copied into every rank's `out`
+        at the same place (MPI_IN_PLACE: no send buffer; the sharded optimizer's parameters)."""
+        if self.size == 1:
+            return out
+        recv = _typed(self._MPI, out)
+        nbytes = count * out.element_size()
+        self._call("allgather", nbytes * self.size, what, self.mpi_comm.Allgatherv, self._MPI.IN_PLACE,
+                   [recv[0], ([count] * self.size, list(displacements)), recv[1]])
+        self.bytes_sent += nbytes
+        return out
+
     def allreduce_array(self, values, op="sum", *, what=None):
         """Reduce a small list of floats (metrics) over ranks; returns a float64 array."""
         arr = torch.tensor(values, dtype=torch.float64)
@@ -463,6 +487,8 @@ def _typed(MPI, tensor):
 def _half_reducer(dtype, combine):
     """An MPI user function: inout = combine(in, inout), elementwise, on raw buffers of `dtype`."""
     def reduce(inbuf, inoutbuf, datatype):
+        if not memoryview(inoutbuf).nbytes:  # Reduce_scatter calls it on a rank's empty part too
+            return
         inout = torch.frombuffer(inoutbuf, dtype=dtype)
         combine(torch.frombuffer(inbuf, dtype=dtype), inout, out=inout)
     return reduce

@@ -126,8 +126,9 @@ class Config:
                                            "(shared memory is fastest at 2-16 MiB)")
     compression: str = setting("sync", "none", "reduce the gradients in half precision: none, fp16 or bf16 "
                                                "(the optimizer still steps in float32)")
-    zero: int = setting("sync", 0, "1: shard the optimizer state and its step over the ranks (ZeRO stage 1: "
-                                   "reduce-scatter, step 1/N, all-gather); 0: every rank holds it all")
+    zero: int = setting("sync", 0, "shard the optimizer over the ranks (ZeRO): 1, its state and step (each rank "
+                                   "steps 1/N, reduce-scatter then all-gather); 2, the gradients too (each "
+                                   "bucket reduced and freed as backward finishes it); 0, every rank holds it all")
     overlap: bool = setting("sync", False, "start each bucket's reduction during backward, as soon as it is "
                                            "filled (nonblocking Allreduce)")
     # -- async ------------------------------------------------------------------
@@ -294,15 +295,19 @@ class Config:
                f"{'rounds' if self.mode == 'federated' else 'epochs'}")
         _check(self.mode != "federated" or not self.max_steps, "--max-steps is for sync and async; federated "
                                                                "runs for --rounds")
-        _check(self.zero in (0, 1), f"--zero must be 0 or 1 (stage 2 is not built yet), got {self.zero}")
+        _check(self.zero in (0, 1, 2), f"--zero must be 0, 1 or 2, got {self.zero}")
         if self.zero:
             _check(self.mode == "sync", f"--zero shards sync mode's optimizer; {self.mode} mode has no "
                                         f"replicated optimizer to shard: leave it out")
-            _check(not self.overlap, "--zero with --overlap: the sharded step reduce-scatters the whole "
-                                     "gradient after backward; leave out --overlap")
-            _check(self.compression == "none", "--zero with --compression is not built yet: leave one out")
-            _check(self.on_rank_failure == "abort", "--zero with --on-rank-failure continue is not built yet "
-                                                    "(the slices would need cutting anew): use abort")
+            _check(not self.overlap, "--zero with --overlap: --overlap starts each bucket's Allreduce in "
+                                     "backward, but a sharded step reduce-scatters the gradients into slices "
+                                     "instead (--zero 2 already reduces each bucket as backward finishes it): "
+                                     "leave out --overlap")
+            _check(self.on_rank_failure == "abort", "--zero with --on-rank-failure continue: a lost rank takes "
+                                                    "its slice of the optimizer state (momentum, moments) with it "
+                                                    "and no other rank holds a copy, so the survivors could not "
+                                                    "go on with the uninterrupted run's weights: use abort, and "
+                                                    "resume from the last checkpoint on any number of ranks")
         _check(not (self.overlap and self.accumulate > 1),
                "--overlap reduces each bucket as soon as backward fills it, once a step: it cannot accumulate "
                "micro-batches; drop --overlap or --accumulate")

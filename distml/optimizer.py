@@ -15,6 +15,7 @@ from . import comm as _comm
 from .matching import negotiate
 from .reducer import DEFAULT_CHUNK_MB, GradientReducer
 from .signals import LOOP_STOP
+from .zero import ShardedOptimizer
 
 __all__ = ["DistributedOptimizer", "WrappingOptimizer", "reduced_closure"]
 
@@ -67,16 +68,30 @@ class DistributedOptimizer(WrappingOptimizer):
     divided by the global batch size (uneven last batches: ShardSampler.global_size).
     chunk_mb, compression ("fp16", "bf16") and overlap as `distml train`'s --chunk-mb, --compression
     and --overlap (overlap needs one backward() per step). A collective: make it on every rank.
+
+    zero=1 or 2 shards the optimizer as `distml train --zero` (distml.zero): each rank keeps
+    and steps 1/N of the state (and at 2 of the gradients), then the parameters are
+    all-gathered. Clip with this object's clip_grad_norm_() after synchronize() (the
+    gradients' slices are reduced, not the parameters' `.grad`), and state_dict() is a
+    collective that gathers the whole state, in your optimizer's own format.
+    backward_passes_per_step: zero=2 reduces each bucket in the last of these backward passes.
     """
 
     def __init__(self, optimizer, model=None, *, bucket_mb=25.0, op="average", comm=None,
-                 chunk_mb=DEFAULT_CHUNK_MB, compression="none", overlap=False):
+                 chunk_mb=DEFAULT_CHUNK_MB, compression="none", overlap=False, zero=0, backward_passes_per_step=1):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"DistributedOptimizer wraps a torch.optim.Optimizer, not {type(optimizer).__name__}")
         self.__dict__["optimizer"] = optimizer  # before anything reaches __getattr__
         base = comm or _comm.world()
         self._options = dict(bucket_mb=bucket_mb, op=op, chunk_mb=chunk_mb, compression=compression,
                              overlap=overlap)
+        if zero not in (0, 1, 2):
+            raise ValueError(f"zero must be 0, 1 or 2, got {zero!r}")
+        if zero and overlap:
+            raise ValueError("zero with overlap=True: overlap starts each bucket's Allreduce in backward, but a "
+                             "sharded optimizer reduce-scatters the gradients into slices instead (zero=2 reduces "
+                             "each bucket as backward finishes it)")
+        self.zero, self.sharded, self.passes = zero, None, backward_passes_per_step
         self._channels = {name: base.dup() for name in ("gradients", "control", "closure", "plan")}
         self._synchronized, self._steps = False, 0
         self._build()
@@ -89,10 +104,41 @@ class DistributedOptimizer(WrappingOptimizer):
         own: a rank building while another reduces gradients waits, and is reported, instead)."""
         params = self._params()
         self._trainable = [p.requires_grad for p in params]
+        if self.zero:
+            return self._build_sharded()
         self.reducer = GradientReducer(params, self._channels["gradients"], control=1, **self._options)
         plan = [(str(b.buffer.dtype).removeprefix("torch."), b.buffer.numel()) for b in self.reducer.buckets]
         negotiate(self._channels["plan"], f"DistributedOptimizer({sum(len(b.params) for b in self.reducer.buckets)} "
                   f"tensors in buckets {plan}, " + ", ".join(f"{k}={v}" for k, v in self._options.items()) + ")")
+
+    def _build_sharded(self):
+        if self.sharded is not None:
+            raise RuntimeError("a sharded DistributedOptimizer's groups are cut into slices when it is made: "
+                               "add parameter groups (or change requires_grad) before making it")
+        options = {k: v for k, v in self._options.items() if k != "overlap"}
+        self.sharded = ShardedOptimizer(self.optimizer, self._channels["gradients"], stage=self.zero, **options)
+        self.sharded.passes = self.passes
+        self.reducer = None
+        plan = [(str(g.data.dtype).removeprefix("torch."), g.padded) for g in self.sharded.groups]
+        negotiate(self._channels["plan"], f"DistributedOptimizer(zero={self.zero}, flat groups {plan}, "
+                  + ", ".join(f"{k}={v}" for k, v in options.items()) + ")")
+
+    def state_dict(self):
+        """Your optimizer's state_dict; with zero, gathered from the slices (a collective)."""
+        return self.sharded.state_dict() if self.sharded else self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self._forget()
+        (self.sharded or self.optimizer).load_state_dict(state_dict)
+
+    def clip_grad_norm_(self, max_norm):
+        """Clip the reduced gradients (after synchronize()) to global norm max_norm; returns the norm.
+
+        With zero, from the slices' squared norms (one small Allreduce); without, as torch's.
+        """
+        if self.sharded:
+            return self.sharded.clip_grad_norm_(max_norm)
+        return float(torch.nn.utils.clip_grad_norm_([p for p in self._params() if p.grad is not None], max_norm))
 
     def _trainable_changed(self):
         return [p.requires_grad for p in self._params()] != self._trainable
@@ -114,7 +160,7 @@ class DistributedOptimizer(WrappingOptimizer):
             for p in self._params():
                 p.grad = None  # none left in the old buckets' views
             self._build()
-        self.reducer.zero_grad(set_to_none)
+        (self.sharded or self.reducer).zero_grad(set_to_none)
         self._synchronized = False
 
     def synchronize(self):
@@ -135,7 +181,15 @@ class DistributedOptimizer(WrappingOptimizer):
         rank takes the same decisions from the same numbers.
         """
         synchronized, self._synchronized = self._synchronized, False
-        if closure is not None:
+        if self.sharded:
+            if closure is not None:
+                raise ValueError("a sharded optimizer's step() takes no closure: the optimizers that need one "
+                                 "(LBFGS) need the whole parameter vector and are refused")
+            if not synchronized:
+                self._reduce()
+            self.sharded.step_and_gather()
+            loss = None
+        elif closure is not None:
             comm = self._channels["closure"]
             loss = self.optimizer.step(reduced_closure(closure, self._reduce_unless_reduced, comm.allreduce_,
                                                        comm.size, average=self.reducer.op == "average"))
@@ -152,6 +206,11 @@ class DistributedOptimizer(WrappingOptimizer):
             raise RuntimeError("parameters were frozen or unfrozen between zero_grad() and step(): change "
                                "requires_grad before zero_grad(), which then makes the gradient buckets anew")
         self.comm.calls.context = f"optimizer step {self._steps + 1}: gradient reduction"
+        if self.sharded:
+            self.sharded.reduce_gradients()
+            stop = torch.tensor([1 if LOOP_STOP.caught() else 0], dtype=torch.int64)
+            LOOP_STOP.record(self._channels["control"].allreduce_max_(stop, what="the stop signal").item())
+            return
         control = self.reducer.control
         control.fill_(1.0 if LOOP_STOP.caught() else 0.0)
         self.reducer.allreduce_grads()

@@ -1,95 +1,248 @@
-"""The sharded optimizer (ZeRO stage 1): each rank holds and steps 1/N of the optimizer state.
-
-WORK IN PROGRESS (branch zero-wip, issue 23): the core step only. Not yet: stage 2's
-freeing of the gradient outside this rank's slice, checkpoints in the full format,
-clipping, compression, the trainer's --zero flag, lost ranks, the benchmark.
+"""The sharded optimizer (ZeRO stages 1 and 2): each rank holds and steps 1/N of the optimizer.
 
 Each parameter group's trainable parameters live in one flat buffer, padded to
 a multiple of the world size and cut into equal contiguous slices (a parameter
-may span two ranks); their `.data` and `.grad` are views into flat buffers. A
-step reduce-scatters the summed gradients so that each rank holds its slice's
-sum, runs the user's optimizer class on that slice alone (one fused tensor per
-group, so any element-wise update works: SGD, Adam, AdamW, Adagrad, RMSprop),
-and all-gathers the updated slices in place. The bytes moved equal one
-Allreduce's; the optimizer state and the step's work are 1/N of the replica's.
+may span two ranks, as in DeepSpeed; whole parameters per rank, as PyTorch's
+ZeroRedundancyOptimizer assigns them, leave the ranks unevenly loaded).
+`.data` of each parameter is a view into that buffer. A step reduce-scatters
+the summed gradients (MPI Reduce_scatter, in pieces of at most `chunk_mb`) so
+that each rank holds its slice's sum, runs the user's optimizer class on that
+slice alone (one fused tensor per group, so any element-wise update works:
+SGD, Adam, AdamW, Adagrad, RMSprop), and all-gathers the updated slices in
+place. The bytes moved equal one Allreduce's; the optimizer state and the
+step's work are 1/N of the replica's.
+
+Stage 1 keeps the whole gradient in a flat buffer of the same layout (backward
+writes into it, as the reducer's buckets); stage 2 keeps only this rank's
+slice: as soon as backward has finished every gradient of a bucket, the bucket
+is copied out, reduce-scattered and the gradients freed, so at most one
+bucket of whole gradients lives beside the slice. Buckets go in one fixed
+order on every rank (the reverse of the parameters', as backward finishes
+them), and those backward did not finish go at step(), so ranks with fewer
+micro-batches (an uneven last batch) or unused parameters still match.
+
+Checkpoints hold the whole optimizer state per parameter in the unsharded
+optimizer's own format (gathered, unpadded), so any world size, sharded or
+not, resumes from them.
 """
 import inspect
 import math
+from itertools import accumulate
 
 import torch
 
-__all__ = ["ShardedOptimizer", "NOT_ELEMENTWISE"]
+from .flat import Bucket, zeros
+from .nonfinite import grads_finite
+from .reducer import COMPRESSION, DEFAULT_CHUNK_MB, weak_grad_hook
+
+__all__ = ["ShardedOptimizer", "NOT_ELEMENTWISE", "STAGES"]
 
 NOT_ELEMENTWISE = (torch.optim.LBFGS,)  # updates that need the whole vector (line searches, ...)
+STAGES = (1, 2)
 
 
 class _FlatGroup:
-    """One parameter group's parameters in a padded flat buffer, and this rank's slice of it."""
+    """One parameter group's parameters in a padded flat buffer, and this rank's slice of it.
 
-    def __init__(self, params, rank, size):
+    `buckets`: (first, stop, lo, hi): params[first:stop] fill flat elements [lo, hi) (stage 2's
+    units of reduction; the last one reaches the padded end). Stage 1's gradients: `grads`, a
+    Bucket whose padding rides as its zero `extra`.
+    """
+
+    def __init__(self, params, rank, size, stage, bucket_bytes):
+        dtype = params[0].dtype
+        if any(p.dtype != dtype for p in params):
+            raise ValueError("a parameter group of the sharded optimizer holds one dtype; put parameters "
+                             "of other dtypes in groups of their own")
         self.params = params
-        total = sum(p.numel() for p in params)
+        self.offsets = [0, *accumulate(p.numel() for p in params)]
+        total = self.offsets[-1]
         self.slice_len = math.ceil(total / size)
-        padded = self.slice_len * size
-        self.data = torch.zeros(padded, dtype=params[0].dtype)
-        self.grad = torch.zeros(padded, dtype=params[0].dtype)
-        offset = 0
-        for p in params:
-            n = p.numel()
-            self.data[offset:offset + n].copy_(p.detach().reshape(-1))
-            p.data = self.data[offset:offset + n].view_as(p)
-            p.grad = self.grad[offset:offset + n].view_as(p)
-            offset += n
-        start = rank * self.slice_len
-        self.shard = torch.nn.Parameter(self.data[start:start + self.slice_len])  # shares data's memory
-        self.shard.grad = torch.zeros(self.slice_len, dtype=params[0].dtype)
+        self.padded = self.slice_len * size
+        self.data = zeros(self.padded, dtype)
+        for p, offset in zip(params, self.offsets):
+            self.data[offset:offset + p.numel()].copy_(p.detach().reshape(-1))
+            p.data = self.data[offset:offset + p.numel()].view_as(p)
+        self.start = rank * self.slice_len
+        self.shard = torch.nn.Parameter(self.data[self.start:self.start + self.slice_len])  # data's memory
+        self.shard.grad = zeros(self.slice_len, dtype)
+        self.grads = Bucket(params, extra=self.padded - total) if stage == 1 else None
+        self.buckets, first = [], 0
+        for k in range(len(params)):
+            last = k == len(params) - 1
+            if last or (self.offsets[k + 1] - self.offsets[first]) * params[0].element_size() >= bucket_bytes:
+                self.buckets.append((first, k + 1, self.offsets[first], self.padded if last else self.offsets[k + 1]))
+                first = k + 1
+
+    def counts(self, lo, hi):
+        """Each rank's number of elements of flat range [lo, hi) (its slice's overlap)."""
+        L = self.slice_len
+        return [max(0, min(hi, (r + 1) * L) - max(lo, r * L)) for r in range(self.padded // L)]
+
+    def mine(self, lo, hi):
+        """This rank's part of flat range [lo, hi), as a range of its slice."""
+        return max(lo, self.start) - self.start, min(hi, self.start + self.slice_len) - self.start
 
 
 class ShardedOptimizer:
-    """ZeRO stage 1 around `optimizer` (built over the model's parameters as usual).
+    """ZeRO stage 1 or 2 around `optimizer` (built over the model's parameters as usual).
 
-    Call zero_grad(), backward (losses summed and divided by the global batch), step().
+    Loop: zero_grad(), backward (summed losses over the global batch, or op="average"),
+    step(), or reduce_gradients(), clip_grad_norm_(), step_and_gather(). `param_groups`
+    are the wrapped optimizer's (schedulers set lr there); its `state` stays empty: the
+    state lives in the slices, and state_dict() (a collective) gathers it.
+    `passes`: backward passes per step (stage 2 reduces a bucket in the last one).
     """
 
-    def __init__(self, optimizer, comm):
+    def __init__(self, optimizer, comm, *, stage=1, op="sum", compression="none", bucket_mb=25.0,
+                 chunk_mb=DEFAULT_CHUNK_MB):
         if isinstance(optimizer, NOT_ELEMENTWISE):
             raise ValueError(f"{type(optimizer).__name__} cannot be sharded: its update needs the whole "
-                             f"parameter vector, not one slice of it")
-        self.comm, self.full = comm, optimizer  # full: never stepped; it keeps the groups' layout for checkpoints
-        self.groups = []
-        shard_groups = []
+                             f"parameter vector (a line search over all of it), not one slice of it")
+        if stage not in STAGES or op not in ("sum", "average") or compression not in COMPRESSION:
+            raise ValueError(f"stage must be 1 or 2, op 'sum' or 'average', compression one of "
+                             f"{', '.join(COMPRESSION)}; got {stage!r}, {op!r}, {compression!r}")
+        if any(p.device.type != "cpu" for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError("distml shards CPU tensors; move the model to the CPU")
+        self.comm, self.full, self.stage, self.op = comm, optimizer, stage, op  # full: the layout, never stepped
+        self.wire = COMPRESSION[compression] if comm.size > 1 else None
+        self.chunk = max(comm.size, int(chunk_mb * 2**20) // 4)  # elements a call
+        self.groups, shard_groups = [], []
         for group in optimizer.param_groups:
             params = [p for p in group["params"] if p.requires_grad]
-            if not params:
-                continue
-            flat = _FlatGroup(params, comm.rank, comm.size)
-            self.groups.append(flat)
-            shard_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [flat.shard]})
+            if params:
+                flat = _FlatGroup(params, comm.rank, comm.size, stage, bucket_mb * 2**20)
+                self.groups.append(flat)
+                shard_groups.append({**_settings(group), "params": [flat.shard]})
         accepted = inspect.signature(type(optimizer).__init__).parameters  # defaults hold derived keys too
         self.inner = type(optimizer)(shard_groups, **{k: v for k, v in optimizer.defaults.items() if k in accepted})
+        self.passes, self.nonfinite = 1, None  # nonfinite: the first parameter seen with a non-finite gradient
+        self._hooks = []
+        self._order = [(g, b) for g, flat in enumerate(self.groups) for b in range(len(flat.buckets))][::-1]
+        if stage == 1:
+            self._hooks = [self._accumulator(p).register_prehook(weak_grad_hook(self, "_into_flat", flat, k))
+                           for flat in self.groups for k, p in enumerate(flat.params)]
+        else:
+            self._staging = zeros(max(hi - lo for flat in self.groups for *_, lo, hi in flat.buckets),
+                                  self.wire or self.groups[0].data.dtype) if self.groups else None
+            self._hooks = [p.register_post_accumulate_grad_hook(weak_grad_hook(self, "_arrived", g, b))
+                           for g, flat in enumerate(self.groups) for b, (first, stop, *_) in enumerate(flat.buckets)
+                           for p in flat.params[first:stop]]
+        self.zero_grad()
 
     @property
     def param_groups(self):
-        return self.inner.param_groups
+        return self.full.param_groups
 
-    def zero_grad(self):
+    @property
+    def state(self):
+        return self.full.state  # empty: what lives in the slices, state_dict() gathers
+
+    def zero_grad(self, set_to_none=True):
+        """Gradients None: stage 1's backward writes them into the flat buffer, stage 2's are freed per bucket."""
         for flat in self.groups:
-            flat.grad.zero_()
+            for p in flat.params:
+                p.grad = None
+            flat.shard.grad.zero_()
+        self._arrivals = {}  # (group, bucket) -> gradients finished in the last pass
+        self._started = 0  # how many of _order were reduce-scattered this step
+        self.nonfinite = None
 
-    def step(self):
+    def step(self, closure=None):
         """Reduce-scatter the gradients, step this rank's slice, all-gather the parameters."""
+        if closure is not None:
+            raise ValueError("the sharded optimizer's step() takes no closure (LBFGS-style optimizers "
+                             "need the whole vector and are refused)")
         self.reduce_gradients()
         self.step_and_gather()
 
+    # -- gradients: into the flat buffer (stage 1) or bucket by bucket, reduce-scattered (stage 2) --
+    @staticmethod
+    def _accumulator(p):
+        with torch.enable_grad():
+            return p.view_as(p).grad_fn.next_functions[0][0]
+
+    def _into_flat(self, flat, k, grads):
+        """Stage 1: backward's first gradient for parameter k goes straight into its flat slice (no zeroing
+        pass); later ones accumulate there. Where autograd would copy anyway it passes unchanged."""
+        (grad,) = grads
+        p = flat.params[k]
+        if p.grad is not None or grad.is_sparse or torch.is_grad_enabled() or not p.is_contiguous():
+            return None
+        return (flat.grads.views[k].detach().copy_(grad),)
+
+    def _arrived(self, g, b, param):
+        """Stage 2: a gradient is finished; reduce the buckets that are complete, in the fixed order."""
+        key = (g, b)
+        self._arrivals[key] = self._arrivals.get(key, 0) + 1
+        while self._started < len(self._order):
+            g, b = self._order[self._started]
+            first, stop, *_ = self.groups[g].buckets[b]
+            if self._arrivals.get((g, b), 0) < (stop - first) * self.passes:
+                break
+            self._reduce_bucket(g, b)
+
+    def _reduce_bucket(self, g, b):
+        """Stage 2: copy bucket b's gradients (zero where none) out, free them, reduce-scatter the copy."""
+        flat = self.groups[g]
+        first, stop, lo, hi = flat.buckets[b]
+        staging = self._staging[:hi - lo]
+        for k in range(first, stop):
+            p, start = flat.params[k], flat.offsets[k] - lo
+            part = staging[start:start + p.numel()]
+            part.zero_() if p.grad is None else part.copy_(p.grad.detach().reshape(-1))
+        staging[flat.offsets[stop] - lo:].zero_()  # the padding
+        if self.nonfinite is None and not grads_finite([staging]):
+            self.nonfinite = next((p for p in flat.params[first:stop] if p.grad is not None and
+                                   not bool(torch.isfinite(p.grad).all())), flat.params[first])
+        for p in flat.params[first:stop]:
+            p.grad = None
+        self._reduce_range(g, staging, lo, hi, f"bucket {b + 1} of {len(flat.buckets)}")
+        self._started += 1
+
     def reduce_gradients(self):
-        """Each rank's slice of every group's summed gradient into its shard's .grad."""
-        for flat in self.groups:
-            counts = [flat.slice_len] * self.comm.size
-            self.comm.wait(self.comm.ireduce_scatter(flat.grad, flat.shard.grad, counts),
-                           what="the sharded optimizer's gradient slices")
+        """Each rank's slice of every group's summed (or averaged) gradient, in its shard's .grad."""
+        if self.stage == 1:
+            for g, flat in enumerate(self.groups):
+                flat.grads.attach_grads()  # None (unused, or no backward on this rank) becomes zero
+                if self.nonfinite is None and not grads_finite([flat.grads.buffer]):
+                    self.nonfinite = next((p for p in flat.params if not bool(torch.isfinite(p.grad).all())),
+                                          flat.params[0])
+                self._reduce_range(g, flat.grads.buffer, 0, flat.padded, "the flat gradient")
+        else:
+            while self._started < len(self._order):  # those backward did not finish (unused, no data, DP)
+                self._reduce_bucket(*self._order[self._started])
+            self._arrivals, self._started = {}, 0
+        if self.op == "average":
+            for flat in self.groups:
+                flat.shard.grad.div_(self.comm.size)
+
+    def _reduce_range(self, g, source, lo, hi, label):
+        """Reduce-scatter flat range [lo, hi) of group g (held in `source`) into the slices, in pieces."""
+        flat = self.groups[g]
+        pieces = range(lo, hi, self.chunk)
+        for i, a in enumerate(pieces):
+            b = min(hi, a + self.chunk)
+            send = source[a - lo:b - lo]
+            start, stop = flat.mine(a, b)
+            out = flat.shard.grad[max(start, 0):max(stop, start, 0)]
+            if self.wire is not None:
+                send = send if send.dtype == self.wire else send.to(self.wire)
+                recv = torch.empty(out.numel(), dtype=self.wire)
+            else:
+                recv = out
+            what = (f"the sharded optimizer's gradient slices (group {g + 1}, {label}"
+                    + (f", piece {i + 1} of {len(pieces)}" if len(pieces) > 1 else "") + ")")
+            self.comm.reduce_scatter_(send, recv, flat.counts(a, b), what=what)
+            if recv is not out:
+                out.copy_(recv)
 
     def clip_grad_norm_(self, max_norm):
-        """Scale the reduced gradient to global L2 norm max_norm, from the slices' squared norms; returns the norm."""
+        """Scale the reduced gradient to global L2 norm max_norm, from the slices' squared norms; returns the norm.
+
+        Call after reduce_gradients() (torch's clip_grad_norm_ on the parameters would see
+        this rank's unreduced gradients, or none at stage 2).
+        """
         squares = torch.tensor([sum(float(flat.shard.grad.double().pow(2).sum()) for flat in self.groups)],
                                dtype=torch.float64)
         norm = float(self.comm.allreduce_(squares, what="the gradient's squared norm")[0]) ** 0.5
@@ -100,27 +253,35 @@ class ShardedOptimizer:
         return norm
 
     def step_and_gather(self):
+        """Step this rank's slices with the groups' current settings (lr...), then all-gather the parameters."""
+        for full, inner in zip(self._full_groups(), self.inner.param_groups):
+            inner.update(_settings(full))
         self.inner.step()
-        for flat in self.groups:
-            mine = flat.shard.detach().clone()  # MPI forbids a send buffer inside the receive buffer
-            self.comm.allgather_(mine, flat.data)
+        per_call = max(1, self.chunk // self.comm.size)
+        for g, flat in enumerate(self.groups):
+            pieces = range(0, flat.slice_len, per_call)
+            for i, j in enumerate(pieces):
+                n = min(per_call, flat.slice_len - j)
+                what = (f"the sharded optimizer's parameters (group {g + 1}"
+                        + (f", piece {i + 1} of {len(pieces)}" if len(pieces) > 1 else "") + ")")
+                self.comm.allgather_in_place(flat.data, n, [r * flat.slice_len + j for r in range(self.comm.size)],
+                                             what=what)
+
+    def _full_groups(self):
+        """The wrapped optimizer's groups that hold trainable parameters (one per flat group)."""
+        return [g for g in self.full.param_groups if any(p.requires_grad for p in g["params"])]
 
     # -- checkpoints: the whole state, per parameter, in the unsharded optimizer's format --
     def state_dict(self):
         """The full optimizer's state_dict (a collective): each state tensor gathered and cut per parameter."""
         self.full.state.clear()
-        for flat, shard_state in zip(self.groups, (self.inner.state.get(f.shard, {}) for f in self.groups)):
-            for key, value in shard_state.items():
+        for flat in self.groups:
+            for key, value in self.inner.state.get(flat.shard, {}).items():
                 whole = self._gather(flat, value) if torch.is_tensor(value) and value.dim() == 1 else None
-                offset = 0
-                for p in flat.params:
-                    n = p.numel()
-                    self.full.state.setdefault(p, {})[key] = (  # a step counter each: optimizers add to it in place
-                        whole[offset:offset + n].view_as(p).clone() if whole is not None else
+                for p, offset in zip(flat.params, flat.offsets):
+                    self.full.state.setdefault(p, {})[key] = (  # a step counter each: optimizers add in place
+                        whole[offset:offset + p.numel()].view_as(p).clone() if whole is not None else
                         value.clone() if torch.is_tensor(value) else value)
-                    offset += n
-        for full_group, group in zip(self.full.param_groups, self._inner_groups_by_full()):
-            full_group.update({k: v for k, v in group.items() if k != "params"})
         state = self.full.state_dict()
         self.full.state.clear()
         return state
@@ -133,24 +294,16 @@ class ShardedOptimizer:
             for key in self.full.state.get(flat.params[0], {}):
                 values = [self.full.state[p][key] for p in flat.params]
                 if torch.is_tensor(values[0]) and values[0].dim() > 0:
-                    whole = torch.zeros_like(flat.data)
-                    whole[:sum(v.numel() for v in values)] = torch.cat([v.reshape(-1) for v in values])
-                    start = self.comm.rank * flat.slice_len
-                    shard_state[key] = whole[start:start + flat.slice_len].clone()
+                    whole = torch.zeros(flat.padded, dtype=values[0].dtype)
+                    whole[:flat.offsets[-1]] = torch.cat([v.reshape(-1) for v in values])
+                    shard_state[key] = whole[flat.start:flat.start + flat.slice_len].clone()
                 else:
                     shard_state[key] = values[0].clone() if torch.is_tensor(values[0]) else values[0]
             self.inner.state[flat.shard] = shard_state
-        for full_group, group in zip(self.full.param_groups, self._inner_groups_by_full()):
-            group.update({k: v for k, v in full_group.items() if k != "params"})
         self.full.state.clear()
 
-    def _inner_groups_by_full(self):
-        """The inner group of each full group (full groups without trainable parameters get a dummy)."""
-        inner = iter(self.inner.param_groups)
-        return [next(inner) if any(p.requires_grad for p in g["params"]) else {} for g in self.full.param_groups]
-
     def _gather(self, flat, value):
-        whole = torch.zeros(flat.slice_len * self.comm.size, dtype=value.dtype)
+        whole = torch.zeros(flat.padded, dtype=value.dtype)
         self.comm.allgather_(value.contiguous(), whole)
         return whole
 
@@ -158,3 +311,19 @@ class ShardedOptimizer:
         """Bytes of optimizer state this rank holds (its slices' moments, momentum, ...)."""
         return sum(t.numel() * t.element_size() for state in self.inner.state.values()
                    for t in state.values() if torch.is_tensor(t))
+
+    def gradient_bytes(self):
+        """Bytes of gradient buffers this rank keeps between steps (stage 1: the whole; 2: slice + one bucket)."""
+        held = [flat.shard.grad for flat in self.groups]
+        held += [flat.grads.buffer for flat in self.groups] if self.stage == 1 else [self._staging]
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+    def close(self):
+        """Remove the gradient hooks (a new optimizer for the same model)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+
+def _settings(group):
+    return {k: v for k, v in group.items() if k != "params"}

@@ -142,6 +142,10 @@ BAD_INPUTS = {
     "model/data mismatch": (["--model", "cnn", "--dataset", "diabetes"], "needs image-shaped"),
     "bad config file": (["--config", "{bad_toml}"], "unknown key"),
     "save-model into missing dir": (["--save-model", "no/such/dir/w.pt"], "does not exist"),
+    "zero outside sync": (["--mode", "federated", "--zero", "1"], "--zero shards sync mode's optimizer"),
+    "zero with overlap": (["--zero", "2", "--overlap"], "--zero with --overlap"),
+    "zero stage 3": (["--zero", "3"], "--zero must be 0, 1 or 2"),
+    "zero with continue": (["--zero", "1", "--on-rank-failure", "continue"], "no other rank holds a copy"),
 }
 
 

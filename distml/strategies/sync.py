@@ -14,6 +14,7 @@ after a lost rank (--on-rank-failure continue) the survivors split each global
 batch among themselves, redo the interrupted step and end with the weights of
 the uninterrupted run.
 """
+import math
 import resource
 
 import numpy as np
@@ -35,12 +36,16 @@ class SyncStrategy(Strategy):
         cfg, comm = self.cfg, self.comm
         broadcast_parameters(self.model, comm=comm)  # distributed: all start from root's weights
         self.optimizer = make_optimizer(cfg, self.model.named_parameters())
-        self.sharded = bool(cfg.zero)
-        if self.sharded:  # ZeRO stage 1: the optimizer's own flat, sliced buffers replace the reducer's
-            self.optimizer = ShardedOptimizer(self.optimizer, comm)
-        self.reducer = None if self.sharded else GradientReducer(self.model.parameters(), comm, bucket_mb=cfg.bucket_mb, op="sum",
-                                       control=3,  # Flags: stop, checkpoint, nonfinite
-                                       chunk_mb=cfg.chunk_mb, compression=cfg.compression, overlap=cfg.overlap)
+        self.reducer = None
+        if cfg.zero:  # ZeRO: the optimizer's own flat, sliced buffers replace the reducer's buckets
+            self.optimizer = ShardedOptimizer(self.optimizer, comm, stage=cfg.zero, compression=cfg.compression,
+                                              bucket_mb=cfg.bucket_mb, chunk_mb=cfg.chunk_mb)
+            self._names = {id(p): name for name, p in self.model.named_parameters()}
+        else:
+            self.reducer = GradientReducer(self.model.parameters(), comm, bucket_mb=cfg.bucket_mb, op="sum",
+                                           control=3,  # Flags: stop, checkpoint, nonfinite
+                                           chunk_mb=cfg.chunk_mb, compression=cfg.compression,
+                                           overlap=cfg.overlap)
         self.global_batch = cfg.batch_size * cfg.accumulate * comm.size  # kept when ranks are lost
         self.steps_per_epoch = num_steps(len(self.dataset.train), self.global_batch)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
@@ -67,7 +72,9 @@ class SyncStrategy(Strategy):
         """
         micro, starts, global_sizes = self._epoch_batches(epoch)
         self.model.train()
-        (self.optimizer if self.sharded else self.reducer).zero_grad()
+        (self.optimizer if self.cfg.zero else self.reducer).zero_grad()
+        if self.cfg.zero:  # stage 2 reduces a bucket in this rank's last backward of the step
+            self.optimizer.passes = starts[step + 1] - starts[step]
         loss, samples = 0.0, 0
         for position in range(starts[step], starts[step + 1]):  # none: the last global batch left this rank none
             with compute_phase(self.cfg, self.comm.rank):
@@ -79,39 +86,43 @@ class SyncStrategy(Strategy):
                     summed = self.summed_loss(x, y)
                     (summed / global_sizes[step]).backward()
             loss, samples = loss + summed.item(), samples + len(micro[position])
-        if self.sharded:
-            grads = [flat.grad for flat in self.optimizer.groups]
-        else:
-            self.reducer.attach_grads()  # the buckets hold this step's gradients (zero where backward gave none)
-            grads = [b.grads for b in self.reducer.buckets]
-        self.nonfinite = first_nonfinite(loss, grads, self.model)
-        if self.private and self.comm.is_root:  # the noise, once: root's part of the sum carries it
-            self._add_noise(epoch * self.steps_per_epoch + step, global_sizes[step])
-        mine = wants()
-        mine.nonfinite = self.nonfinite is not None
-        agreed = self._reduce(mine)
+        agreed = (self._reduce_sharded if self.cfg.zero else self._reduce)(loss, wants(),
+                                                                         epoch * self.steps_per_epoch + step,
+                                                                         global_sizes[step])
         if not agreed.nonfinite:
             if self.cfg.clip_norm:  # the reduced gradient's norm: the same on every rank, as in one process
-                if self.sharded:
+                if self.cfg.zero:
                     self.optimizer.clip_grad_norm_(self.cfg.clip_norm)
                 else:
-                    clip_grad_norm_(grads, self.cfg.clip_norm)
+                    clip_grad_norm_([b.grads for b in self.reducer.buckets], self.cfg.clip_norm)
             self.stats.loss_sum += loss
             self.stats.samples += samples
             self._step(epoch * self.steps_per_epoch + step)
         return agreed, True
 
-    def _reduce(self, mine):
-        """Sum the gradients (sharded: each rank's slice) and agree on the flags."""
-        if not self.sharded:
-            self.reducer.control.copy_(torch.tensor(mine.values()))
-            self.reducer.allreduce_grads()  # distributed: Allreduce (sum) of the buckets, flags included
-            return Flags.summed(self.reducer.control.tolist())
+    def _reduce(self, loss, mine, position, expected):
+        """Allreduce (sum) the buckets, the flags riding in the last one's spare elements."""
+        self.reducer.attach_grads()  # the buckets hold this step's gradients (zero where backward gave none)
+        self.nonfinite = first_nonfinite(loss, [b.grads for b in self.reducer.buckets], self.model)
+        if self.private and self.comm.is_root:  # the noise, once: root's part of the sum carries it
+            self._add_noise(position, expected)
+        mine.nonfinite = self.nonfinite is not None
+        self.reducer.control.copy_(torch.tensor(mine.values()))
+        self.reducer.allreduce_grads()  # distributed: Allreduce (sum) of the buckets, flags included
+        return Flags.summed(self.reducer.control.tolist())
+
+    def _reduce_sharded(self, loss, mine, position, expected):
+        """Reduce-scatter each rank's slice of the gradients (stage 2: what backward left), then agree
+        on the flags in a small Allreduce of their own (each rank holds a different slice)."""
+        if self.private and self.comm.is_root:
+            self._add_noise(position, expected)
+        self.optimizer.reduce_gradients()
+        seen = self.optimizer.nonfinite
+        self.nonfinite = ("loss" if not math.isfinite(loss) else
+                          f"{self._names.get(id(seen), 'gradient')}.grad" if seen is not None else None)
+        mine.nonfinite = self.nonfinite is not None
         flags = torch.tensor(mine.values(), dtype=torch.float64)
-        agreed = Flags.summed(self.comm.allreduce_(flags, what="the step's flags").tolist())
-        if not agreed.nonfinite:
-            self.optimizer.reduce_gradients()
-        return agreed
+        return Flags.summed(self.comm.allreduce_(flags, what="the step's flags").tolist())
 
     def _add_noise(self, position, expected):
         """N(0, (zC)^2) on each coordinate of the summed gradient, divided by the expected batch like it."""
@@ -127,10 +138,7 @@ class SyncStrategy(Strategy):
         cfg = self.cfg
         set_lr(self.optimizer, lr_at(cfg.lr, cfg.schedule(), position, self.total_steps,
                                      cfg.warmup_epochs * self.steps_per_epoch))
-        if self.sharded:
-            self.optimizer.step_and_gather()
-        else:
-            self.optimizer.step()
+        self.optimizer.step_and_gather() if self.cfg.zero else self.optimizer.step()
 
     def _epoch_batches(self, epoch):
         """This rank's micro-batches of `epoch` (index arrays), where each step's begin, and each
@@ -200,12 +208,16 @@ class SyncStrategy(Strategy):
         return self.private.check_resume((state or {}).get("privacy")) if self.private else None
 
     def summary(self, history, train_time):
-        """Also this rank's optimizer-state bytes (the largest over ranks) and the peak RSS (a collective)."""
-        state = self.optimizer.state_bytes() if self.sharded else _state_bytes(self.optimizer)
+        """Also the optimizer-state and gradient bytes (the most any rank holds) and the peak RSS (a collective)."""
+        if self.cfg.zero:
+            state, grads = self.optimizer.state_bytes(), self.optimizer.gradient_bytes()
+        else:
+            state = _state_bytes(self.optimizer)
+            grads = sum(b.buffer.numel() * b.buffer.element_size() for b in self.reducer.buckets)
         rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        most = self.comm.allreduce_max_(torch.tensor([state, rss_kib], dtype=torch.int64)).tolist()
+        most = self.comm.allreduce_max_(torch.tensor([state, grads, rss_kib], dtype=torch.int64)).tolist()
         return {"epochs": self.epochs(), "steps": self.total_steps, "global_batch_size": self.global_batch,
-                "optimizer_state_bytes": most[0], "peak_rss_mib": most[1] / 1024,
+                "optimizer_state_bytes": most[0], "gradient_bytes": most[1], "peak_rss_mib": most[2] / 1024,
                 **(self.private.record(self.total_steps) if self.private else {})}
 
     # -- a lost rank: the survivors share each global batch ---------------------------
