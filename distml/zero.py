@@ -15,8 +15,8 @@ step's work are 1/N of the replica's.
 Stage 1 keeps the whole gradient in a flat buffer of the same layout (backward
 writes into it, as the reducer's buckets); stage 2 keeps only this rank's
 slice: as soon as backward has finished every gradient of a bucket, the bucket
-is copied out, reduce-scattered and the gradients freed, so at most one
-bucket of whole gradients lives beside the slice. Buckets go in one fixed
+is copied out piece by piece (one piece-sized buffer), reduce-scattered and its
+gradients freed, so whole gradients live only until their bucket is complete. Buckets go in one fixed
 order on every rank (the reverse of the parameters', as backward finishes
 them), and those backward did not finish go at step(), so ranks with fewer
 micro-batches (an uneven last batch) or unused parameters still match.
@@ -123,8 +123,11 @@ class ShardedOptimizer:
             self._hooks = [self._accumulator(p).register_prehook(weak_grad_hook(self, "_into_flat", flat, k))
                            for flat in self.groups for k, p in enumerate(flat.params)]
         else:
-            self._staging = zeros(max(hi - lo for flat in self.groups for *_, lo, hi in flat.buckets),
-                                  self.wire or self.groups[0].data.dtype) if self.groups else None
+            if len({flat.data.dtype for flat in self.groups}) > 1:
+                raise ValueError("stage 2 copies gradients through one buffer: give every group one dtype")
+            largest = max((hi - lo for flat in self.groups for *_, lo, hi in flat.buckets), default=0)
+            dtype = self.groups[0].data.dtype if self.groups else torch.float32
+            self._staging = zeros(min(largest, self.chunk), self.wire or dtype)  # one piece
             self._hooks = [p.register_post_accumulate_grad_hook(weak_grad_hook(self, "_arrived", g, b))
                            for g, flat in enumerate(self.groups) for b, (first, stop, *_) in enumerate(flat.buckets)
                            for p in flat.params[first:stop]]
@@ -183,22 +186,29 @@ class ShardedOptimizer:
             self._reduce_bucket(g, b)
 
     def _reduce_bucket(self, g, b):
-        """Stage 2: copy bucket b's gradients (zero where none) out, free them, reduce-scatter the copy."""
+        """Stage 2: bucket b's gradients (zero where none), piece by piece through one piece-sized buffer,
+        reduce-scattered; then freed."""
         flat = self.groups[g]
         first, stop, lo, hi = flat.buckets[b]
-        staging = self._staging[:hi - lo]
-        for k in range(first, stop):
-            p, start = flat.params[k], flat.offsets[k] - lo
-            part = staging[start:start + p.numel()]
-            part.zero_() if p.grad is None else part.copy_(p.grad.detach().reshape(-1))
-        staging[flat.offsets[stop] - lo:].zero_()  # the padding
-        if self.nonfinite is None and not grads_finite([staging]):
-            self.nonfinite = next((p for p in flat.params[first:stop] if p.grad is not None and
-                                   not bool(torch.isfinite(p.grad).all())), flat.params[first])
+        self._reduce_range(g, lambda a, z: self._gathered(flat, first, stop, a, z), lo, hi,
+                           f"bucket {b + 1} of {len(flat.buckets)}")
         for p in flat.params[first:stop]:
             p.grad = None
-        self._reduce_range(g, staging, lo, hi, f"bucket {b + 1} of {len(flat.buckets)}")
         self._started += 1
+
+    def _gathered(self, flat, first, stop, a, b):
+        """Flat elements [a, b) of the gradients of params[first:stop] (and padding), copied into the staging buffer."""
+        out = self._staging[:b - a]
+        out.zero_()
+        for k in range(first, stop):
+            lo, hi = max(a, flat.offsets[k]), min(b, flat.offsets[k + 1])
+            grad = flat.params[k].grad
+            if lo < hi and grad is not None:
+                out[lo - a:hi - a].copy_(grad.detach().reshape(-1)[lo - flat.offsets[k]:hi - flat.offsets[k]])
+        if self.nonfinite is None and not grads_finite([out]):
+            self.nonfinite = next((p for p in flat.params[first:stop] if p.grad is not None and
+                                   not bool(torch.isfinite(p.grad).all())), flat.params[first])
+        return out
 
     def reduce_gradients(self):
         """Each rank's slice of every group's summed (or averaged) gradient, in its shard's .grad."""
@@ -208,7 +218,7 @@ class ShardedOptimizer:
                 if self.nonfinite is None and not grads_finite([flat.grads.buffer]):
                     self.nonfinite = next((p for p in flat.params if not bool(torch.isfinite(p.grad).all())),
                                           flat.params[0])
-                self._reduce_range(g, flat.grads.buffer, 0, flat.padded, "the flat gradient")
+                self._reduce_range(g, lambda a, b: flat.grads.buffer[a:b], 0, flat.padded, "the flat gradient")
         else:
             while self._started < len(self._order):  # those backward did not finish (unused, no data, DP)
                 self._reduce_bucket(*self._order[self._started])
@@ -218,12 +228,12 @@ class ShardedOptimizer:
                 flat.shard.grad.div_(self.comm.size)
 
     def _reduce_range(self, g, source, lo, hi, label):
-        """Reduce-scatter flat range [lo, hi) of group g (held in `source`) into the slices, in pieces."""
+        """Reduce-scatter flat range [lo, hi) of group g into the slices, in pieces; source(a, b): elements [a, b)."""
         flat = self.groups[g]
         pieces = range(lo, hi, self.chunk)
         for i, a in enumerate(pieces):
             b = min(hi, a + self.chunk)
-            send = source[a - lo:b - lo]
+            send = source(a, b)
             start, stop = flat.mine(a, b)
             out = flat.shard.grad[max(start, 0):max(stop, start, 0)]
             if self.wire is not None:
@@ -313,7 +323,7 @@ class ShardedOptimizer:
                    for t in state.values() if torch.is_tensor(t))
 
     def gradient_bytes(self):
-        """Bytes of gradient buffers this rank keeps between steps (stage 1: the whole; 2: slice + one bucket)."""
+        """Bytes of gradient buffers this rank keeps between steps (stage 1: the whole; 2: slice + one piece)."""
         held = [flat.shard.grad for flat in self.groups]
         held += [flat.grads.buffer for flat in self.groups] if self.stage == 1 else [self._staging]
         return sum(t.numel() * t.element_size() for t in held if t is not None)
