@@ -95,7 +95,7 @@ class ShardedOptimizer:
     """
 
     def __init__(self, optimizer, comm, *, stage=1, op="sum", compression="none", bucket_mb=25.0,
-                 chunk_mb=DEFAULT_CHUNK_MB):
+                 chunk_mb=DEFAULT_CHUNK_MB, check_finite=False):
         if isinstance(optimizer, NOT_ELEMENTWISE):
             raise ValueError(f"{type(optimizer).__name__} cannot be sharded: its update needs the whole "
                              f"parameter vector (a line search over all of it), not one slice of it")
@@ -116,7 +116,8 @@ class ShardedOptimizer:
                 shard_groups.append({**_settings(group), "params": [flat.shard]})
         accepted = inspect.signature(type(optimizer).__init__).parameters  # defaults hold derived keys too
         self.inner = type(optimizer)(shard_groups, **{k: v for k, v in optimizer.defaults.items() if k in accepted})
-        self.passes, self.nonfinite = 1, None  # nonfinite: the first parameter seen with a non-finite gradient
+        # check_finite: look for this rank's first non-finite gradient (one sum a piece), kept in `nonfinite`
+        self.passes, self.check_finite, self.nonfinite = 1, check_finite, None
         self._hooks = []
         self._order = [(g, b) for g, flat in enumerate(self.groups) for b in range(len(flat.buckets))][::-1]
         if stage == 1:
@@ -205,7 +206,7 @@ class ShardedOptimizer:
             grad = flat.params[k].grad
             if lo < hi and grad is not None:
                 out[lo - a:hi - a].copy_(grad.detach().reshape(-1)[lo - flat.offsets[k]:hi - flat.offsets[k]])
-        if self.nonfinite is None and not grads_finite([out]):
+        if self.check_finite and self.nonfinite is None and not grads_finite([out]):
             self.nonfinite = next((p for p in flat.params[first:stop] if p.grad is not None and
                                    not bool(torch.isfinite(p.grad).all())), flat.params[first])
         return out
@@ -215,7 +216,7 @@ class ShardedOptimizer:
         if self.stage == 1:
             for g, flat in enumerate(self.groups):
                 flat.grads.attach_grads()  # None (unused, or no backward on this rank) becomes zero
-                if self.nonfinite is None and not grads_finite([flat.grads.buffer]):
+                if self.check_finite and self.nonfinite is None and not grads_finite([flat.grads.buffer]):
                     self.nonfinite = next((p for p in flat.params if not bool(torch.isfinite(p.grad).all())),
                                           flat.params[0])
                 self._reduce_range(g, lambda a, b: flat.grads.buffer[a:b], 0, flat.padded, "the flat gradient")

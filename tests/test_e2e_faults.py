@@ -35,13 +35,17 @@ def _seconds_since(mark):
               "rank 1 is in no MPI call: busy in epoch 1 step 3")),
     ("federated", ("rank 0 has waited", "(round 2, the clients' summed updates)",
                    "rank 1 is in no MPI call: busy in round 2")),
+    ("sync-zero2", ("rank 0 has waited", "in reduce_scatter #",
+                    "(epoch 1 step 3, the sharded optimizer's gradient slices (group 1, bucket 1 of 1)",
+                    "rank 1 is in no MPI call: busy in epoch 1 step 3")),
 ])
 def test_watchdog_names_where_each_rank_is_when_one_stalls(tmp_path, mode, where):
     """Rank 1 sleeps an hour in a step (federated: in a client of round 2); rank 0 waits in the
     step's allreduce. Within --watchdog + 10 s the job ends with exit 124 and one report naming
     both positions and the call at which their sequences part."""
     mark = tmp_path / "mark"
-    args = ("--epochs", 1) if mode == "sync" else ("--mode", "federated", "--rounds", 3, "--local-steps", 2)
+    args = {"sync": ("--epochs", 1), "sync-zero2": ("--epochs", 1, "--zero", 2),
+            "federated": ("--mode", "federated", "--rounds", 3, "--local-steps", 2)}[mode]
     # sync: the third step; federated: rank 1 trains one client a round, 2 steps each: round 2
     done = launch(2, *BASE, *args, "--watchdog", 3, env=_fault("sleep", 1, 3, mark), timeout=90)
     assert done.returncode == 124, done.stderr
@@ -50,8 +54,9 @@ def test_watchdog_names_where_each_rank_is_when_one_stalls(tmp_path, mode, where
     assert report.count("distml: watchdog: a rank has waited over 3 s") == 1, report
     for text in where:
         assert text in report, report
-    first = re.search(r"first differ at #(\d+): rank 0 entered allreduce .*; rank 1 has not entered it", report)
-    waited = re.search(r"rank 0 has waited \d+ s in allreduce #(\d+)", report)
+    call = "reduce_scatter" if mode == "sync-zero2" else "allreduce"
+    first = re.search(rf"first differ at #(\d+): rank 0 entered {call} .*; rank 1 has not entered it", report)
+    waited = re.search(rf"rank 0 has waited \d+ s in {call} #(\d+)", report)
     assert first and waited and first.group(1) == waited.group(1), report
 
 

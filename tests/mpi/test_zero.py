@@ -198,7 +198,7 @@ def test_a_non_finite_gradient_is_seen_on_the_rank_that_made_it(stage):
     world = comm.world()
     X, y = _data()
     model = _model()
-    opt = ShardedOptimizer(_optimizer("sgd", model), world, stage=stage, **TINY)
+    opt = ShardedOptimizer(_optimizer("sgd", model), world, stage=stage, check_finite=True, **TINY)
     opt.zero_grad()
     out = model(X)
     if world.rank == 1:
