@@ -238,12 +238,13 @@ def test_distributed_optimizer_with_zero_equals_the_unsharded_one_with_a_schedul
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("settings", [dict(zero=1, optimizer="adamw", lr=0.01, weight_decay=0.1, clip_norm=0.5),
                                       dict(zero=2, optimizer="adamw", lr=0.01, weight_decay=0.1, clip_norm=0.5),
-                                      dict(zero=2, optimizer="sgd", lr=0.1, momentum=0.9, accumulate=2)])
+                                      dict(zero=2, optimizer="sgd", lr=0.1, momentum=0.9, accumulate=2),
+                                      dict(zero=1, optimizer="adam", lr=0.01, dp_clip=1.0, dp_noise=1.0)])
 def test_trainer_with_zero_equals_the_unsharded_run(settings):
     from distml.config import Config
     from distml.trainer import run
-    common = dict(dataset="digits", hidden="16", epochs=2, batch_size=20, quiet=True, watchdog=0, seed=2,
-                  bucket_mb=0.01, **settings)
+    common = {**dict(dataset="digits", hidden="16", epochs=1, batch_size=20, quiet=True, watchdog=0, seed=2,
+                     bucket_mb=0.01), **settings}
     zero = common.pop("zero")
 
     sharded = run(Config(zero=zero, **common), comm.world())
