@@ -60,12 +60,13 @@ class Checkpointer:
         ranks = comm.gather_object({"rng": _rng_states(), "state": rank_state})
         number = max([self.saved, *map(checkpoint_number, list_checkpoints(self.directory))]) + 1 \
             if comm.is_root else None
-        path, self.saved = _on_root(comm, lambda: (self._write(number, ranks, extra), number))
+        # on every rank: a piece's state_dict() may be a collective (a sharded optimizer gathers its slices)
+        state = {name: piece.state_dict() for name, piece in self.pieces.items() if name != "model"}
+        path, self.saved = _on_root(comm, lambda: (self._write(number, ranks, extra, state), number))
         return path
 
-    def _write(self, number, ranks, extra):
+    def _write(self, number, ranks, extra, state):
         model = self.pieces.get("model")
-        state = {name: piece.state_dict() for name, piece in self.pieces.items() if name != "model"}
         ckpt = Checkpoint(mode="loop", world_size=self.comm.size, config=repr(sorted(self.pieces)),
                           data="", position={"units": number}, model=model.state_dict() if model else {},
                           strategy=state, ranks=ranks, extra=extra)

@@ -189,6 +189,16 @@ class Comm:
         self.bytes_sent += nbytes
         return out
 
+    def gather_(self, tensor, out, root=0, *, what=None):
+        """Every rank's `tensor` (one size everywhere) into root's `out`, rank after rank (out: None elsewhere)."""
+        if self.size == 1:
+            return out.copy_(tensor.reshape(out.shape))
+        nbytes = tensor.numel() * tensor.element_size()
+        self._call("gather", nbytes, what, self.mpi_comm.Gather, _typed(self._MPI, tensor),
+                   _typed(self._MPI, out) if self.rank == root else None, root)
+        self.bytes_sent += nbytes
+        return out
+
     def allreduce_array(self, values, op="sum", *, what=None):
         """Reduce a small list of floats (metrics) over ranks; returns a float64 array."""
         arr = torch.tensor(values, dtype=torch.float64)

@@ -73,8 +73,10 @@ class DistributedOptimizer(WrappingOptimizer):
     and steps 1/N of the state (and at 2 of the gradients), then the parameters are
     all-gathered. Clip with this object's clip_grad_norm_() after synchronize() (the
     gradients' slices are reduced, not the parameters' `.grad`), and state_dict() is a
-    collective that gathers the whole state, in your optimizer's own format.
-    backward_passes_per_step: zero=2 reduces each bucket in the last of these backward passes.
+    collective that gathers the whole state on root, in your optimizer's own format.
+    backward_passes_per_step (zero=2): every rank makes this many backward passes a step, and each
+    bucket is reduce-scattered in the last one, from backward's hooks; a rank with fewer (no data)
+    reduces in step(), so make no other collective between the last backward and step().
     """
 
     def __init__(self, optimizer, model=None, *, bucket_mb=25.0, op="average", comm=None,
@@ -87,6 +89,8 @@ class DistributedOptimizer(WrappingOptimizer):
                              overlap=overlap)
         if zero not in (0, 1, 2):
             raise ValueError(f"zero must be 0, 1 or 2, got {zero!r}")
+        if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
+            raise ValueError(f"backward_passes_per_step must be an integer >= 1, got {backward_passes_per_step!r}")
         if zero and overlap:
             raise ValueError("zero with overlap=True: overlap starts each bucket's Allreduce in backward, but a "
                              "sharded optimizer reduce-scatters the gradients into slices instead (zero=2 reduces "
@@ -123,8 +127,15 @@ class DistributedOptimizer(WrappingOptimizer):
         negotiate(self._channels["plan"], f"DistributedOptimizer(zero={self.zero}, flat groups {plan}, "
                   + ", ".join(f"{k}={v}" for k, v in options.items()) + ")")
 
+    def add_param_group(self, param_group):
+        if self.zero:
+            raise RuntimeError("a sharded DistributedOptimizer's groups are cut into slices when it is made: "
+                               "add parameter groups before making it")
+        super().add_param_group(param_group)
+
     def state_dict(self):
-        """Your optimizer's state_dict; with zero, gathered from the slices (a collective)."""
+        """Your optimizer's state_dict; with zero, a collective: the whole state gathered on root (other
+        ranks get the param_groups only; save it from root)."""
         return self.sharded.state_dict() if self.sharded else self.optimizer.state_dict()
 
     def load_state_dict(self, state_dict):

@@ -27,6 +27,7 @@ not, resumes from them.
 """
 import inspect
 import math
+import weakref
 from itertools import accumulate
 
 import torch
@@ -35,10 +36,15 @@ from .flat import Bucket, zeros
 from .nonfinite import grads_finite
 from .reducer import COMPRESSION, DEFAULT_CHUNK_MB, weak_grad_hook
 
-__all__ = ["ShardedOptimizer", "NOT_ELEMENTWISE", "STAGES"]
+__all__ = ["ShardedOptimizer", "ELEMENTWISE", "STAGES"]
 
-NOT_ELEMENTWISE = (torch.optim.LBFGS,)  # updates that need the whole vector (line searches, ...)
+# Updates that treat each element on its own, so that one slice steps as the whole would. Others are
+# refused: LBFGS's line search needs the whole vector, Adafactor factors rows and columns, Muon
+# orthogonalises whole matrices, SparseAdam needs sparse gradients.
+ELEMENTWISE = tuple(getattr(torch.optim, name) for name in ("SGD", "Adam", "AdamW", "Adamax", "Adagrad", "Adadelta",
+                                                            "RMSprop", "Rprop", "NAdam", "RAdam", "ASGD"))
 STAGES = (1, 2)
+_LIVE = weakref.WeakSet()  # sharded optimizers alive: two over one parameter would fight over its .grad
 
 
 class _FlatGroup:
@@ -96,9 +102,7 @@ class ShardedOptimizer:
 
     def __init__(self, optimizer, comm, *, stage=1, op="sum", compression="none", bucket_mb=25.0,
                  chunk_mb=DEFAULT_CHUNK_MB, check_finite=False):
-        if isinstance(optimizer, NOT_ELEMENTWISE):
-            raise ValueError(f"{type(optimizer).__name__} cannot be sharded: its update needs the whole "
-                             f"parameter vector (a line search over all of it), not one slice of it")
+        _check_shardable(optimizer)
         if stage not in STAGES or op not in ("sum", "average") or compression not in COMPRESSION:
             raise ValueError(f"stage must be 1 or 2, op 'sum' or 'average', compression one of "
                              f"{', '.join(COMPRESSION)}; got {stage!r}, {op!r}, {compression!r}")
@@ -106,33 +110,44 @@ class ShardedOptimizer:
             raise ValueError("distml shards CPU tensors; move the model to the CPU")
         self.comm, self.full, self.stage, self.op = comm, optimizer, stage, op  # full: the layout, never stepped
         self.wire = COMPRESSION[compression] if comm.size > 1 else None
-        self.chunk = max(comm.size, int(chunk_mb * 2**20) // 4)  # elements a call
         self.groups, shard_groups = [], []
-        for group in optimizer.param_groups:
-            params = [p for p in group["params"] if p.requires_grad]
-            if params:
-                flat = _FlatGroup(params, comm.rank, comm.size, stage, bucket_mb * 2**20)
-                self.groups.append(flat)
-                shard_groups.append({**_settings(group), "params": [flat.shard]})
+        for group in self._full_groups():
+            flat = _FlatGroup(_trainable(group), comm.rank, comm.size, stage, bucket_mb * 2**20)
+            self.groups.append(flat)
+            shard_groups.append({**_settings(group), "params": [flat.shard]})
+        mine = {id(p) for flat in self.groups for p in flat.params}
+        if any(mine & {id(p) for f in other.groups for p in f.params} for other in list(_LIVE)):
+            raise ValueError("these parameters are already sharded by another ShardedOptimizer that is alive: "
+                             "close() it (or let it go) first; both would take the same gradients")
+        dtype = self.groups[0].data.dtype if self.groups else torch.float32
+        if len({flat.data.dtype for flat in self.groups}) > 1:
+            raise ValueError("the sharded optimizer moves gradients through buffers of one dtype: give every "
+                             "parameter group the same dtype")
+        self.chunk = max(comm.size, int(chunk_mb * 2**20) // (self.wire or dtype).itemsize)  # elements a call
         accepted = inspect.signature(type(optimizer).__init__).parameters  # defaults hold derived keys too
         self.inner = type(optimizer)(shard_groups, **{k: v for k, v in optimizer.defaults.items() if k in accepted})
         # check_finite: look for this rank's first non-finite gradient (one sum a piece), kept in `nonfinite`
         self.passes, self.check_finite, self.nonfinite = 1, check_finite, None
-        self._hooks = []
         self._order = [(g, b) for g, flat in enumerate(self.groups) for b in range(len(flat.buckets))][::-1]
-        if stage == 1:
-            self._hooks = [self._accumulator(p).register_prehook(weak_grad_hook(self, "_into_flat", flat, k))
-                           for flat in self.groups for k, p in enumerate(flat.params)]
+        self._position = {key: i for i, key in enumerate(self._order)}
+        largest = max((hi - lo for flat in self.groups for *_, lo, hi in flat.buckets), default=0)
+        self._staging = zeros(min(largest, self.chunk), dtype) if stage == 2 else None  # one piece
+        self._wire = torch.empty(self.chunk, dtype=self.wire) if self.wire else None
+        self._peak_live = 0  # stage 2: the most bytes of whole gradients alive at once (backward's hooks)
+        if stage == 1:  # the accumulators are kept: autograd holds them weakly, and their hooks with them
+            self._accumulators = [self._accumulator(p) for flat in self.groups for p in flat.params]
+            hooks = [acc.register_prehook(weak_grad_hook(self, "_into_flat", flat, k)) for acc, (flat, k) in
+                     zip(self._accumulators, [(f, k) for f in self.groups for k in range(len(f.params))])]
         else:
-            if len({flat.data.dtype for flat in self.groups}) > 1:
-                raise ValueError("stage 2 copies gradients through one buffer: give every group one dtype")
-            largest = max((hi - lo for flat in self.groups for *_, lo, hi in flat.buckets), default=0)
-            dtype = self.groups[0].data.dtype if self.groups else torch.float32
-            self._staging = zeros(min(largest, self.chunk), self.wire or dtype)  # one piece
-            self._hooks = [p.register_post_accumulate_grad_hook(weak_grad_hook(self, "_arrived", g, b))
-                           for g, flat in enumerate(self.groups) for b, (first, stop, *_) in enumerate(flat.buckets)
-                           for p in flat.params[first:stop]]
+            hooks = [p.register_post_accumulate_grad_hook(weak_grad_hook(self, "_arrived", g, b))
+                     for g, flat in enumerate(self.groups) for b, (first, stop, *_) in enumerate(flat.buckets)
+                     for p in flat.params[first:stop]]
+        self._hooks = hooks
+        self._finalizer = weakref.finalize(self, _remove, hooks)
+        _LIVE.add(self)
         self.zero_grad()
+        if optimizer.state:  # state it already had (loaded, or stepped before): into the slices
+            self.load_state_dict(optimizer.state_dict())
 
     @property
     def param_groups(self):
@@ -150,7 +165,8 @@ class ShardedOptimizer:
             flat.shard.grad.zero_()
         self._arrivals = {}  # (group, bucket) -> gradients finished in the last pass
         self._started = 0  # how many of _order were reduce-scattered this step
-        self.nonfinite = None
+        self._alive, self._live = set(), 0  # stage 2: the parameters whose whole gradient exists, its bytes
+        self.reduced, self.nonfinite = False, None
 
     def step(self, closure=None):
         """Reduce-scatter the gradients, step this rank's slice, all-gather the parameters."""
@@ -171,6 +187,8 @@ class ShardedOptimizer:
         pass); later ones accumulate there. Where autograd would copy anyway it passes unchanged."""
         (grad,) = grads
         p = flat.params[k]
+        if self.reduced:
+            raise RuntimeError(_LATE)
         if p.grad is not None or grad.is_sparse or torch.is_grad_enabled() or not p.is_contiguous():
             return None
         return (flat.grads.views[k].detach().copy_(grad),)
@@ -178,7 +196,13 @@ class ShardedOptimizer:
     def _arrived(self, g, b, param):
         """Stage 2: a gradient is finished; reduce the buckets that are complete, in the fixed order."""
         key = (g, b)
+        if self.reduced or self._position[key] < self._started:
+            raise RuntimeError(_LATE)
         self._arrivals[key] = self._arrivals.get(key, 0) + 1
+        if id(param) not in self._alive:
+            self._alive.add(id(param))
+            self._live += param.numel() * param.element_size()
+            self._peak_live = max(self._peak_live, self._live)
         while self._started < len(self._order):
             g, b = self._order[self._started]
             first, stop, *_ = self.groups[g].buckets[b]
@@ -194,6 +218,9 @@ class ShardedOptimizer:
         self._reduce_range(g, lambda a, z: self._gathered(flat, first, stop, a, z), lo, hi,
                            f"bucket {b + 1} of {len(flat.buckets)}")
         for p in flat.params[first:stop]:
+            if id(p) in self._alive:
+                self._alive.discard(id(p))
+                self._live -= p.numel() * p.element_size()
             p.grad = None
         self._started += 1
 
@@ -205,14 +232,20 @@ class ShardedOptimizer:
             lo, hi = max(a, flat.offsets[k]), min(b, flat.offsets[k + 1])
             grad = flat.params[k].grad
             if lo < hi and grad is not None:
-                out[lo - a:hi - a].copy_(grad.detach().reshape(-1)[lo - flat.offsets[k]:hi - flat.offsets[k]])
+                grad = grad.detach().to_dense() if grad.is_sparse else grad.detach()  # a sparse Embedding's
+                out[lo - a:hi - a].copy_(grad.reshape(-1)[lo - flat.offsets[k]:hi - flat.offsets[k]])
         if self.check_finite and self.nonfinite is None and not grads_finite([out]):
             self.nonfinite = next((p for p in flat.params[first:stop] if p.grad is not None and
                                    not bool(torch.isfinite(p.grad).all())), flat.params[first])
         return out
 
     def reduce_gradients(self):
-        """Each rank's slice of every group's summed (or averaged) gradient, in its shard's .grad."""
+        """Each rank's slice of every group's summed (or averaged) gradient, in its shard's .grad.
+
+        Once a step: until zero_grad(), a second call does nothing and a backward raises.
+        """
+        if self.reduced:
+            return
         if self.stage == 1:
             for g, flat in enumerate(self.groups):
                 flat.grads.attach_grads()  # None (unused, or no backward on this rank) becomes zero
@@ -223,10 +256,10 @@ class ShardedOptimizer:
         else:
             while self._started < len(self._order):  # those backward did not finish (unused, no data, DP)
                 self._reduce_bucket(*self._order[self._started])
-            self._arrivals, self._started = {}, 0
-        if self.op == "average":
+        if self.op == "average" and self.wire is None:  # with a wire dtype, divided before it (as the reducer)
             for flat in self.groups:
                 flat.shard.grad.div_(self.comm.size)
+        self.reduced = True
 
     def _reduce_range(self, g, source, lo, hi, label):
         """Reduce-scatter flat range [lo, hi) of group g into the slices, in pieces; source(a, b): elements [a, b)."""
@@ -237,11 +270,10 @@ class ShardedOptimizer:
             send = source(a, b)
             start, stop = flat.mine(a, b)
             out = flat.shard.grad[max(start, 0):max(stop, start, 0)]
-            if self.wire is not None:
-                send = send if send.dtype == self.wire else send.to(self.wire)
+            recv = out
+            if self.wire is not None:  # half precision on the wire: divided first for an average
+                send = self._wire[:b - a].copy_(send if self.op == "sum" else send / self.comm.size)
                 recv = torch.empty(out.numel(), dtype=self.wire)
-            else:
-                recv = out
             what = (f"the sharded optimizer's gradient slices (group {g + 1}, {label}"
                     + (f", piece {i + 1} of {len(pieces)}" if len(pieces) > 1 else "") + ")")
             self.comm.reduce_scatter_(send, recv, flat.counts(a, b), what=what)
@@ -280,42 +312,63 @@ class ShardedOptimizer:
 
     def _full_groups(self):
         """The wrapped optimizer's groups that hold trainable parameters (one per flat group)."""
-        return [g for g in self.full.param_groups if any(p.requires_grad for p in g["params"])]
+        return [g for g in self.full.param_groups if _trainable(g)]
 
     # -- checkpoints: the whole state, per parameter, in the unsharded optimizer's format --
     def state_dict(self):
-        """The full optimizer's state_dict (a collective): each state tensor gathered and cut per parameter."""
+        """The full optimizer's state_dict on root, the slices gathered there and cut per parameter
+        (views of one buffer a key: torch.save writes it once); elsewhere only the param_groups.
+        A collective: call it on every rank."""
         self.full.state.clear()
         for flat in self.groups:
             for key, value in self.inner.state.get(flat.shard, {}).items():
                 whole = self._gather(flat, value) if torch.is_tensor(value) and value.dim() == 1 else None
+                if not self.comm.is_root:
+                    continue
                 for p, offset in zip(flat.params, flat.offsets):
                     self.full.state.setdefault(p, {})[key] = (  # a step counter each: optimizers add in place
-                        whole[offset:offset + p.numel()].view_as(p).clone() if whole is not None else
+                        whole[offset:offset + p.numel()].view_as(p) if whole is not None else
                         value.clone() if torch.is_tensor(value) else value)
         state = self.full.state_dict()
         self.full.state.clear()
         return state
 
     def load_state_dict(self, state):
-        """From a full optimizer's state_dict (any world size, sharded or not): this rank's slices."""
+        """From a full optimizer's state_dict (any world size, sharded or not): this rank's slices.
+
+        A parameter without state (it never had a gradient) gets zeros; the step counts of a
+        group's parameters must agree, as one counter steps the slice."""
         self.full.load_state_dict(state)
-        for flat in self.groups:
-            shard_state = {}
-            for key in self.full.state.get(flat.params[0], {}):
-                values = [self.full.state[p][key] for p in flat.params]
-                if torch.is_tensor(values[0]) and values[0].dim() > 0:
-                    whole = torch.zeros(flat.padded, dtype=values[0].dtype)
-                    whole[:flat.offsets[-1]] = torch.cat([v.reshape(-1) for v in values])
-                    shard_state[key] = whole[flat.start:flat.start + flat.slice_len].clone()
-                else:
-                    shard_state[key] = values[0].clone() if torch.is_tensor(values[0]) else values[0]
-            self.inner.state[flat.shard] = shard_state
-        self.full.state.clear()
+        try:
+            for g, flat in enumerate(self.groups):
+                self.inner.state[flat.shard] = self._slice_state(g, flat)
+        finally:
+            self.full.state.clear()
+
+    def _slice_state(self, g, flat):
+        held = [self.full.state.get(p, {}) for p in flat.params]
+        shard_state = {}
+        for key in dict.fromkeys(k for s in held for k in s):
+            values = [s.get(key) for s in held]
+            given = next(v for v in values if v is not None)
+            if torch.is_tensor(given) and given.dim() > 0:
+                whole = torch.zeros(flat.padded, dtype=given.dtype)
+                for p, offset, v in zip(flat.params, flat.offsets, values):
+                    if v is not None:
+                        whole[offset:offset + p.numel()] = v.reshape(-1)
+                shard_state[key] = whole[flat.start:flat.start + flat.slice_len].clone()
+            else:
+                numbers = {float(v) for v in values if v is not None}
+                if len(numbers) > 1:
+                    raise ValueError(f"cannot shard this optimizer state: the parameters of group {g + 1} have "
+                                     f"different '{key}' values {sorted(numbers)}, and a slice has one")
+                shard_state[key] = given.clone() if torch.is_tensor(given) else given
+        return shard_state
 
     def _gather(self, flat, value):
-        whole = torch.zeros(flat.padded, dtype=value.dtype)
-        self.comm.allgather_(value.contiguous(), whole)
+        """This group's slices of `value`, in order, on root (a padded whole there; None elsewhere)."""
+        whole = torch.zeros(flat.padded, dtype=value.dtype) if self.comm.is_root else None
+        self.comm.gather_(value.contiguous(), whole)
         return whole
 
     def state_bytes(self):
@@ -324,16 +377,46 @@ class ShardedOptimizer:
                    for t in state.values() if torch.is_tensor(t))
 
     def gradient_bytes(self):
-        """Bytes of gradient buffers this rank keeps between steps (stage 1: the whole; 2: slice + one piece)."""
+        """Bytes of gradient buffers this rank keeps between steps (stage 1: the whole and the slice;
+        2: the slice and one piece)."""
         held = [flat.shard.grad for flat in self.groups]
         held += [flat.grads.buffer for flat in self.groups] if self.stage == 1 else [self._staging]
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 
+    def gradient_peak_bytes(self):
+        """The most gradient bytes alive at once so far: at stage 2 also the whole gradients backward made
+        before their bucket was reduced (seen by the hooks: not what DP-SGD's per-sample path sets)."""
+        return self.gradient_bytes() + (self._peak_live if self.stage == 2 else 0)
+
     def close(self):
-        """Remove the gradient hooks (a new optimizer for the same model)."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
+        """Remove the gradient hooks and let another sharded optimizer take these parameters."""
+        self._finalizer()
+        _LIVE.discard(self)
+        self.groups = []
+
+
+_LATE = ("gradients arrived after this step's reduction (more backward passes than declared, or a backward "
+         "after synchronize() or reduce_gradients()): call zero_grad() before the next backward")
+
+
+def _check_shardable(optimizer):
+    name = type(optimizer).__name__
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ValueError(f"{name} cannot be sharded: its update needs the whole parameter vector (a line search "
+                         f"over all of it), not one slice of it")
+    if not isinstance(optimizer, ELEMENTWISE):
+        raise ValueError(f"{name} cannot be sharded: a slice steps as the whole only where the update treats each "
+                         f"element on its own, as in {', '.join(c.__name__ for c in ELEMENTWISE)} (Adafactor's "
+                         f"row and column factors and Muon's whole matrices do not)")
+
+
+def _trainable(group):
+    return [p for p in group["params"] if p.requires_grad and p.numel()]
+
+
+def _remove(handles):
+    for handle in handles:
+        handle.remove()
 
 
 def _settings(group):

@@ -131,7 +131,8 @@ class SyncStrategy(Strategy):
                                             position, dtype=torch.float32)
         offset = 0
         for p in params:
-            p.grad.add_(noise[offset:offset + p.numel()].view_as(p))
+            part = noise[offset:offset + p.numel()].view_as(p)
+            p.grad = part.clone() if p.grad is None else p.grad.add_(part)  # None: root drew no sample
             offset += p.numel()
 
     def _step(self, position):
@@ -208,16 +209,19 @@ class SyncStrategy(Strategy):
         return self.private.check_resume((state or {}).get("privacy")) if self.private else None
 
     def summary(self, history, train_time):
-        """Also the optimizer-state and gradient bytes (the most any rank holds) and the peak RSS (a collective)."""
+        """Also the optimizer-state and gradient bytes (the most any rank holds between steps; gradients also
+        at their peak, whole ones included) and the peak RSS (a collective)."""
         if self.cfg.zero:
-            state, grads = self.optimizer.state_bytes(), self.optimizer.gradient_bytes()
+            state, grads, peak = (self.optimizer.state_bytes(), self.optimizer.gradient_bytes(),
+                                  self.optimizer.gradient_peak_bytes())
         else:
             state = _state_bytes(self.optimizer)
-            grads = sum(b.buffer.numel() * b.buffer.element_size() for b in self.reducer.buckets)
+            grads = peak = sum(b.buffer.numel() * b.buffer.element_size() for b in self.reducer.buckets)
         rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        most = self.comm.allreduce_max_(torch.tensor([state, grads, rss_kib], dtype=torch.int64)).tolist()
+        most = self.comm.allreduce_max_(torch.tensor([state, grads, peak, rss_kib], dtype=torch.int64)).tolist()
         return {"epochs": self.epochs(), "steps": self.total_steps, "global_batch_size": self.global_batch,
-                "optimizer_state_bytes": most[0], "gradient_bytes": most[1], "peak_rss_mib": most[2] / 1024,
+                "optimizer_state_bytes": most[0], "gradient_bytes": most[1], "gradient_peak_bytes": most[2],
+                "peak_rss_mib": most[3] / 1024,
                 **(self.private.record(self.total_steps) if self.private else {})}
 
     # -- a lost rank: the survivors share each global batch ---------------------------
