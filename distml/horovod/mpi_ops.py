@@ -412,15 +412,25 @@ def _splits_error(tensor, splits, size):
     return None
 
 
+def _split_counts(splits):
+    """`splits` as a list of ints, and the error if they are not integers (Horovod refuses those too)."""
+    counts = splits if isinstance(splits, torch.Tensor) else torch.as_tensor(splits)
+    if counts.dtype.is_floating_point or counts.dtype.is_complex or counts.dtype == torch.bool:
+        return None, (f"alltoall expects splits to contain integers, got {counts.dtype}: pass a list of ints "
+                      "or a torch.int32 tensor")
+    if counts.dim() > 1:
+        return None, f"alltoall expects a 1D splits tensor, got {counts.dim()} dimensions"
+    return counts.reshape(-1).tolist(), None
+
+
 def alltoall_async(tensor, splits=None, name=None, process_set=global_process_set):
     """Start sending splits[r] rows of `tensor` to rank r (equal parts without splits).
 
     synchronize() returns (received rows, received splits as an int32 tensor).
     """
     size = _comm().size
-    error = _tensor_error(tensor, process_set)
-    wanted = None if splits is None else [int(s) for s in torch.as_tensor(splits).reshape(-1).tolist()]
-    error = error or _splits_error(tensor, wanted, size)
+    wanted, error = (None, None) if splits is None else _split_counts(splits)
+    error = _tensor_error(tensor, process_set) or error or _splits_error(tensor, wanted, size)
     ok = error is None
     operation = Operation(Kind.ALLTOALL, tensor.dtype if ok else None, tuple(tensor.shape[1:]) if ok else (),
                           0, name)

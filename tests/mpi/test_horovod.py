@@ -187,6 +187,18 @@ def test_alltoall_with_splits_returns_rows_and_received_splits():
 
 
 @pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("splits", [torch.ones(2, dtype=torch.float32), [1.0, 1.0], torch.ones(2, dtype=torch.bool)],
+                         ids=["float32 tensor", "list of floats", "bool tensor"])
+def test_alltoall_refuses_splits_that_are_not_integers_on_every_rank(splits):
+    r, n = _rn()
+    splits = splits[:1].expand(n) if isinstance(splits, torch.Tensor) else splits[:1] * n
+    with pytest.raises(ValueError, match="alltoall expects splits to contain integers"):
+        hvd.alltoall(torch.zeros(n), splits)
+    for good in (torch.ones(n, dtype=torch.int32), torch.ones(n, dtype=torch.int64), [1] * n):
+        assert hvd.alltoall(torch.full((n,), float(r)), good)[0].tolist() == [float(q) for q in range(n)]
+
+
+@pytest.mark.mpi(min_size=2)
 def test_reducescatter_gives_the_first_ranks_one_row_more():
     r, n = _rn()
     rows = 2 * n + 1  # not divisible: rank 0 gets 3 rows, the others 2
