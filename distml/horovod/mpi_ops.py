@@ -9,7 +9,7 @@ with Horovod's gradient formulas.
 """
 import itertools
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -29,20 +29,24 @@ _MPI_OP = {Average: "sum", Sum: "sum", Min: "min", Max: "max", Product: "prod"}
 
 @dataclass
 class _Pending:
-    """An operation in flight: its MPI requests, and what turns the buffers into the result."""
-    requests: list
+    """An operation this rank has made: parked (`begin` set) until the others make it, then in flight."""
+    operation: Operation
+    begin: object             # comm -> (MPI requests, buffers MPI still reads or writes); None once started
     finish: object            # () -> the result synchronize() returns
-    name: str = None
-    keep: list = field(default_factory=list)  # buffers MPI still reads or writes
+    error: str = None         # this rank's objection, raised on every rank by the negotiation
+    requests: list = ()       # assigned when it starts
+    keep: list = ()
 
 
 _pending = {}        # handle -> _Pending
+_parked = []         # handles of operations waiting for ranks that were in barrier(), in call order
 _names = {}          # name -> handle, for the names in flight
 _handles = itertools.count(1)
 
 
 def _reset():
     _pending.clear()
+    _parked.clear()
     _names.clear()
 
 
@@ -50,37 +54,103 @@ def _comm():
     return basics._comm_checked()
 
 
-def _start(operation, requests_fn, finish, error=None):
-    """Negotiate `operation`, then start it; returns its handle."""
-    comm = _comm()
-    if error is None and operation.name is not None and operation.name in _names:
-        error = (f"name {operation.name!r} is still in use by an unfinished operation: synchronize() its "
-                 "handle before reusing the name")
-    negotiate(comm, operation, error=error)
-    requests, keep = requests_fn(comm)
+def _start(operation, begin, finish, error=None, *, may_wait=False):
+    """Register `operation` and start it once every rank makes it; returns its handle.
+
+    may_wait (the `_async` calls): while other ranks are in barrier() the
+    operation is parked, and starts at a later call on this rank, as Horovod
+    lets a barrier pass operations not every rank has made yet.
+    """
+    if operation.name is not None and operation.name in _names:
+        raise ValueError(f"Requested to {Kind.NAMES[operation.kind]} a tensor named {operation.name!r} while "
+                         "another operation of that name is still in flight: synchronize() its handle first, "
+                         "or use a different name")
     handle = next(_handles)
-    _pending[handle] = _Pending(requests, finish, operation.name, keep)
+    _pending[handle] = _Pending(operation, begin, finish, error)
     if operation.name is not None:
         _names[operation.name] = handle
+    may_wait = may_wait and error is None
+    if _parked:  # it starts after them
+        _parked.append(handle)
+        _start_parked(until=handle, may_wait=may_wait)
+    elif not _begin(handle, may_wait):
+        _parked.append(handle)
     return handle
+
+
+def _begin(handle, may_wait):
+    """Negotiate and start one operation; False if it waits for ranks in barrier() (it is parked)."""
+    pending = _pending[handle]
+    try:
+        if negotiate(_comm(), pending.operation, error=pending.error, may_wait=may_wait).wait:
+            return False
+        pending.requests, pending.keep = pending.begin(_comm())
+    except BaseException:
+        _drop_parked(handle)  # the ranks no longer agree on the order of what is parked
+        raise
+    pending.begin = None
+    return True
+
+
+def _start_parked(*, until=None, may_wait=True):
+    """Start the parked operations in call order, up to `until`; False if they wait on."""
+    while _parked:
+        handle = _parked[0]
+        if not _begin(handle, may_wait):
+            return False
+        _parked.pop(0)
+        if handle == until:
+            break
+    return True
+
+
+def _drop_parked(failed):
+    for handle in dict.fromkeys([failed, *_parked]):
+        _free_name(handle, _pending.pop(handle))
+    _parked.clear()
+
+
+def _free_name(handle, pending):
+    name = pending.operation.name
+    if name is not None and _names.get(name) == handle:
+        del _names[name]
 
 
 def poll(handle):
     """Whether the operation behind `handle` has completed (synchronize() will not block)."""
     pending = _pending.get(handle)
-    return pending is None or all(_comm().test(r) for r in pending.requests)
+    if pending is None:
+        return True
+    if pending.begin is not None and not _start_parked(until=handle):
+        return False
+    done = all(_comm().test(r) for r in pending.requests)
+    if done:
+        _free_name(handle, pending)
+    return done
 
 
 def synchronize(handle):
     """Wait for the operation behind `handle`; returns its result (None for an unknown handle)."""
-    pending = _pending.pop(handle, None)
+    pending = _pending.get(handle)
     if pending is None:
         return None
-    if pending.name is not None:
-        _names.pop(pending.name, None)
+    if pending.begin is not None:
+        _start_parked(until=handle, may_wait=False)  # the others must make it now, not after a barrier
+    del _pending[handle]
+    _free_name(handle, pending)
     for request in pending.requests:
         _comm().wait(request, what=f"synchronize({handle})")
     return pending.finish()
+
+
+def _complete_started():
+    """Wait for every operation started so far; their names are free again (results stay for synchronize())."""
+    for handle, pending in list(_pending.items()):
+        if pending.begin is None:
+            for request in pending.requests:
+                _comm().wait(request, what="barrier")
+            pending.requests = []
+            _free_name(handle, pending)
 
 
 # -- checks every rank makes before it negotiates ------------------------------------------------------
@@ -160,7 +230,7 @@ def _allreduce_start(tensor, name, op, prescale_factor, postscale_factor, proces
     def finish():
         with torch.no_grad():
             return _finish_reduction(buffer, op, postscale_factor, _comm().size)
-    return _start(operation, begin, finish, error)
+    return _start(operation, begin, finish, error, may_wait=not blocking)
 
 
 def allreduce_async_(tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0,
@@ -241,7 +311,7 @@ def _grouped_start(tensors, name, op, prescale_factor, postscale_factor, process
             for t, piece in zip(tensors, pieces):
                 t.copy_(piece)
         return tensors
-    return _start(operation, begin, finish, error)
+    return _start(operation, begin, finish, error, may_wait=not blocking)
 
 
 def grouped_allreduce_async_(tensors, average=None, name=None, op=None, prescale_factor=1.0,
@@ -305,7 +375,7 @@ def allgather_async(tensor, name=None, process_set=global_process_set):
         state["out"] = data.new_empty((int(firsts.sum()), *rows))
         row = _numel(rows)
         return [comm.iallgatherv(data, state["out"], [int(f) * row for f in firsts])], [data]
-    return _start(operation, begin, lambda: state["out"], error)
+    return _start(operation, begin, lambda: state["out"], error, may_wait=True)
 
 
 def _numel(shape):
@@ -355,7 +425,7 @@ def _broadcast_start(tensor, root_rank, name, process_set, *, in_place, blocking
             comm.broadcast_(buffer.detach(), root_rank, what=name)
             return [], [buffer]
         return [comm.ibroadcast_(buffer.detach(), root_rank)], [buffer]
-    return _start(operation, begin, lambda: buffer, error)
+    return _start(operation, begin, lambda: buffer, error, may_wait=not blocking)
 
 
 def broadcast_async_(tensor, root_rank, name=None, process_set=global_process_set):
@@ -445,7 +515,7 @@ def alltoall_async(tensor, splits=None, name=None, process_set=global_process_se
         row = _numel(data.shape[1:])
         return [comm.ialltoallv(data, [s * row for s in send], state["out"],
                                 [int(r) * row for r in received])], [data]
-    return _start(operation, begin, lambda: (state["out"], state["splits"]), error)
+    return _start(operation, begin, lambda: (state["out"], state["splits"]), error, may_wait=True)
 
 
 class _Alltoall(torch.autograd.Function):
@@ -500,7 +570,7 @@ def reducescatter_async(tensor, name=None, op=Average, process_set=global_proces
 
     def finish():
         return _finish_reduction(state["out"], op, postscale_factor, _comm().size)
-    return _start(operation, begin, finish, error)
+    return _start(operation, begin, finish, error, may_wait=True)
 
 
 class _Reducescatter(torch.autograd.Function):
@@ -529,7 +599,10 @@ def reducescatter(tensor, name=None, compression=Compression.none, op=Average, p
 def barrier(process_set=global_process_set):
     """Return once every rank has called barrier()."""
     error = basics._check_process_set(process_set)
-    negotiate(_comm(), Operation(Kind.BARRIER), error=error)
+    _start_parked()  # what still waits is made by the ranks that are here after this barrier
+    _complete_started()
+    while negotiate(_comm(), Operation(Kind.BARRIER), error=error).wait:
+        pass  # other ranks parked an operation of theirs: they come here next
     _comm().barrier(what="barrier")
 
 
@@ -540,6 +613,7 @@ def join(device=-1):
     another rank's join() (Horovod's rule); anything else raises on every rank.
     """
     comm = _comm()
+    _start_parked(may_wait=False)
     contributions = []  # (request, buffer) of the allreduces this rank joined in
     first = True
     while True:
@@ -547,6 +621,8 @@ def join(device=-1):
         first = False
         if outcome.all_joined:
             break
+        if outcome.wait:
+            continue
         if outcome.kind == Kind.BARRIER:
             comm.barrier(what="barrier (joined)")
             continue

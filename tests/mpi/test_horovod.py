@@ -4,8 +4,9 @@
     mpirun -n 3 python -m pytest --with-mpi tests/mpi/test_horovod.py
 
 Rank r contributes values made from r, so every expected result is a short
-formula of the world size n. Errors must be raised on every rank alike, and
-the job must go on working after them.
+formula of the world size n. Errors must be raised on every rank alike (but a
+name repeated while in flight, which Horovod refuses on the rank that repeats
+it), and the job must go on working after them.
 """
 import math
 import time
@@ -290,14 +291,58 @@ def test_broadcast_from_a_rank_that_does_not_exist_raises_everywhere():
         hvd.broadcast_(torch.zeros(2), root_rank=n if r == 0 else 0)  # one rank's mistake, raised by all
 
 
+_ASYNC_CALLS = {
+    "allreduce": lambda t: hvd.allreduce_async(t, name="duplicate", op=hvd.Sum),
+    "allgather": lambda t: hvd.allgather_async(t, name="duplicate"),
+    "broadcast": lambda t: hvd.broadcast_async(t, root_rank=1, name="duplicate"),
+    "reducescatter": lambda t: hvd.reducescatter_async(t, name="duplicate", op=hvd.Sum),
+}
+
+
 @pytest.mark.mpi(min_size=2)
-def test_a_name_still_in_flight_is_refused_on_every_rank():
+@pytest.mark.parametrize("call", _ASYNC_CALLS)
+def test_a_name_in_flight_repeated_raises_on_that_rank_only_and_its_operation_still_runs(call):
     r, n = _rn()
-    handle = hvd.allreduce_async(torch.ones(2), name="grad.w")
-    with pytest.raises(HorovodInternalError, match="'grad.w' is still in use"):
-        hvd.allreduce_async(torch.ones(2), name="grad.w" if r == 0 else "grad.b")
-    assert hvd.synchronize(handle).tolist() == [1.0, 1.0]
-    assert hvd.synchronize(hvd.allreduce_async(torch.ones(2), name="grad.w")).tolist() == [1.0, 1.0]
+    tensor = torch.full((n, 2), r + 1.0)
+    handle = None
+    for turn in (0, 1):  # Horovod's test: rank 0 repeats the name while the others wait in barrier()
+        if (r == 0) == (turn == 0):
+            handle = _ASYNC_CALLS[call](tensor)
+            with pytest.raises(ValueError, match="'duplicate' while another operation of that name is still in"):
+                _ASYNC_CALLS[call](tensor)
+        hvd.barrier()
+
+    result = hvd.synchronize(handle)
+    rows = result[0] if isinstance(result, list) else result  # grouped calls give a list
+    total = n * (n + 1) / 2
+    expected = {"allreduce": [[total] * 2] * n, "broadcast": [[2.0] * 2] * n,
+                "allgather": [[q + 1.0] * 2 for q in range(n) for _ in range(n)]}
+    assert rows.tolist() == expected.get(call, [[total] * 2])  # a reduce-scatter leaves one row per rank
+    assert hvd.allreduce(torch.ones(1), op=hvd.Sum).item() == n  # the next call works
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_name_is_free_again_after_synchronize_poll_or_barrier():
+    r, n = _rn()
+    first = hvd.allreduce_async(torch.ones(1), name="grad.w")
+    while not hvd.poll(first):
+        pass
+    second = hvd.allreduce_async(torch.ones(1), name="grad.w")  # poll() saw the first complete
+    hvd.barrier()
+    third = hvd.allreduce_async(torch.ones(1), name="grad.w")  # barrier() completed the second
+    assert [hvd.synchronize(h).item() for h in (third, first, second)] == [1.0] * 3
+    assert hvd.synchronize(hvd.allreduce_async(torch.ones(1), name="grad.w")).item() == 1.0
+
+
+@pytest.mark.mpi(min_size=2)
+def test_waiting_for_an_operation_the_others_make_only_after_a_barrier_raises_on_every_rank():
+    r, n = _rn()
+    with pytest.raises(HorovodInternalError, match="rank 0: allreduce of float32 \\[1\\] named 'early'; rank 1: barrier"):
+        if r == 0:
+            hvd.synchronize(hvd.allreduce_async(torch.ones(1), name="early"))  # Horovod would wait forever
+        else:
+            hvd.barrier()
+    assert hvd.allreduce(torch.ones(1), name="early", op=hvd.Sum).item() == n
 
 
 @pytest.mark.mpi(min_size=2)
