@@ -22,7 +22,7 @@ __all__ = ["allreduce", "allreduce_", "allreduce_async", "allreduce_async_", "gr
            "grouped_allreduce_", "grouped_allreduce_async", "grouped_allreduce_async_", "allgather",
            "allgather_async", "grouped_allgather", "broadcast", "broadcast_", "broadcast_async",
            "broadcast_async_", "alltoall", "alltoall_async", "reducescatter", "reducescatter_async",
-           "barrier", "join", "poll", "synchronize"]
+           "grouped_reducescatter", "grouped_reducescatter_async", "barrier", "join", "poll", "synchronize"]
 
 _MPI_OP = {Average: "sum", Sum: "sum", Min: "min", Max: "max", Product: "prod"}
 
@@ -548,43 +548,79 @@ def _rows_per_rank(first, size):
     return [first // size + (1 if r < first % size else 0) for r in range(size)]
 
 
-def reducescatter_async(tensor, name=None, op=Average, process_set=global_process_set, prescale_factor=1.0,
-                        postscale_factor=1.0):
-    """Start reducing `tensor` over all ranks; each keeps its share of the rows (the first ranks one more)."""
-    error = _tensor_error(tensor, process_set) or _op_error(op)
-    if error is None and tensor.dim() == 0:
-        error = "reducescatter needs a tensor of at least one dimension, got a scalar"
-    if error is None and tensor.dtype == torch.bool:
-        error = "reducescatter of bool tensors is not supported: convert to torch.uint8"
-    ok = error is None
-    operation = Operation(Kind.REDUCESCATTER, tensor.dtype if ok else None, tuple(tensor.shape) if ok else (),
-                          0, name, op=int(op), scale=(prescale_factor, postscale_factor))
+def _reducescatter_error(tensors, op, process_set, what):
+    error = next((e for e in (_tensor_error(t, process_set) for t in tensors) if e), None) or _op_error(op)
+    if error is None and not tensors:
+        error = f"{what} needs at least one tensor"
+    if error is None and any(t.dim() == 0 for t in tensors):
+        error = f"{what} needs tensors of at least one dimension, got a scalar"
+    if error is None and len({t.dtype for t in tensors}) > 1:
+        error = f"{what} needs tensors of one dtype: call it once per dtype"
+    if error is None and tensors[0].dtype == torch.bool:
+        error = f"{what} of bool tensors is not supported: convert to torch.uint8"
+    return error
+
+
+def _reducescatter_start(tensors, name, op, prescale_factor, postscale_factor, process_set, *, what, one=False):
+    """One negotiation and one Ireduce_scatter for a list of tensors; synchronize() gives this rank's rows of each.
+
+    The send buffer holds rank 0's rows of every tensor, then rank 1's, ...:
+    each rank receives its rows of all the tensors as one contiguous piece.
+    """
+    tensors = list(tensors)
+    error = _reducescatter_error(tensors, op, process_set, what)
+    shapes = () if error else tuple(tuple(t.shape) for t in tensors)
+    operation = Operation(Kind.REDUCESCATTER, None if error else tensors[0].dtype,
+                          shapes[0] if len(shapes) == 1 else shapes, 0, name, op=int(op),
+                          scale=(prescale_factor, postscale_factor))
     state = {}
 
     def begin(comm):
-        data = _scale_(tensor.detach().clone(memory_format=torch.contiguous_format), prescale_factor)
-        rows = _rows_per_rank(data.shape[0], comm.size)
-        row = _numel(data.shape[1:])
-        state["out"] = data.new_empty((rows[comm.rank], *data.shape[1:]))
-        return [comm.ireduce_scatter(data, state["out"], [r * row for r in rows], _MPI_OP[op])], [data]
+        rows = [_rows_per_rank(t.shape[0], comm.size) for t in tensors]
+        parts = [t.detach().split(r) for t, r in zip(tensors, rows)]
+        send = _scale_(torch.cat([p[q].reshape(-1) for q in range(comm.size) for p in parts]), prescale_factor)
+        counts = [sum(p[q].numel() for p in parts) for q in range(comm.size)]
+        state["out"] = send.new_empty(counts[comm.rank])
+        state["shapes"] = [p[comm.rank].shape for p in parts]
+        return [comm.ireduce_scatter(send, state["out"], counts, _MPI_OP[op])], [send]
 
     def finish():
-        return _finish_reduction(state["out"], op, postscale_factor, _comm().size)
+        out = _finish_reduction(state["out"], op, postscale_factor, _comm().size)
+        shares = [piece.view(shape) for piece, shape in zip(out.split([s.numel() for s in state["shapes"]]),
+                                                            state["shapes"])]
+        return shares[0] if one else shares
     return _start(operation, begin, finish, error, may_wait=True)
+
+
+def reducescatter_async(tensor, name=None, op=Average, process_set=global_process_set, prescale_factor=1.0,
+                        postscale_factor=1.0):
+    """Start reducing `tensor` over all ranks; each keeps its share of the rows (the first ranks one more)."""
+    return _reducescatter_start([tensor], name, op, prescale_factor, postscale_factor, process_set,
+                                what="reducescatter", one=True)
+
+
+def grouped_reducescatter_async(tensors, name=None, op=Average, process_set=global_process_set,
+                                prescale_factor=1.0, postscale_factor=1.0):
+    """Start reduce-scattering every tensor of the list in one message; synchronize() returns the list of shares."""
+    return _reducescatter_start(tensors, name, op, prescale_factor, postscale_factor, process_set,
+                                what="grouped_reducescatter")
+
+
+def _reducescatter_grad_scale(op, prescale_factor, postscale_factor):
+    """Horovod's gradient of a reduce-scatter: the allgather of the output's gradient times this."""
+    return (_comm().size if op == Sum else 1) * prescale_factor * postscale_factor
 
 
 class _Reducescatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor, name, op, process_set, prescale_factor, postscale_factor):
-        ctx.args = (op, process_set, prescale_factor * postscale_factor)
+        ctx.scale, ctx.process_set = _reducescatter_grad_scale(op, prescale_factor, postscale_factor), process_set
         return synchronize(reducescatter_async(tensor, name, op, process_set, prescale_factor,
                                                postscale_factor))
 
     @staticmethod
     def backward(ctx, grad_output):
-        op, process_set, scale = ctx.args
-        grad = grad_output * (_comm().size if op == Sum else 1) * scale  # Horovod's formula
-        return allgather(grad, process_set=process_set), None, None, None, None, None
+        return allgather(grad_output * ctx.scale, process_set=ctx.process_set), None, None, None, None, None
 
 
 def reducescatter(tensor, name=None, compression=Compression.none, op=Average, process_set=global_process_set,
@@ -593,6 +629,26 @@ def reducescatter(tensor, name=None, compression=Compression.none, op=Average, p
     compressed, ctx = compression.compress(tensor)
     reduced = _Reducescatter.apply(compressed, name, op, process_set, prescale_factor, postscale_factor)
     return compression.decompress(reduced, ctx)
+
+
+class _GroupedReducescatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, name, op, process_set, prescale_factor, postscale_factor, *tensors):
+        ctx.scale, ctx.process_set = _reducescatter_grad_scale(op, prescale_factor, postscale_factor), process_set
+        return tuple(synchronize(grouped_reducescatter_async(list(tensors), name, op, process_set,
+                                                             prescale_factor, postscale_factor)))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None,) * 5 + tuple(grouped_allgather([g * ctx.scale for g in grads], process_set=ctx.process_set))
+
+
+def grouped_reducescatter(tensors, name=None, compression=Compression.none, op=Average,
+                          process_set=global_process_set, prescale_factor=1.0, postscale_factor=1.0):
+    """reducescatter() of each tensor of a list, in one negotiation and one MPI call; differentiable."""
+    compressed, ctxs = zip(*[compression.compress(t) for t in tensors]) if tensors else ((), ())
+    reduced = _GroupedReducescatter.apply(name, op, process_set, prescale_factor, postscale_factor, *compressed)
+    return [compression.decompress(t, ctx) for t, ctx in zip(reduced, ctxs)]
 
 
 # -- barrier and join ---------------------------------------------------------------------------------

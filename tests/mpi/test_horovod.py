@@ -213,6 +213,110 @@ def test_reducescatter_gives_the_first_ranks_one_row_more():
     assert hvd.reducescatter(tensor)[0, 0].item() == start * (n + 1) / 2  # Average is the default
 
 
+def _share(rows, r, n):
+    """Horovod's split of `rows` over n ranks: (first row, row count) of rank r."""
+    counts = [rows // n + (q < rows % n) for q in range(n)]
+    return sum(counts[:r]), counts[r]
+
+
+def _rank_tensors(r, n, dtype, dim):
+    """Three tensors of `dim` dimensions from rank r: even, uneven and a one-row first dimension."""
+    firsts = (2 * n, 2 * n + 1, 1)
+    return [(torch.arange(f * 2 ** (dim - 1)).reshape(f, *[2] * (dim - 1)) * (r + 1) + k).to(dtype)
+            for k, f in enumerate(firsts)]
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.float16, torch.float32, torch.float64])
+def test_grouped_reducescatter_sums_each_tensor_into_each_ranks_rows(dtype):
+    r, n = _rn()
+    for dim in (1, 2, 3):
+        tensors = _rank_tensors(r, n, dtype, dim)
+
+        shares = hvd.grouped_reducescatter(tensors, op=hvd.Sum)
+
+        for k, (share, t) in enumerate(zip(shares, tensors)):
+            start, count = _share(t.shape[0], r, n)
+            base = torch.arange(t.numel()).reshape(t.shape)[start:start + count]
+            assert share.dtype == dtype and share.shape == (count, *t.shape[1:])
+            assert share.double().tolist() == (base * n * (n + 1) // 2 + k * n).double().tolist()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float32])
+def test_grouped_reducescatter_averages_and_truncates_integers_as_horovod(dtype):
+    r, n = _rn()
+    tensors = [torch.full((n, 3), 10 * r + 1, dtype=dtype), torch.full((2 * n + 1,), r, dtype=dtype)]
+
+    shares = hvd.grouped_reducescatter(tensors)  # Average is the default
+
+    mean0, mean1 = 5 * (n - 1) + 1, (n - 1) / 2
+    if not dtype.is_floating_point:
+        mean1 = int(mean1)
+    assert shares[0].tolist() == [[mean0] * 3]
+    assert shares[1].tolist() == [mean1] * _share(2 * n + 1, r, n)[1]
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float16, torch.float64])
+def test_grouped_reducescatter_scales_before_and_after_the_sum(dtype):
+    r, n = _rn()
+    tensors = [torch.full((n, 2), 3 * (r + 1), dtype=dtype), torch.full((n + 1,), 5, dtype=dtype)]
+
+    pre = hvd.grouped_reducescatter(tensors, op=hvd.Sum, prescale_factor=0.5)
+    post = hvd.grouped_reducescatter(tensors, op=hvd.Sum, postscale_factor=1.5)
+
+    exact = dtype.is_floating_point
+    cut = (lambda v: v) if exact else math.trunc  # integers truncate after each scaling, as Horovod
+    mine = _share(n + 1, r, n)[1]
+    assert pre[0].tolist() == [[sum(cut(3 * (q + 1) * 0.5) for q in range(n))] * 2]
+    assert post[0].tolist() == [[cut(3 * n * (n + 1) / 2 * 1.5)] * 2]
+    assert pre[1].tolist() == [cut(2.5) * n] * mine and post[1].tolist() == [cut(5 * n * 1.5)] * mine
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("op, scale", [(hvd.Sum, lambda n: n), (hvd.Average, lambda n: 1)])
+def test_grouped_reducescatter_gradient_is_the_allgather_of_the_output_gradient(op, scale):
+    r, n = _rn()
+    tensors = [torch.ones(2 * n + 1, 2, requires_grad=True), torch.ones(1, requires_grad=True)]
+
+    shares = hvd.grouped_reducescatter(tensors, op=op, postscale_factor=2.0)
+    for k, share in enumerate(shares):
+        (share * (r + 1 + k)).sum().backward()  # rank r's upstream gradient: r + 1 + k
+
+    firsts = [_share(2 * n + 1, q, n)[1] for q in range(n)]
+    expected = [q + 1 for q in range(n) for _ in range(firsts[q])]  # every rank's rows, rank after rank
+    assert tensors[0].grad.tolist() == [[2.0 * scale(n) * g] * 2 for g in expected]
+    assert tensors[1].grad.tolist() == [2.0 * scale(n) * 2]  # the one row is rank 0's
+
+
+@pytest.mark.mpi(min_size=2)
+def test_grouped_reducescatter_async_is_one_mpi_call_and_completes_out_of_order(monkeypatch):
+    r, n = _rn()
+    comm = hvd.basics._State.comm
+    sent = []
+    start = comm.ireduce_scatter
+    monkeypatch.setattr(comm, "ireduce_scatter", lambda tensor, *a: sent.append(tensor.numel()) or start(tensor, *a))
+    tensors = [torch.full((n, 2), float(r)), torch.full((3 * n,), 1.0)]
+
+    grouped = hvd.grouped_reducescatter_async(tensors, name="grouped", op=hvd.Sum)
+    single = hvd.reducescatter_async(tensors[1], name="single", op=hvd.Sum)
+
+    assert hvd.synchronize(single).tolist() == [float(n)] * 3
+    assert [t.tolist() for t in hvd.synchronize(grouped)] == [[[n * (n - 1) / 2] * 2], [float(n)] * 3]
+    assert sent == [2 * n + 3 * n, 3 * n]  # the group's tensors went in one call
+
+
+@pytest.mark.mpi(min_size=2)
+def test_grouped_reducescatter_refuses_scalars_and_mixed_dtypes_on_every_rank():
+    r, n = _rn()
+    with pytest.raises(ValueError, match="at least one dimension, got a scalar"):
+        hvd.grouped_reducescatter([torch.zeros(n, 1), torch.tensor(float(r))])
+    with pytest.raises(ValueError, match="one dtype"):
+        hvd.grouped_reducescatter([torch.zeros(n), torch.zeros(n, dtype=torch.float64)])
+    assert hvd.grouped_reducescatter([torch.ones(n)], op=hvd.Sum)[0].tolist() == [float(n)]
+
+
 @pytest.mark.mpi(min_size=2)
 def test_objects_broadcast_and_allgather():
     r, n = _rn()
@@ -296,6 +400,7 @@ _ASYNC_CALLS = {
     "allgather": lambda t: hvd.allgather_async(t, name="duplicate"),
     "broadcast": lambda t: hvd.broadcast_async(t, root_rank=1, name="duplicate"),
     "reducescatter": lambda t: hvd.reducescatter_async(t, name="duplicate", op=hvd.Sum),
+    "grouped_reducescatter": lambda t: hvd.grouped_reducescatter_async([t], name="duplicate", op=hvd.Sum),
 }
 
 
