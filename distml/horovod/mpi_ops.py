@@ -666,7 +666,8 @@ def join(device=-1):
     """This rank has no more data: it takes part in the others' allreduces with zeros until all join.
 
     Returns the rank that joined last. Only allreduce and barrier may follow
-    another rank's join() (Horovod's rule); anything else raises on every rank.
+    another rank's join() (Horovod's rule); anything else raises on the ranks
+    that make it, while the joined ranks wait on, as in Horovod.
     """
     comm = _comm()
     _start_parked(may_wait=False)
@@ -677,7 +678,7 @@ def join(device=-1):
         first = False
         if outcome.all_joined:
             break
-        if outcome.wait:
+        if outcome.wait or outcome.refused:
             continue
         if outcome.kind == Kind.BARRIER:
             comm.barrier(what="barrier (joined)")

@@ -17,7 +17,9 @@ again.
 
 The same exchange serves `join()`: a rank that has joined sends the minimum
 int64 (which changes no maximum) and learns from the others what they are
-reducing, so it can take part with zeros.
+reducing, so it can take part with zeros. Another operation than allreduce or
+barrier after a join raises on the ranks that make it; the joined ranks wait
+on, as in Horovod.
 """
 import struct
 import zlib
@@ -86,6 +88,7 @@ class Outcome:
     op: int = -1
     blocking: bool = False
     wait: bool = False       # some ranks are in barrier(), the others may park their operation
+    refused: bool = False    # the others' operation is not allowed after a join (they raise)
     all_joined: bool = False
     last_joined: int = -1   # the highest rank among those whose join completed the set
 
@@ -121,6 +124,7 @@ def negotiate(comm, operation, *, error=None, joined=False, first_join_round=Fal
     unsupported = any_joined and kind not in (Kind.ALLREDUCE, Kind.BARRIER)
     if any_error or mismatch or unsupported:
         _raise_everywhere(comm, operation, error, joined, unsupported and not (any_error or mismatch))
+        return Outcome(refused=True)  # only a joined rank gets here: it stays in join(), as in Horovod
     dtype = DTYPES[high[1]] if 0 <= high[1] < len(DTYPES) else None
     return Outcome(kind, dtype, high[2], high[6], bool(high[8]))
 
@@ -136,7 +140,10 @@ _FLAGS = len(_flags(Operation(0), None, False, False, False, 0))
 
 
 def _raise_everywhere(comm, operation, error, joined, join_refused):
-    """Gather every rank's view (rare, so pickled) and raise one error naming the ranks."""
+    """Gather every rank's view (rare, so pickled) and raise one error naming the ranks.
+
+    Where only a join refuses the others' call, a joined rank returns instead.
+    """
     mine = ("joined", None) if joined else (operation.describe(), error)
     views = comm.allgather_object(mine)
     errors = [(r, e) for r, (_, e) in enumerate(views) if e]
@@ -147,8 +154,10 @@ def _raise_everywhere(comm, operation, error, joined, join_refused):
         raise everywhere(HorovodInternalError(f"{lines} (every rank raises this)"))
     kinds = sorted({d for d, _ in views if d != "joined"})
     if join_refused:
-        raise everywhere(HorovodInternalError(
-            f"{kinds[0].split()[0]} is not supported after a rank called join(): only allreduce and barrier are"))
+        if joined:
+            return  # only the ranks that made the call raise
+        raise HorovodInternalError(
+            f"{kinds[0].split()[0]} is not supported after a rank called join(): only allreduce and barrier are")
     listing = "; ".join(f"rank {r}: {d}" for r, (d, _) in enumerate(views))
     raise everywhere(HorovodInternalError(
         f"ranks disagree on a collective operation: {listing}. Every rank must make the same calls in the same "
