@@ -47,6 +47,7 @@ def test_a_world_of_one_runs_every_call_without_mpirun():
     out, splits = hvd.alltoall(t, splits=[2])
     assert torch.equal(out, t[:2]) and splits.tolist() == [2]
     assert hvd.grouped_allreduce([t, t[0]])[1].tolist() == [0.0, 1.0]
+    assert [s.tolist() for s in hvd.grouped_reducescatter([t, t[0]], op=hvd.Sum)] == [t.tolist(), [0.0, 1.0]]
     assert hvd.broadcast_object({"a": 1}) == {"a": 1} and hvd.allgather_object(5) == [5]
     assert hvd.join() == 0
     with pytest.raises(ValueError, match="root_rank 1 does not exist"):

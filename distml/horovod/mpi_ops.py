@@ -9,7 +9,7 @@ with Horovod's gradient formulas.
 """
 import itertools
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -22,27 +22,31 @@ __all__ = ["allreduce", "allreduce_", "allreduce_async", "allreduce_async_", "gr
            "grouped_allreduce_", "grouped_allreduce_async", "grouped_allreduce_async_", "allgather",
            "allgather_async", "grouped_allgather", "broadcast", "broadcast_", "broadcast_async",
            "broadcast_async_", "alltoall", "alltoall_async", "reducescatter", "reducescatter_async",
-           "barrier", "join", "poll", "synchronize"]
+           "grouped_reducescatter", "grouped_reducescatter_async", "barrier", "join", "poll", "synchronize"]
 
 _MPI_OP = {Average: "sum", Sum: "sum", Min: "min", Max: "max", Product: "prod"}
 
 
 @dataclass
 class _Pending:
-    """An operation in flight: its MPI requests, and what turns the buffers into the result."""
-    requests: list
+    """An operation this rank has made: parked (`begin` set) until the others make it, then in flight."""
+    operation: Operation
+    begin: object             # comm -> (MPI requests, buffers MPI still reads or writes); None once started
     finish: object            # () -> the result synchronize() returns
-    name: str = None
-    keep: list = field(default_factory=list)  # buffers MPI still reads or writes
+    error: str = None         # this rank's objection, raised on every rank by the negotiation
+    requests: list = ()       # assigned when it starts
+    keep: list = ()
 
 
 _pending = {}        # handle -> _Pending
+_parked = []         # handles of operations waiting for ranks that were in barrier(), in call order
 _names = {}          # name -> handle, for the names in flight
 _handles = itertools.count(1)
 
 
 def _reset():
     _pending.clear()
+    _parked.clear()
     _names.clear()
 
 
@@ -50,37 +54,103 @@ def _comm():
     return basics._comm_checked()
 
 
-def _start(operation, requests_fn, finish, error=None):
-    """Negotiate `operation`, then start it; returns its handle."""
-    comm = _comm()
-    if error is None and operation.name is not None and operation.name in _names:
-        error = (f"name {operation.name!r} is still in use by an unfinished operation: synchronize() its "
-                 "handle before reusing the name")
-    negotiate(comm, operation, error=error)
-    requests, keep = requests_fn(comm)
+def _start(operation, begin, finish, error=None, *, may_wait=False):
+    """Register `operation` and start it once every rank makes it; returns its handle.
+
+    may_wait (the `_async` calls): while other ranks are in barrier() the
+    operation is parked, and starts at a later call on this rank, as Horovod
+    lets a barrier pass operations not every rank has made yet.
+    """
+    if operation.name is not None and operation.name in _names:
+        raise ValueError(f"Requested to {Kind.NAMES[operation.kind]} a tensor named {operation.name!r} while "
+                         "another operation of that name is still in flight: synchronize() its handle first, "
+                         "or use a different name")
     handle = next(_handles)
-    _pending[handle] = _Pending(requests, finish, operation.name, keep)
+    _pending[handle] = _Pending(operation, begin, finish, error)
     if operation.name is not None:
         _names[operation.name] = handle
+    may_wait = may_wait and error is None
+    if _parked:  # it starts after them
+        _parked.append(handle)
+        _start_parked(until=handle, may_wait=may_wait)
+    elif not _begin(handle, may_wait):
+        _parked.append(handle)
     return handle
+
+
+def _begin(handle, may_wait):
+    """Negotiate and start one operation; False if it waits for ranks in barrier() (it is parked)."""
+    pending = _pending[handle]
+    try:
+        if negotiate(_comm(), pending.operation, error=pending.error, may_wait=may_wait).wait:
+            return False
+        pending.requests, pending.keep = pending.begin(_comm())
+    except BaseException:
+        _drop_parked(handle)  # the ranks no longer agree on the order of what is parked
+        raise
+    pending.begin = None
+    return True
+
+
+def _start_parked(*, until=None, may_wait=True):
+    """Start the parked operations in call order, up to `until`; False if they wait on."""
+    while _parked:
+        handle = _parked[0]
+        if not _begin(handle, may_wait):
+            return False
+        _parked.pop(0)
+        if handle == until:
+            break
+    return True
+
+
+def _drop_parked(failed):
+    for handle in dict.fromkeys([failed, *_parked]):
+        _free_name(handle, _pending.pop(handle))
+    _parked.clear()
+
+
+def _free_name(handle, pending):
+    name = pending.operation.name
+    if name is not None and _names.get(name) == handle:
+        del _names[name]
 
 
 def poll(handle):
     """Whether the operation behind `handle` has completed (synchronize() will not block)."""
     pending = _pending.get(handle)
-    return pending is None or all(_comm().test(r) for r in pending.requests)
+    if pending is None:
+        return True
+    if pending.begin is not None and not _start_parked(until=handle):
+        return False
+    done = all(_comm().test(r) for r in pending.requests)
+    if done:
+        _free_name(handle, pending)
+    return done
 
 
 def synchronize(handle):
     """Wait for the operation behind `handle`; returns its result (None for an unknown handle)."""
-    pending = _pending.pop(handle, None)
+    pending = _pending.get(handle)
     if pending is None:
         return None
-    if pending.name is not None:
-        _names.pop(pending.name, None)
+    if pending.begin is not None:
+        _start_parked(until=handle, may_wait=False)  # the others must make it now, not after a barrier
+    del _pending[handle]
+    _free_name(handle, pending)
     for request in pending.requests:
         _comm().wait(request, what=f"synchronize({handle})")
     return pending.finish()
+
+
+def _complete_started():
+    """Wait for every operation started so far; their names are free again (results stay for synchronize())."""
+    for handle, pending in list(_pending.items()):
+        if pending.begin is None:
+            for request in pending.requests:
+                _comm().wait(request, what="barrier")
+            pending.requests = []
+            _free_name(handle, pending)
 
 
 # -- checks every rank makes before it negotiates ------------------------------------------------------
@@ -160,7 +230,7 @@ def _allreduce_start(tensor, name, op, prescale_factor, postscale_factor, proces
     def finish():
         with torch.no_grad():
             return _finish_reduction(buffer, op, postscale_factor, _comm().size)
-    return _start(operation, begin, finish, error)
+    return _start(operation, begin, finish, error, may_wait=not blocking)
 
 
 def allreduce_async_(tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0,
@@ -241,7 +311,7 @@ def _grouped_start(tensors, name, op, prescale_factor, postscale_factor, process
             for t, piece in zip(tensors, pieces):
                 t.copy_(piece)
         return tensors
-    return _start(operation, begin, finish, error)
+    return _start(operation, begin, finish, error, may_wait=not blocking)
 
 
 def grouped_allreduce_async_(tensors, average=None, name=None, op=None, prescale_factor=1.0,
@@ -305,7 +375,7 @@ def allgather_async(tensor, name=None, process_set=global_process_set):
         state["out"] = data.new_empty((int(firsts.sum()), *rows))
         row = _numel(rows)
         return [comm.iallgatherv(data, state["out"], [int(f) * row for f in firsts])], [data]
-    return _start(operation, begin, lambda: state["out"], error)
+    return _start(operation, begin, lambda: state["out"], error, may_wait=True)
 
 
 def _numel(shape):
@@ -355,7 +425,7 @@ def _broadcast_start(tensor, root_rank, name, process_set, *, in_place, blocking
             comm.broadcast_(buffer.detach(), root_rank, what=name)
             return [], [buffer]
         return [comm.ibroadcast_(buffer.detach(), root_rank)], [buffer]
-    return _start(operation, begin, lambda: buffer, error)
+    return _start(operation, begin, lambda: buffer, error, may_wait=not blocking)
 
 
 def broadcast_async_(tensor, root_rank, name=None, process_set=global_process_set):
@@ -412,15 +482,25 @@ def _splits_error(tensor, splits, size):
     return None
 
 
+def _split_counts(splits):
+    """`splits` as a list of ints, and the error if they are not integers (Horovod refuses those too)."""
+    counts = splits if isinstance(splits, torch.Tensor) else torch.as_tensor(splits)
+    if counts.dtype.is_floating_point or counts.dtype.is_complex or counts.dtype == torch.bool:
+        return None, (f"alltoall expects splits to contain integers, got {counts.dtype}: pass a list of ints "
+                      "or a torch.int32 tensor")
+    if counts.dim() > 1:
+        return None, f"alltoall expects a 1D splits tensor, got {counts.dim()} dimensions"
+    return counts.reshape(-1).tolist(), None
+
+
 def alltoall_async(tensor, splits=None, name=None, process_set=global_process_set):
     """Start sending splits[r] rows of `tensor` to rank r (equal parts without splits).
 
     synchronize() returns (received rows, received splits as an int32 tensor).
     """
     size = _comm().size
-    error = _tensor_error(tensor, process_set)
-    wanted = None if splits is None else [int(s) for s in torch.as_tensor(splits).reshape(-1).tolist()]
-    error = error or _splits_error(tensor, wanted, size)
+    wanted, error = (None, None) if splits is None else _split_counts(splits)
+    error = _tensor_error(tensor, process_set) or error or _splits_error(tensor, wanted, size)
     ok = error is None
     operation = Operation(Kind.ALLTOALL, tensor.dtype if ok else None, tuple(tensor.shape[1:]) if ok else (),
                           0, name)
@@ -435,7 +515,7 @@ def alltoall_async(tensor, splits=None, name=None, process_set=global_process_se
         row = _numel(data.shape[1:])
         return [comm.ialltoallv(data, [s * row for s in send], state["out"],
                                 [int(r) * row for r in received])], [data]
-    return _start(operation, begin, lambda: (state["out"], state["splits"]), error)
+    return _start(operation, begin, lambda: (state["out"], state["splits"]), error, may_wait=True)
 
 
 class _Alltoall(torch.autograd.Function):
@@ -468,43 +548,79 @@ def _rows_per_rank(first, size):
     return [first // size + (1 if r < first % size else 0) for r in range(size)]
 
 
-def reducescatter_async(tensor, name=None, op=Average, process_set=global_process_set, prescale_factor=1.0,
-                        postscale_factor=1.0):
-    """Start reducing `tensor` over all ranks; each keeps its share of the rows (the first ranks one more)."""
-    error = _tensor_error(tensor, process_set) or _op_error(op)
-    if error is None and tensor.dim() == 0:
-        error = "reducescatter needs a tensor of at least one dimension, got a scalar"
-    if error is None and tensor.dtype == torch.bool:
-        error = "reducescatter of bool tensors is not supported: convert to torch.uint8"
-    ok = error is None
-    operation = Operation(Kind.REDUCESCATTER, tensor.dtype if ok else None, tuple(tensor.shape) if ok else (),
-                          0, name, op=int(op), scale=(prescale_factor, postscale_factor))
+def _reducescatter_error(tensors, op, process_set, what):
+    error = next((e for e in (_tensor_error(t, process_set) for t in tensors) if e), None) or _op_error(op)
+    if error is None and not tensors:
+        error = f"{what} needs at least one tensor"
+    if error is None and any(t.dim() == 0 for t in tensors):
+        error = f"{what} needs tensors of at least one dimension, got a scalar"
+    if error is None and len({t.dtype for t in tensors}) > 1:
+        error = f"{what} needs tensors of one dtype: call it once per dtype"
+    if error is None and tensors[0].dtype == torch.bool:
+        error = f"{what} of bool tensors is not supported: convert to torch.uint8"
+    return error
+
+
+def _reducescatter_start(tensors, name, op, prescale_factor, postscale_factor, process_set, *, what, one=False):
+    """One negotiation and one Ireduce_scatter for a list of tensors; synchronize() gives this rank's rows of each.
+
+    The send buffer holds rank 0's rows of every tensor, then rank 1's, ...:
+    each rank receives its rows of all the tensors as one contiguous piece.
+    """
+    tensors = list(tensors)
+    error = _reducescatter_error(tensors, op, process_set, what)
+    shapes = () if error else tuple(tuple(t.shape) for t in tensors)
+    operation = Operation(Kind.REDUCESCATTER, None if error else tensors[0].dtype,
+                          shapes[0] if len(shapes) == 1 else shapes, 0, name, op=int(op),
+                          scale=(prescale_factor, postscale_factor))
     state = {}
 
     def begin(comm):
-        data = _scale_(tensor.detach().clone(memory_format=torch.contiguous_format), prescale_factor)
-        rows = _rows_per_rank(data.shape[0], comm.size)
-        row = _numel(data.shape[1:])
-        state["out"] = data.new_empty((rows[comm.rank], *data.shape[1:]))
-        return [comm.ireduce_scatter(data, state["out"], [r * row for r in rows], _MPI_OP[op])], [data]
+        rows = [_rows_per_rank(t.shape[0], comm.size) for t in tensors]
+        parts = [t.detach().split(r) for t, r in zip(tensors, rows)]
+        send = _scale_(torch.cat([p[q].reshape(-1) for q in range(comm.size) for p in parts]), prescale_factor)
+        counts = [sum(p[q].numel() for p in parts) for q in range(comm.size)]
+        state["out"] = send.new_empty(counts[comm.rank])
+        state["shapes"] = [p[comm.rank].shape for p in parts]
+        return [comm.ireduce_scatter(send, state["out"], counts, _MPI_OP[op])], [send]
 
     def finish():
-        return _finish_reduction(state["out"], op, postscale_factor, _comm().size)
-    return _start(operation, begin, finish, error)
+        out = _finish_reduction(state["out"], op, postscale_factor, _comm().size)
+        shares = [piece.view(shape) for piece, shape in zip(out.split([s.numel() for s in state["shapes"]]),
+                                                            state["shapes"])]
+        return shares[0] if one else shares
+    return _start(operation, begin, finish, error, may_wait=True)
+
+
+def reducescatter_async(tensor, name=None, op=Average, process_set=global_process_set, prescale_factor=1.0,
+                        postscale_factor=1.0):
+    """Start reducing `tensor` over all ranks; each keeps its share of the rows (the first ranks one more)."""
+    return _reducescatter_start([tensor], name, op, prescale_factor, postscale_factor, process_set,
+                                what="reducescatter", one=True)
+
+
+def grouped_reducescatter_async(tensors, name=None, op=Average, process_set=global_process_set,
+                                prescale_factor=1.0, postscale_factor=1.0):
+    """Start reduce-scattering every tensor of the list in one message; synchronize() returns the list of shares."""
+    return _reducescatter_start(tensors, name, op, prescale_factor, postscale_factor, process_set,
+                                what="grouped_reducescatter")
+
+
+def _reducescatter_grad_scale(op, prescale_factor, postscale_factor):
+    """Horovod's gradient of a reduce-scatter: the allgather of the output's gradient times this."""
+    return (_comm().size if op == Sum else 1) * prescale_factor * postscale_factor
 
 
 class _Reducescatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor, name, op, process_set, prescale_factor, postscale_factor):
-        ctx.args = (op, process_set, prescale_factor * postscale_factor)
+        ctx.scale, ctx.process_set = _reducescatter_grad_scale(op, prescale_factor, postscale_factor), process_set
         return synchronize(reducescatter_async(tensor, name, op, process_set, prescale_factor,
                                                postscale_factor))
 
     @staticmethod
     def backward(ctx, grad_output):
-        op, process_set, scale = ctx.args
-        grad = grad_output * (_comm().size if op == Sum else 1) * scale  # Horovod's formula
-        return allgather(grad, process_set=process_set), None, None, None, None, None
+        return allgather(grad_output * ctx.scale, process_set=ctx.process_set), None, None, None, None, None
 
 
 def reducescatter(tensor, name=None, compression=Compression.none, op=Average, process_set=global_process_set,
@@ -515,11 +631,34 @@ def reducescatter(tensor, name=None, compression=Compression.none, op=Average, p
     return compression.decompress(reduced, ctx)
 
 
+class _GroupedReducescatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, name, op, process_set, prescale_factor, postscale_factor, *tensors):
+        ctx.scale, ctx.process_set = _reducescatter_grad_scale(op, prescale_factor, postscale_factor), process_set
+        return tuple(synchronize(grouped_reducescatter_async(list(tensors), name, op, process_set,
+                                                             prescale_factor, postscale_factor)))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None,) * 5 + tuple(grouped_allgather([g * ctx.scale for g in grads], process_set=ctx.process_set))
+
+
+def grouped_reducescatter(tensors, name=None, compression=Compression.none, op=Average,
+                          process_set=global_process_set, prescale_factor=1.0, postscale_factor=1.0):
+    """reducescatter() of each tensor of a list, in one negotiation and one MPI call; differentiable."""
+    compressed, ctxs = zip(*[compression.compress(t) for t in tensors]) if tensors else ((), ())
+    reduced = _GroupedReducescatter.apply(name, op, process_set, prescale_factor, postscale_factor, *compressed)
+    return [compression.decompress(t, ctx) for t, ctx in zip(reduced, ctxs)]
+
+
 # -- barrier and join ---------------------------------------------------------------------------------
 def barrier(process_set=global_process_set):
     """Return once every rank has called barrier()."""
     error = basics._check_process_set(process_set)
-    negotiate(_comm(), Operation(Kind.BARRIER), error=error)
+    _start_parked()  # what still waits is made by the ranks that are here after this barrier
+    _complete_started()
+    while negotiate(_comm(), Operation(Kind.BARRIER), error=error).wait:
+        pass  # other ranks parked an operation of theirs: they come here next
     _comm().barrier(what="barrier")
 
 
@@ -527,9 +666,11 @@ def join(device=-1):
     """This rank has no more data: it takes part in the others' allreduces with zeros until all join.
 
     Returns the rank that joined last. Only allreduce and barrier may follow
-    another rank's join() (Horovod's rule); anything else raises on every rank.
+    another rank's join() (Horovod's rule); anything else raises on the ranks
+    that make it, while the joined ranks wait on, as in Horovod.
     """
     comm = _comm()
+    _start_parked(may_wait=False)
     contributions = []  # (request, buffer) of the allreduces this rank joined in
     first = True
     while True:
@@ -537,6 +678,8 @@ def join(device=-1):
         first = False
         if outcome.all_joined:
             break
+        if outcome.wait or outcome.refused:
+            continue
         if outcome.kind == Kind.BARRIER:
             comm.barrier(what="barrier (joined)")
             continue

@@ -4,8 +4,9 @@
     mpirun -n 3 python -m pytest --with-mpi tests/mpi/test_horovod.py
 
 Rank r contributes values made from r, so every expected result is a short
-formula of the world size n. Errors must be raised on every rank alike, and
-the job must go on working after them.
+formula of the world size n. Errors must be raised on every rank alike (but a
+name repeated while in flight, which Horovod refuses on the rank that repeats
+it), and the job must go on working after them.
 """
 import math
 import time
@@ -187,6 +188,18 @@ def test_alltoall_with_splits_returns_rows_and_received_splits():
 
 
 @pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("splits", [torch.ones(2, dtype=torch.float32), [1.0, 1.0], torch.ones(2, dtype=torch.bool)],
+                         ids=["float32 tensor", "list of floats", "bool tensor"])
+def test_alltoall_refuses_splits_that_are_not_integers_on_every_rank(splits):
+    r, n = _rn()
+    splits = splits[:1].expand(n) if isinstance(splits, torch.Tensor) else splits[:1] * n
+    with pytest.raises(ValueError, match="alltoall expects splits to contain integers"):
+        hvd.alltoall(torch.zeros(n), splits)
+    for good in (torch.ones(n, dtype=torch.int32), torch.ones(n, dtype=torch.int64), [1] * n):
+        assert hvd.alltoall(torch.full((n,), float(r)), good)[0].tolist() == [float(q) for q in range(n)]
+
+
+@pytest.mark.mpi(min_size=2)
 def test_reducescatter_gives_the_first_ranks_one_row_more():
     r, n = _rn()
     rows = 2 * n + 1  # not divisible: rank 0 gets 3 rows, the others 2
@@ -198,6 +211,110 @@ def test_reducescatter_gives_the_first_ranks_one_row_more():
     count = 3 if r == 0 else 2
     assert mine.tolist() == [[i * n * (n + 1) / 2] for i in range(start, start + count)]
     assert hvd.reducescatter(tensor)[0, 0].item() == start * (n + 1) / 2  # Average is the default
+
+
+def _share(rows, r, n):
+    """Horovod's split of `rows` over n ranks: (first row, row count) of rank r."""
+    counts = [rows // n + (q < rows % n) for q in range(n)]
+    return sum(counts[:r]), counts[r]
+
+
+def _rank_tensors(r, n, dtype, dim):
+    """Three tensors of `dim` dimensions from rank r: even, uneven and a one-row first dimension."""
+    firsts = (2 * n, 2 * n + 1, 1)
+    return [(torch.arange(f * 2 ** (dim - 1)).reshape(f, *[2] * (dim - 1)) * (r + 1) + k).to(dtype)
+            for k, f in enumerate(firsts)]
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.float16, torch.float32, torch.float64])
+def test_grouped_reducescatter_sums_each_tensor_into_each_ranks_rows(dtype):
+    r, n = _rn()
+    for dim in (1, 2, 3):
+        tensors = _rank_tensors(r, n, dtype, dim)
+
+        shares = hvd.grouped_reducescatter(tensors, op=hvd.Sum)
+
+        for k, (share, t) in enumerate(zip(shares, tensors)):
+            start, count = _share(t.shape[0], r, n)
+            base = torch.arange(t.numel()).reshape(t.shape)[start:start + count]
+            assert share.dtype == dtype and share.shape == (count, *t.shape[1:])
+            assert share.double().tolist() == (base * n * (n + 1) // 2 + k * n).double().tolist()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float32])
+def test_grouped_reducescatter_averages_and_truncates_integers_as_horovod(dtype):
+    r, n = _rn()
+    tensors = [torch.full((n, 3), 10 * r + 1, dtype=dtype), torch.full((2 * n + 1,), r, dtype=dtype)]
+
+    shares = hvd.grouped_reducescatter(tensors)  # Average is the default
+
+    mean0, mean1 = 5 * (n - 1) + 1, (n - 1) / 2
+    if not dtype.is_floating_point:
+        mean1 = int(mean1)
+    assert shares[0].tolist() == [[mean0] * 3]
+    assert shares[1].tolist() == [mean1] * _share(2 * n + 1, r, n)[1]
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float16, torch.float64])
+def test_grouped_reducescatter_scales_before_and_after_the_sum(dtype):
+    r, n = _rn()
+    tensors = [torch.full((n, 2), 3 * (r + 1), dtype=dtype), torch.full((n + 1,), 5, dtype=dtype)]
+
+    pre = hvd.grouped_reducescatter(tensors, op=hvd.Sum, prescale_factor=0.5)
+    post = hvd.grouped_reducescatter(tensors, op=hvd.Sum, postscale_factor=1.5)
+
+    exact = dtype.is_floating_point
+    cut = (lambda v: v) if exact else math.trunc  # integers truncate after each scaling, as Horovod
+    mine = _share(n + 1, r, n)[1]
+    assert pre[0].tolist() == [[sum(cut(3 * (q + 1) * 0.5) for q in range(n))] * 2]
+    assert post[0].tolist() == [[cut(3 * n * (n + 1) / 2 * 1.5)] * 2]
+    assert pre[1].tolist() == [cut(2.5) * n] * mine and post[1].tolist() == [cut(5 * n * 1.5)] * mine
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("op, scale", [(hvd.Sum, lambda n: n), (hvd.Average, lambda n: 1)])
+def test_grouped_reducescatter_gradient_is_the_allgather_of_the_output_gradient(op, scale):
+    r, n = _rn()
+    tensors = [torch.ones(2 * n + 1, 2, requires_grad=True), torch.ones(1, requires_grad=True)]
+
+    shares = hvd.grouped_reducescatter(tensors, op=op, postscale_factor=2.0)
+    for k, share in enumerate(shares):
+        (share * (r + 1 + k)).sum().backward()  # rank r's upstream gradient: r + 1 + k
+
+    firsts = [_share(2 * n + 1, q, n)[1] for q in range(n)]
+    expected = [q + 1 for q in range(n) for _ in range(firsts[q])]  # every rank's rows, rank after rank
+    assert tensors[0].grad.tolist() == [[2.0 * scale(n) * g] * 2 for g in expected]
+    assert tensors[1].grad.tolist() == [2.0 * scale(n) * 2]  # the one row is rank 0's
+
+
+@pytest.mark.mpi(min_size=2)
+def test_grouped_reducescatter_async_is_one_mpi_call_and_completes_out_of_order(monkeypatch):
+    r, n = _rn()
+    comm = hvd.basics._State.comm
+    sent = []
+    start = comm.ireduce_scatter
+    monkeypatch.setattr(comm, "ireduce_scatter", lambda tensor, *a: sent.append(tensor.numel()) or start(tensor, *a))
+    tensors = [torch.full((n, 2), float(r)), torch.full((3 * n,), 1.0)]
+
+    grouped = hvd.grouped_reducescatter_async(tensors, name="grouped", op=hvd.Sum)
+    single = hvd.reducescatter_async(tensors[1], name="single", op=hvd.Sum)
+
+    assert hvd.synchronize(single).tolist() == [float(n)] * 3
+    assert [t.tolist() for t in hvd.synchronize(grouped)] == [[[n * (n - 1) / 2] * 2], [float(n)] * 3]
+    assert sent == [2 * n + 3 * n, 3 * n]  # the group's tensors went in one call
+
+
+@pytest.mark.mpi(min_size=2)
+def test_grouped_reducescatter_refuses_scalars_and_mixed_dtypes_on_every_rank():
+    r, n = _rn()
+    with pytest.raises(ValueError, match="at least one dimension, got a scalar"):
+        hvd.grouped_reducescatter([torch.zeros(n, 1), torch.tensor(float(r))])
+    with pytest.raises(ValueError, match="one dtype"):
+        hvd.grouped_reducescatter([torch.zeros(n), torch.zeros(n, dtype=torch.float64)])
+    assert hvd.grouped_reducescatter([torch.ones(n)], op=hvd.Sum)[0].tolist() == [float(n)]
 
 
 @pytest.mark.mpi(min_size=2)
@@ -238,14 +355,12 @@ def test_join_lets_one_rank_reduce_alone_with_zeros_from_the_joined():
 
 
 @pytest.mark.mpi(min_size=2)
-def test_join_refuses_a_broadcast_on_every_rank():
+def test_join_refuses_a_broadcast_on_the_rank_that_makes_it_while_the_joined_wait_on():
     r, n = _rn()
-    with pytest.raises(HorovodInternalError, match="broadcast is not supported after a rank called join"):
-        if r == 0:
+    if r == 0:  # as Horovod's test_horovod_join_broadcast: only the rank that broadcasts raises
+        with pytest.raises(HorovodInternalError, match="broadcast is not supported after a rank called join"):
             hvd.broadcast(torch.ones(2), root_rank=0)
-        else:
-            hvd.join()
-    assert hvd.join() == n - 1  # all join in one round: the highest rank counts as the last
+    assert hvd.join() == 0  # the others are still in their join(); rank 0 joins last
 
 
 # -- safety nets: the same error on every rank, and the job goes on -------------------------------------
@@ -278,14 +393,59 @@ def test_broadcast_from_a_rank_that_does_not_exist_raises_everywhere():
         hvd.broadcast_(torch.zeros(2), root_rank=n if r == 0 else 0)  # one rank's mistake, raised by all
 
 
+_ASYNC_CALLS = {
+    "allreduce": lambda t: hvd.allreduce_async(t, name="duplicate", op=hvd.Sum),
+    "allgather": lambda t: hvd.allgather_async(t, name="duplicate"),
+    "broadcast": lambda t: hvd.broadcast_async(t, root_rank=1, name="duplicate"),
+    "reducescatter": lambda t: hvd.reducescatter_async(t, name="duplicate", op=hvd.Sum),
+    "grouped_reducescatter": lambda t: hvd.grouped_reducescatter_async([t], name="duplicate", op=hvd.Sum),
+}
+
+
 @pytest.mark.mpi(min_size=2)
-def test_a_name_still_in_flight_is_refused_on_every_rank():
+@pytest.mark.parametrize("call", _ASYNC_CALLS)
+def test_a_name_in_flight_repeated_raises_on_that_rank_only_and_its_operation_still_runs(call):
     r, n = _rn()
-    handle = hvd.allreduce_async(torch.ones(2), name="grad.w")
-    with pytest.raises(HorovodInternalError, match="'grad.w' is still in use"):
-        hvd.allreduce_async(torch.ones(2), name="grad.w" if r == 0 else "grad.b")
-    assert hvd.synchronize(handle).tolist() == [1.0, 1.0]
-    assert hvd.synchronize(hvd.allreduce_async(torch.ones(2), name="grad.w")).tolist() == [1.0, 1.0]
+    tensor = torch.full((n, 2), r + 1.0)
+    handle = None
+    for turn in (0, 1):  # Horovod's test: rank 0 repeats the name while the others wait in barrier()
+        if (r == 0) == (turn == 0):
+            handle = _ASYNC_CALLS[call](tensor)
+            with pytest.raises(ValueError, match="'duplicate' while another operation of that name is still in"):
+                _ASYNC_CALLS[call](tensor)
+        hvd.barrier()
+
+    result = hvd.synchronize(handle)
+    rows = result[0] if isinstance(result, list) else result  # grouped calls give a list
+    total = n * (n + 1) / 2
+    expected = {"allreduce": [[total] * 2] * n, "broadcast": [[2.0] * 2] * n,
+                "allgather": [[q + 1.0] * 2 for q in range(n) for _ in range(n)]}
+    assert rows.tolist() == expected.get(call, [[total] * 2])  # a reduce-scatter leaves one row per rank
+    assert hvd.allreduce(torch.ones(1), op=hvd.Sum).item() == n  # the next call works
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_name_is_free_again_after_synchronize_poll_or_barrier():
+    r, n = _rn()
+    first = hvd.allreduce_async(torch.ones(1), name="grad.w")
+    while not hvd.poll(first):
+        pass
+    second = hvd.allreduce_async(torch.ones(1), name="grad.w")  # poll() saw the first complete
+    hvd.barrier()
+    third = hvd.allreduce_async(torch.ones(1), name="grad.w")  # barrier() completed the second
+    assert [hvd.synchronize(h).item() for h in (third, first, second)] == [1.0] * 3
+    assert hvd.synchronize(hvd.allreduce_async(torch.ones(1), name="grad.w")).item() == 1.0
+
+
+@pytest.mark.mpi(min_size=2)
+def test_waiting_for_an_operation_the_others_make_only_after_a_barrier_raises_on_every_rank():
+    r, n = _rn()
+    with pytest.raises(HorovodInternalError, match="rank 0: allreduce of float32 \\[1\\] named 'early'; rank 1: barrier"):
+        if r == 0:
+            hvd.synchronize(hvd.allreduce_async(torch.ones(1), name="early"))  # Horovod would wait forever
+        else:
+            hvd.barrier()
+    assert hvd.allreduce(torch.ones(1), name="early", op=hvd.Sum).item() == n
 
 
 @pytest.mark.mpi(min_size=2)
