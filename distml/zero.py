@@ -73,12 +73,11 @@ class _FlatGroup:
         self.shard = torch.nn.Parameter(self.data[self.start:self.start + self.slice_len])  # data's memory
         self.shard.grad = zeros(self.slice_len, dtype)
         self.grads = Bucket(params, extra=self.padded - total) if stage == 1 else None
-        self.buckets, first = [], 0
-        for k in range(len(params)):
-            last = k == len(params) - 1
-            if last or (self.offsets[k + 1] - self.offsets[first]) * params[0].element_size() >= bucket_bytes:
-                self.buckets.append((first, k + 1, self.offsets[first], self.padded if last else self.offsets[k + 1]))
-                first = k + 1
+        self.buckets, first = [], 0  # as the reducer's: at most bucket_bytes, or one larger parameter alone
+        for k in range(1, len(params) + 1):
+            if k == len(params) or (self.offsets[k + 1] - self.offsets[first]) * params[0].element_size() > bucket_bytes:
+                self.buckets.append((first, k, self.offsets[first], self.padded if k == len(params) else self.offsets[k]))
+                first = k
 
     def counts(self, lo, hi):
         """Each rank's number of elements of flat range [lo, hi) (its slice's overlap)."""
