@@ -60,7 +60,8 @@ class DistributedOptimizer(WrappingOptimizer):
     """Wraps any torch optimizer: step() first reduces the gradients over all ranks.
 
     It reduces the gradients of the parameters the optimizer updates; `model`
-    is accepted for Horovod-style call sites and not needed.
+    is accepted for Horovod-style call sites and not needed (with zero=2, its parameters' order
+    tells which bucket backward finishes first).
     The gradients live in fused bucket buffers (see `reducer`): after
     zero_grad() they are None, and backward writes them into the buffers, for
     op="average" already divided by the world size (this rank's share: read or
@@ -95,7 +96,7 @@ class DistributedOptimizer(WrappingOptimizer):
             raise ValueError("zero with overlap=True: overlap starts each bucket's Allreduce in backward, but a "
                              "sharded optimizer reduce-scatters the gradients into slices instead (zero=2 reduces "
                              "each bucket as backward finishes it)")
-        self.zero, self.sharded, self.passes = zero, None, backward_passes_per_step
+        self.zero, self.sharded, self.passes, self._model = zero, None, backward_passes_per_step, model
         self._channels = {name: base.dup() for name in ("gradients", "control", "closure", "plan")}
         self._synchronized, self._steps = False, 0
         self._build()
@@ -120,7 +121,8 @@ class DistributedOptimizer(WrappingOptimizer):
             raise RuntimeError("a sharded DistributedOptimizer's groups are cut into slices when it is made: "
                                "add parameter groups (or change requires_grad) before making it")
         options = {k: v for k, v in self._options.items() if k != "overlap"}
-        self.sharded = ShardedOptimizer(self.optimizer, self._channels["gradients"], stage=self.zero, **options)
+        self.sharded = ShardedOptimizer(self.optimizer, self._channels["gradients"], stage=self.zero,
+                                        model=self._model if isinstance(self._model, torch.nn.Module) else None, **options)
         self.sharded.passes = self.passes
         self.reducer = None
         plan = [(str(g.data.dtype).removeprefix("torch."), g.padded) for g in self.sharded.groups]

@@ -96,11 +96,12 @@ class ShardedOptimizer:
     step(), or reduce_gradients(), clip_grad_norm_(), step_and_gather(). `param_groups`
     are the wrapped optimizer's (schedulers set lr there); its `state` stays empty: the
     state lives in the slices, and state_dict() (a collective) gathers it.
-    `passes`: backward passes per step (stage 2 reduces a bucket in the last one).
+    `passes`: backward passes per step (stage 2 reduces a bucket in the last one). `model`: its
+    parameters' order tells stage 2 which bucket backward finishes first (default: the groups').
     """
 
     def __init__(self, optimizer, comm, *, stage=1, op="sum", compression="none", bucket_mb=25.0,
-                 chunk_mb=DEFAULT_CHUNK_MB, check_finite=False):
+                 chunk_mb=DEFAULT_CHUNK_MB, check_finite=False, model=None):
         _check_shardable(optimizer)
         if stage not in STAGES or op not in ("sum", "average") or compression not in COMPRESSION:
             raise ValueError(f"stage must be 1 or 2, op 'sum' or 'average', compression one of "
@@ -127,7 +128,14 @@ class ShardedOptimizer:
         self.inner = type(optimizer)(shard_groups, **{k: v for k, v in optimizer.defaults.items() if k in accepted})
         # check_finite: look for this rank's first non-finite gradient (one sum a piece), kept in `nonfinite`
         self.passes, self.check_finite, self.nonfinite = 1, check_finite, None
-        self._order = [(g, b) for g, flat in enumerate(self.groups) for b in range(len(flat.buckets))][::-1]
+        # Stage 2 reduces buckets in the order backward finishes them, the same on every rank: the one
+        # whose earliest parameter in the model (or the groups) comes last, first.
+        place = {id(p): i for i, p in enumerate(model.parameters() if model is not None else
+                                                (p for flat in self.groups for p in flat.params))}
+        self._order = sorted(((g, b) for g, flat in enumerate(self.groups) for b in range(len(flat.buckets))),
+                             key=lambda gb: min(place.get(id(p), -1) for p in
+                                                self.groups[gb[0]].params[slice(*self.groups[gb[0]].buckets[gb[1]][:2])]),
+                             reverse=True)
         self._position = {key: i for i, key in enumerate(self._order)}
         largest = max((hi - lo for flat in self.groups for *_, lo, hi in flat.buckets), default=0)
         self._staging = zeros(min(largest, self.chunk), dtype) if stage == 2 else None  # one piece

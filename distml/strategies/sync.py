@@ -39,7 +39,8 @@ class SyncStrategy(Strategy):
         self.reducer = None
         if cfg.zero:  # ZeRO: the optimizer's own flat, sliced buffers replace the reducer's buckets
             self.optimizer = ShardedOptimizer(self.optimizer, comm, stage=cfg.zero, compression=cfg.compression,
-                                              bucket_mb=cfg.bucket_mb, chunk_mb=cfg.chunk_mb, check_finite=True)
+                                              bucket_mb=cfg.bucket_mb, chunk_mb=cfg.chunk_mb, check_finite=True,
+                                              model=self.model)
             self._names = {id(p): name for name, p in self.model.named_parameters()}
         else:
             self.reducer = GradientReducer(self.model.parameters(), comm, bucket_mb=cfg.bucket_mb, op="sum",
