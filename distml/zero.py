@@ -307,15 +307,10 @@ class ShardedOptimizer:
         for full, inner in zip(self._full_groups(), self.inner.param_groups):
             inner.update(_settings(full))
         self.inner.step()
-        per_call = max(1, self.chunk // self.comm.size)
-        for g, flat in enumerate(self.groups):
-            pieces = range(0, flat.slice_len, per_call)
-            for i, j in enumerate(pieces):
-                n = min(per_call, flat.slice_len - j)
-                what = (f"the sharded optimizer's parameters (group {g + 1}"
-                        + (f", piece {i + 1} of {len(pieces)}" if len(pieces) > 1 else "") + ")")
-                self.comm.allgather_in_place(flat.data, n, [r * flat.slice_len + j for r in range(self.comm.size)],
-                                             what=what)
+        for g, flat in enumerate(self.groups):  # one call a group: 9 ms for mlp10m here, 88 ms in 4 MiB pieces
+            self.comm.allgather_in_place(flat.data, flat.slice_len,
+                                         [r * flat.slice_len for r in range(self.comm.size)],
+                                         what=f"the sharded optimizer's parameters (group {g + 1})")
 
     def _full_groups(self):
         """The wrapped optimizer's groups that hold trainable parameters (one per flat group)."""

@@ -237,8 +237,7 @@ def test_the_new_calls_are_named_in_the_call_record_the_hang_doctor_reads():
                                           "piece 1 of 3)")
     assert ("reduce_scatter", "step 1, the sharded optimizer's gradient slices (group 1, bucket 1 of 2, "
                               "piece 4 of 4)") in calls
-    assert ("allgather", "step 1, the sharded optimizer's parameters (group 1, piece 1 of "
-                         f"{-(-opt.groups[0].slice_len // (26 // world.size))})") in calls  # 7 at 2 and 3 ranks
+    assert calls[-1] == ("allgather", "step 1, the sharded optimizer's parameters (group 1)")
 
 
 @pytest.mark.mpi(min_size=2)
