@@ -3,6 +3,7 @@ import csv
 
 import pytest
 
+from distml.cli import main
 from distml.compare import _modes, curve, federated_rounds, format_table, to_target
 from distml.config import Config, UsageError
 from launch import launch
@@ -120,13 +121,14 @@ def test_compare_trains_three_modes_on_the_same_budget_and_writes_table_csv_and_
     assert done.stdout.count("| federated |") == 1  # the table, from rank 0 only
 
 
-def test_compare_with_a_bad_mode_exits_2_with_one_line_and_writes_nothing(tmp_path):
+def test_compare_with_a_bad_mode_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "cmp"
 
-    done = launch(0, "compare", "--modes", "sync,federal", "--out", out, timeout=60)
+    code = main(["compare", "--modes", "sync,federal", "--out", str(out)])  # in this process: no start-up
+    err = capsys.readouterr().err
 
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
+    assert code == 2
+    assert err.strip().splitlines() == [
         "distml: error: --modes must be a comma-separated list of sync, async, federated, each once, "
         "got 'sync,federal'"]
     assert not out.exists()

@@ -9,16 +9,18 @@ import torch
 
 from launch import launch, summary
 
+from distml.cli import main
+
 pytestmark = pytest.mark.timeout(180)
 
 
 def test_async_one_worker_staleness_zero_equals_sequential_sgd(tmp_path):
     common = ["train", "--quiet", "--epochs", 2, "--momentum", 0.9, "--weight-decay", 1e-4]
 
-    sync = launch(0, *common, "--save-model", tmp_path / "sync.pt")
+    sync = main([*map(str, common), "--save-model", str(tmp_path / "sync.pt")])  # in this process: no start-up
     ps = launch(2, *common, "--mode", "async", "--staleness", 0, "--save-model", tmp_path / "async.pt")
 
-    assert sync.returncode == 0 and ps.returncode == 0, sync.stderr + ps.stderr
+    assert sync == 0 and ps.returncode == 0, ps.stderr
     a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("sync.pt", "async.pt"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
 
@@ -84,11 +86,15 @@ def test_a_straggler_does_less_of_the_work_and_the_budget_is_exact(tmp_path):
     (2, ["--servers", 2], "leaves no worker"),
     (3, ["--dataset", "synthetic", "--samples", 3, "--test-fraction", 0.5], "2 workers but only 1 training samples"),
 ])
-def test_async_world_too_small_is_a_usage_error(ranks, flags, expected):
-    done = launch(ranks, "train", "--mode", "async", *flags, timeout=60)
+def test_async_world_too_small_is_a_usage_error(ranks, flags, expected, capsys):
+    if ranks:
+        done = launch(ranks, "train", "--mode", "async", *flags, timeout=60)
+        code, err = done.returncode, done.stderr
+    else:  # the command's main() in this process: the same path, without an interpreter start-up
+        code, err = main(["train", "--mode", "async", *map(str, flags)]), capsys.readouterr().err
 
-    assert done.returncode == 2
-    ours = [line for line in done.stderr.splitlines() if line.startswith("distml:")]
+    assert code == 2
+    ours = [line for line in err.splitlines() if line.startswith("distml:")]
     assert len(ours) == 1 and expected in ours[0]
 
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from launch import launch, summary
+from launch import summary
 
 from distml.checkpoint import list_checkpoints
 from distml.cli import main
@@ -16,11 +16,10 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """A real sync checkpoint and a plain --save-model file, from one short run."""
+    """A real sync checkpoint and a plain --save-model file, from one short run (in this process)."""
     where = tmp_path_factory.mktemp("made")
-    done = launch(0, "train", "--quiet", "--epochs", 1, "--checkpoint-dir", where / "ckpt",
-                  "--save-model", where / "plain.pt")
-    assert done.returncode == 0, done.stderr
+    assert main(["train", "--quiet", "--epochs", "1", "--checkpoint-dir", str(where / "ckpt"),
+                 "--save-model", str(where / "plain.pt")]) == 0
     (checkpoint,) = list_checkpoints(where / "ckpt")
     return where, checkpoint
 
@@ -92,43 +91,46 @@ def test_bad_checkpoint_is_one_line_exit_2_and_nothing_is_written(tmp_path, made
     assert open(checkpoint, "rb").read() == before
 
 
-def test_a_fresh_run_into_a_directory_of_checkpoints_is_refused(made):
+def test_a_fresh_run_into_a_directory_of_checkpoints_is_refused(made, capsys):
     where, checkpoint = made
     before = sorted(os.listdir(where / "ckpt"))
 
-    done = launch(0, "train", "--epochs", 1, "--checkpoint-dir", where / "ckpt")
+    code = main(["train", "--epochs", "1", "--checkpoint-dir", str(where / "ckpt")])
+    err = capsys.readouterr().err
 
-    assert done.returncode == 2
-    assert done.stderr.count("distml: error") == 1 and "already holds checkpoints" in done.stderr
+    assert code == 2
+    assert err.count("distml: error") == 1 and "already holds checkpoints" in err
     assert sorted(os.listdir(where / "ckpt")) == before
 
 
-def test_resume_skips_a_damaged_newest_checkpoint_with_one_warning(tmp_path, made):
+def test_resume_skips_a_damaged_newest_checkpoint_with_one_warning(tmp_path, made, capsys):
     where, checkpoint = made
     shutil.copytree(where / "ckpt", tmp_path / "ckpt")
     (tmp_path / "ckpt" / "checkpoint-000000999.pt").write_bytes(open(checkpoint, "rb").read()[:1000])
 
-    done = launch(0, "train", "--quiet", "--epochs", 1, "--checkpoint-dir", tmp_path / "ckpt", "--resume",
-                  "--metrics", tmp_path / "m.jsonl")
+    code = main(["train", "--quiet", "--epochs", "1", "--checkpoint-dir", str(tmp_path / "ckpt"), "--resume",
+                 "--metrics", str(tmp_path / "m.jsonl")])
+    err = capsys.readouterr().err
 
-    assert done.returncode == 0, done.stderr
-    warnings = [line for line in done.stderr.splitlines() if line.startswith("distml:")]
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("distml:")]
     assert len(warnings) == 1 and "warning: skipping" in warnings[0] and "checkpoint-000000999.pt" in warnings[0]
     assert (tmp_path / "ckpt" / "checkpoint-000000999.pt.damaged").exists()
     assert [os.path.basename(p) for p in list_checkpoints(tmp_path / "ckpt")] == ["checkpoint-000000045.pt"]
     assert summary(tmp_path / "m.jsonl")["epochs"] == 1  # resumed at the end: the summary from its history
 
 
-def test_a_refused_resume_leaves_a_damaged_newest_checkpoint_where_it_was(tmp_path, made):
+def test_a_refused_resume_leaves_a_damaged_newest_checkpoint_where_it_was(tmp_path, made, capsys):
     where, checkpoint = made
     shutil.copytree(where / "ckpt", tmp_path / "ckpt")
     (tmp_path / "ckpt" / "checkpoint-000000999.pt").write_bytes(open(checkpoint, "rb").read()[:1000])
     before = sorted(os.listdir(tmp_path / "ckpt"))
 
-    done = launch(0, "train", "--quiet", "--epochs", 1, "--lr", 0.05, "--checkpoint-dir", tmp_path / "ckpt",
-                  "--resume")
+    code = main(["train", "--quiet", "--epochs", "1", "--lr", "0.05", "--checkpoint-dir", str(tmp_path / "ckpt"),
+                 "--resume"])
+    err = capsys.readouterr().err
 
-    assert done.returncode == 2
-    lines = [line for line in done.stderr.splitlines() if line.startswith("distml:")]
-    assert len(lines) == 1 and "distml: error: --resume:" in lines[0] and "--lr" in lines[0], done.stderr
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("distml:")]
+    assert len(lines) == 1 and "distml: error: --resume:" in lines[0] and "--lr" in lines[0], err
     assert sorted(os.listdir(tmp_path / "ckpt")) == before  # nothing moved aside, no warning
