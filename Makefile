@@ -33,8 +33,8 @@ test-unit: $(VENV)/.installed
 
 # Tests that need a communicator, written once and run at 2 and 3 ranks.
 test-mpi: $(VENV)/.installed
-	timeout 300 $(MPIRUN) -n 2 $(PY) -m pytest -q -p no:cacheprovider --with-mpi tests/mpi
-	timeout 300 $(MPIRUN) -n 3 $(PY) -m pytest -q -p no:cacheprovider --with-mpi tests/mpi
+	timeout 600 $(MPIRUN) -n 2 $(PY) -m pytest -q -p no:cacheprovider --with-mpi tests/mpi
+	timeout 600 $(MPIRUN) -n 3 $(PY) -m pytest -q -p no:cacheprovider --with-mpi tests/mpi
 
 bench: $(VENV)/.installed
 	$(MPIRUN) -n 2 $(PY) scripts/bench_allreduce.py
