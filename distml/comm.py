@@ -168,13 +168,39 @@ class Comm:
     def reduce_scatter_(self, tensor, out, counts, *, what=None):
         """Sum `tensor` over ranks and leave counts[rank] elements of the sum, in rank order, in `out`
         (the sharded optimizer's gradient slices; float16 and bfloat16 too)."""
-        if self.size == 1:
-            return out.copy_(tensor.reshape(-1)[:out.numel()].reshape(out.shape))
-        send, mpi_op = _reduction(self._MPI, tensor, "sum")
-        nbytes = tensor.numel() * tensor.element_size()
-        self._call("reduce_scatter", nbytes, what, self.mpi_comm.Reduce_scatter, send, _typed(self._MPI, out),
-                   list(counts), mpi_op)
-        self.bytes_sent += nbytes
+        return self.reduce_scatter_parts_(list(tensor.reshape(-1).split(list(counts))), out, what=what)
+
+    def reduce_scatter_parts_(self, parts, out, *, what=None):
+        """Sum parts[r] over ranks into rank r's `out` (parts: one contiguous tensor per rank, same
+        sizes on every rank; they need not be adjacent, so a caller can interleave pieces of slices).
+
+        A ring of MPI_Sendrecv, adding with torch: at each of the N-1 steps a rank passes
+        a partial sum to the next rank and adds its own part to the one it receives. MPI's
+        own Reduce_scatter moves large messages through its shared-memory queues, point-
+        to-point messages go in one copy: for 10.5M float32 at 2 ranks, Open MPI 5.0.11
+        took 44 ms in Reduce_scatter_block (24 ms in Allreduce) and 5.2 ms in this ring
+        (scripts/bench_reduce_scatter.py). The parts keep their values.
+        """
+        r, n = self.rank, self.size
+        if n == 1:
+            return out.copy_(parts[0].reshape(out.shape))
+        nbytes = sum(p.numel() for p in parts) * out.element_size()
+        self._call("reduce_scatter", nbytes, what, self._ring_reduce_scatter, parts, out)
+        self.bytes_sent += nbytes - parts[r].numel() * out.element_size()
+        return out
+
+    def _ring_reduce_scatter(self, parts, out):
+        r, n = self.rank, self.size
+        right, left = (r + 1) % n, (r - 1) % n
+        largest = max(p.numel() for p in parts)
+        scratch = [torch.empty(largest, dtype=out.dtype) for _ in range(min(2, n - 2))]
+        send = parts[(r - 1) % n]
+        for step in range(n - 1):  # receive the partial sum of part (r - step - 2), add ours
+            k = (r - step - 2) % n
+            recv = out.reshape(-1) if step == n - 2 else scratch[step % 2][:parts[k].numel()]
+            self.mpi_comm.Sendrecv(_typed(self._MPI, send.reshape(-1)), right, _RING_TAG,
+                                   _typed(self._MPI, recv), left, _RING_TAG)
+            send = recv.add_(parts[k].reshape(-1))
         return out
 
     def allgather_in_place(self, out, count, displacements, *, what=None):
@@ -465,6 +491,9 @@ class Comm:
 _COMBINE = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum, "prod": torch.mul}
 _HALVES = (torch.float16, torch.bfloat16)
 _HALF_OPS = {}  # (dtype, op) -> MPI.Op, made on first use
+
+
+_RING_TAG = 0x7A5  # reduce_scatter_parts_'s messages: apart from async mode's gradients and parameters
 
 
 def _reduction(MPI, tensor, op):

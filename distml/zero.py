@@ -5,7 +5,7 @@ a multiple of the world size and cut into equal contiguous slices (a parameter
 may span two ranks, as in DeepSpeed; whole parameters per rank, as PyTorch's
 ZeroRedundancyOptimizer assigns them, leave the ranks unevenly loaded).
 `.data` of each parameter is a view into that buffer. A step reduce-scatters
-the summed gradients (MPI Reduce_scatter, in pieces of at most `chunk_mb`) so
+the summed gradients (a ring of MPI Sendrecv, in pieces of at most `chunk_mb`) so
 that each rank holds its slice's sum, runs the user's optimizer class on that
 slice alone (one fused tensor per group, so any element-wise update works:
 SGD, Adam, AdamW, Adagrad, RMSprop), and all-gathers the updated slices in
@@ -259,7 +259,7 @@ class ShardedOptimizer:
                 if self.check_finite and self.nonfinite is None and not grads_finite([flat.grads.buffer]):
                     self.nonfinite = next((p for p in flat.params if not bool(torch.isfinite(p.grad).all())),
                                           flat.params[0])
-                self._reduce_range(g, lambda a, b: flat.grads.buffer[a:b], 0, flat.padded, "the flat gradient")
+                self._reduce_slices(g, flat.grads.buffer)
         else:
             while self._started < len(self._order):  # those backward did not finish (unused, no data, DP)
                 self._reduce_bucket(*self._order[self._started])
@@ -269,23 +269,43 @@ class ShardedOptimizer:
         self.reduced = True
 
     def _reduce_range(self, g, source, lo, hi, label):
-        """Reduce-scatter flat range [lo, hi) of group g into the slices, in pieces; source(a, b): elements [a, b)."""
+        """Stage 2: reduce-scatter flat range [lo, hi) of group g into the slices, in pieces;
+        source(a, b): elements [a, b)."""
         flat = self.groups[g]
         pieces = range(lo, hi, self.chunk)
         for i, a in enumerate(pieces):
             b = min(hi, a + self.chunk)
-            send = source(a, b)
             start, stop = flat.mine(a, b)
-            out = flat.shard.grad[max(start, 0):max(stop, start, 0)]
-            recv = out
-            if self.wire is not None:  # half precision on the wire: divided first for an average
-                send = self._wire[:b - a].copy_(send if self.op == "sum" else send / self.comm.size)
-                recv = torch.empty(out.numel(), dtype=self.wire)
-            what = (f"the sharded optimizer's gradient slices (group {g + 1}, {label}"
-                    + (f", piece {i + 1} of {len(pieces)}" if len(pieces) > 1 else "") + ")")
-            self.comm.reduce_scatter_(send, recv, flat.counts(a, b), what=what)
-            if recv is not out:
-                out.copy_(recv)
+            self._reduce_parts(g, list(source(a, b).split(flat.counts(a, b))),
+                               flat.shard.grad[max(start, 0):max(stop, start, 0)],
+                               label + (f", piece {i + 1} of {len(pieces)}" if len(pieces) > 1 else ""))
+
+    def _reduce_slices(self, g, buffer):
+        """Stage 1: reduce-scatter the whole flat gradient `buffer`, in pieces that take the same
+        part of every rank's slice, so that every rank receives and adds in each call."""
+        flat, n = self.groups[g], self.comm.size
+        step = max(1, self.chunk // n)
+        pieces = range(0, flat.slice_len, step)
+        for i, a in enumerate(pieces):
+            b = min(flat.slice_len, a + step)
+            L = flat.slice_len
+            self._reduce_parts(g, [buffer[r * L + a:r * L + b] for r in range(n)], flat.shard.grad[a:b],
+                               "the flat gradient" + (f", piece {i + 1} of {len(pieces)}" if len(pieces) > 1 else ""))
+
+    def _reduce_parts(self, g, parts, out, label):
+        """One reduce-scatter: parts[r] summed over ranks into rank r's `out` (through the wire dtype if any)."""
+        recv = out
+        if self.wire is not None:  # half precision on the wire: divided first for an average
+            wire, offset = [], 0
+            for part in parts:
+                w = self._wire[offset:offset + part.numel()]
+                wire.append(w.copy_(part if self.op == "sum" else part / self.comm.size))
+                offset += part.numel()
+            parts, recv = wire, torch.empty(out.numel(), dtype=self.wire)
+        what = f"the sharded optimizer's gradient slices (group {g + 1}, {label})"
+        self.comm.reduce_scatter_parts_(parts, recv, what=what)
+        if recv is not out:
+            out.copy_(recv)
 
     def clip_grad_norm_(self, max_norm):
         """Scale the reduced gradient to global L2 norm max_norm, from the slices' squared norms; returns the norm.

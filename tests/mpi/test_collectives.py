@@ -33,6 +33,40 @@ def test_allreduce_sums_in_place_and_counts_bytes(world):
 
 
 @pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_reduce_scatter_sums_each_part_into_its_rank_and_leaves_the_input(world, dtype):
+    # uneven sizes, an empty part, values that differ by rank and by element
+    counts = [3 + 2 * r if r != 1 else 0 for r in range(world.size)]
+    tensor = (torch.arange(sum(counts), dtype=torch.float64) * (world.rank + 1) + world.rank).to(dtype)
+    kept = tensor.clone()
+    out = torch.full((counts[world.rank],), -1.0, dtype=dtype)
+    before = world.bytes_sent
+
+    world.reduce_scatter_(tensor, out, counts, what="a test")
+
+    lo = sum(counts[:world.rank])
+    index = torch.arange(lo, lo + counts[world.rank], dtype=torch.float64)
+    ranks = torch.arange(world.size, dtype=torch.float64)
+    expected = index * (ranks + 1).sum() + ranks.sum()
+    assert torch.equal(out.double(), expected.to(dtype).double())  # small integers: exact in bfloat16
+    assert torch.equal(tensor, kept)
+    assert world.bytes_sent - before == (sum(counts) - counts[world.rank]) * tensor.element_size()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_reduce_scatter_parts_need_not_be_adjacent(world):
+    buffer = torch.arange(10 * world.size, dtype=torch.float32) + 100 * world.rank
+    parts = [buffer[10 * r + 2:10 * r + 5] for r in range(world.size)]  # elements 2..4 of each rank's tenth
+    out = torch.empty(3)
+
+    world.reduce_scatter_parts_(parts, out)
+
+    n = world.size
+    first = 10 * world.rank + 2
+    assert out.tolist() == [n * (first + i) + 100 * n * (n - 1) / 2 for i in range(3)]
+
+
+@pytest.mark.mpi(min_size=2)
 def test_broadcast_copies_root_values_into_every_rank(world):
     tensor = torch.arange(6, dtype=torch.float64).reshape(2, 3) * (world.rank + 1)
     transposed = torch.zeros(3, 2).t()  # non-contiguous target
