@@ -1,7 +1,8 @@
 """A user model that misbehaves on one rank, for the fault tests (`--model tests/mpi/fault_model.py:make`).
 
 DISTML_TEST_FAULT says how: `sleep` (its forward sleeps an hour: a stalled rank), `kill` (SIGKILL
-to itself: a lost node), `raise` (an exception); on rank DISTML_TEST_FAULT_RANK (default 1) at its
+to itself: a lost node), `raise` (an exception), `pause` (sleeps 2 s and goes on: time for a test to
+cut a link or kill a host at a known step); on rank DISTML_TEST_FAULT_RANK (default 1) at its
 DISTML_TEST_FAULT_STEP-th training forward (default 3, counted from 1); first it writes the time
 to the file DISTML_TEST_FAULT_MARK if that is set. Not a test module.
 """
@@ -40,6 +41,8 @@ def _misbehave(fault):
         time.sleep(3600)
     elif fault == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif fault == "pause":
+        time.sleep(2)
     elif fault == "raise":
         raise RuntimeError("the test model failed on purpose")
 

@@ -1,0 +1,175 @@
+"""Sync training across emulated hosts: measured step time against the alpha-beta projection.
+
+    sudo .venv/bin/python scripts/bench_hosts.py [--rates none,1gbit,100mbit] [--models mlp,cnn]
+                                                 [--hosts 2,3] [--repeats 3] [--out results/bench_hosts]
+
+Not under mpirun. For each link setting it makes an emulated cluster (scripts/emulated_cluster.py:
+one network namespace per host, MPI over TCP; `none` leaves veth unshaped, otherwise each host's
+egress is limited by tbf), then on that cluster:
+1. the link: alpha and beta from a float32 Allreduce of 8 B and 8 MiB at 2 hosts (the ring's
+   2 alpha + m / beta; scripts/bench_scaling.py's ping);
+2. for each model and host count: `distml train --dataset digits --epochs 1 --threads 1
+   --batch-size B --lr-schedule constant` with one rank a host; ms per step = train time / steps
+   (the median over --repeats);
+3. the projection: one step's compute (the same training on one rank, no MPI, median of
+   --repeats) + a ring Allreduce of the model's gradient bytes in distml's pieces (--chunk-mb),
+   with the link's alpha and beta. error = (measured - projected) / projected.
+Shared memory (mpirun on this host) runs the same rows as a reference. Two cores are shared by
+all hosts: at 3 hosts the ranks are oversubscribed, so compute is slower than the 1-rank figure;
+the table says so where it happens. Writes OUT.csv and OUT.png.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import emulated_cluster
+from bench_scaling import allreduce_s, messages_of
+from benchlib import ENV, ROOT, write_csv
+
+HERE = Path(__file__).resolve().parent
+
+
+def train_flags(model, batch, metrics):
+    return ["-m", "distml", "train", "--dataset", "digits", "--model", model, "--epochs", "1", "--threads", "1",
+            "--batch-size", str(batch), "--lr-schedule", "constant", "--lr", "0.05", "--quiet", "--metrics", metrics]
+
+
+def step_ms(metrics):
+    summary = json.loads(Path(metrics).read_text().splitlines()[-1])
+    return 1e3 * summary["train_time_s"] / summary["steps"]
+
+
+def run_here(ranks, args, timeout=600):
+    """python args on this host: plain (ranks 0) or under mpirun -n ranks (shared memory); its stdout."""
+    command = [sys.executable, *args]
+    if ranks:
+        command = [str(Path(sys.executable).parent / "mpirun"), "-n", str(ranks), *command]
+    return subprocess.run(command, env=ENV, check=True, capture_output=True, text=True, timeout=timeout).stdout
+
+
+def run_hosts(cluster, ranks, args, timeout=600):
+    """python args under mpirun, one rank on each of the first `ranks` hosts."""
+    done = cluster.exec(["mpirun", "-n", str(ranks), "--hostfile", "$DISTML_HOSTFILE", sys.executable, *args],
+                        env_extra={"PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=timeout)
+    if done.returncode:
+        raise RuntimeError(f"mpirun over the emulated hosts failed: {done.stderr[-2000:]}")
+    return done.stdout
+
+
+def link(launch):
+    """(alpha s, beta bytes/s) from the ping: Allreduce of 8 B and 8 MiB at 2 ranks."""
+    small, big = map(float, launch([str(HERE / "bench_scaling.py"), "--ping"]).split()[-2:])
+    alpha = small / 2
+    return alpha, 8 * 2**20 / max(big - 2 * alpha, 1e-9)
+
+
+def gradient_bytes(model):
+    from distml.config import Config
+    from distml.data import load_dataset
+    from distml.models import build_model
+    cfg = Config(dataset="digits", model=model)
+    return 4 * sum(p.numel() for p in build_model(model, load_dataset(cfg), cfg.hidden_sizes()).parameters())
+
+
+def measure(args):
+    rows, tmp = [], tempfile.mkdtemp()
+    metrics = os.path.join(tmp, "m.jsonl")
+    compute = {m: statistics.median(_timed(lambda: run_here(0, train_flags(m, args.batch_size, metrics)), metrics)
+                                    for _ in range(args.repeats)) for m in args.models}
+    for rate in args.rates:
+        if rate == "shm":
+            launch = run_here
+            alpha, beta = link(lambda flags: run_here(2, flags))
+            rows += _rows(rate, launch, alpha, beta, compute, metrics, args)
+            continue
+        with emulated_cluster.Cluster(max(args.hosts), rate=None if rate == "none" else rate) as cluster:
+            launch = lambda ranks, flags: run_hosts(cluster, ranks, flags)  # noqa: E731
+            alpha, beta = link(lambda flags: launch(2, flags))
+            rows += _rows(rate, launch, alpha, beta, compute, metrics, args)
+    return rows
+
+
+def _timed(fn, metrics):
+    fn()
+    return step_ms(metrics)
+
+
+def _rows(rate, launch, alpha, beta, compute, metrics, args):
+    rows = []
+    for model in args.models:
+        grads = gradient_bytes(model)
+        for hosts in args.hosts:
+            measured = [_timed(lambda: launch(hosts, train_flags(model, args.batch_size, metrics)), metrics)
+                        for _ in range(args.repeats)]
+            comm_ms = 1e3 * allreduce_s("ring", hosts, messages_of(grads, 25.0, args.chunk_mb), alpha, beta)
+            projected = compute[model] + comm_ms
+            row = {"link": rate, "model": model, "hosts": hosts, "gradient_mb": grads / 1e6,
+                   "alpha_us": alpha * 1e6, "beta_mbit_s": beta * 8 / 1e6, "compute_ms": compute[model],
+                   "measured_ms": statistics.median(measured), "measured_min_ms": min(measured),
+                   "measured_max_ms": max(measured), "projected_comm_ms": comm_ms, "projected_ms": projected,
+                   "error": statistics.median(measured) / projected - 1,
+                   "oversubscribed": hosts > (os.cpu_count() or 1)}
+            rows.append(row)
+            print(f"  {rate} {model} {hosts} hosts: {row['measured_ms']:.2f} ms/step measured, "
+                  f"{projected:.2f} projected", file=sys.stderr, flush=True)
+    return rows
+
+
+def write_png(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == model]
+        labels = [f"{r['link']}\n{r['hosts']} hosts" for r in mine]
+        x = range(len(mine))
+        ax.bar([i - 0.2 for i in x], [r["measured_ms"] for r in mine], 0.4, label="measured")
+        ax.bar([i + 0.2 for i in x], [r["projected_ms"] for r in mine], 0.4, label="projected (alpha-beta)")
+        ax.set_xticks(list(x), labels, fontsize=7)
+        ax.set(ylabel="ms per step", title=f"sync, {model} on digits", yscale="log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rates", default="shm,none,1gbit,100mbit",
+                    help="link settings: shm (this host, shared memory), none (unshaped veth), or a tbf rate")
+    ap.add_argument("--models", default="mlp,cnn")
+    ap.add_argument("--hosts", default="2,3")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--chunk-mb", type=float, default=4.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="results/bench_hosts")
+    args = ap.parse_args()
+    args.rates, args.models = args.rates.split(","), args.models.split(",")
+    args.hosts = [int(h) for h in args.hosts.split(",")]
+    reason = emulated_cluster.why_unavailable()
+    if reason and args.rates != ["shm"]:
+        sys.exit(f"bench_hosts: no emulated cluster here: {reason}")
+    rows = measure(args)
+    print(f"# sync on digits, batch {args.batch_size}/rank, 1 thread a rank, 1 epoch, median of {args.repeats}; "
+          f"{os.cpu_count()} cores shared by all hosts")
+    print("| link | alpha us | beta Mbit/s | model | grad MB | hosts | compute ms | projected ms | measured ms "
+          "(min-max) | error |\n|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['link']} | {r['alpha_us']:.1f} | {r['beta_mbit_s']:,.0f} | {r['model']} | {r['gradient_mb']:.2f} | "
+              f"{r['hosts']}{' (oversubscribed)' if r['oversubscribed'] else ''} | {r['compute_ms']:.2f} | "
+              f"{r['projected_ms']:.2f} | {r['measured_ms']:.2f} ({r['measured_min_ms']:.2f}-{r['measured_max_ms']:.2f}) "
+              f"| {r['error']:+.0%} |")
+    write_csv(rows, args.out + ".csv")
+    write_png(rows, args.out + ".png")
+    print(f"# wrote {args.out}.csv and {args.out}.png")
+
+
+if __name__ == "__main__":
+    main()
