@@ -7,8 +7,12 @@ longer than `--watchdog` seconds inside one call:
 - where the MPI library provides MPI_THREAD_MULTIPLE, its thread tells root's
   thread over a duplicated communicator (never the one training uses); root's
   asks every rank where it is, prints one report (each rank's call, or that it
-  is computing, and the call at which the ranks' sequences first differ) and
-  aborts the job with exit 124;
+  is computing, the ranks it cannot reach, and the call at which the ranks'
+  sequences first differ) and aborts the job with exit 124. Reaching: when
+  asked, every rank pings every other over the channel; a peer that does not
+  answer within PROBE_S is unreachable (across hosts, a broken link or a
+  partition: every rank then waits in the same call, so the calls alone could
+  not tell where the job is stuck);
 - otherwise it makes no MPI call from the thread: every rank that is stuck in
   a call, or has made none for the limit, prints its own line and ends its
   process (exit 124), which makes mpirun end the job.
@@ -26,7 +30,8 @@ from .comm import describe_call
 __all__ = ["EXIT_STALLED", "HangDoctor", "Watchdog", "format_report", "first_difference", "abort_from_thread"]
 
 EXIT_STALLED = 124  # like coreutils' timeout: the job was ended for waiting too long
-TAG_STALL, TAG_QUERY, TAG_STATUS = 1, 2, 3  # on the doctor's own communicator only
+TAG_STALL, TAG_QUERY, TAG_STATUS, TAG_PING, TAG_PONG = 1, 2, 3, 4, 5  # on the doctor's own communicator only
+PROBE_S = 2.0  # how long a rank waits for the others to answer its ping before it calls them unreachable
 
 
 def abort_from_thread(comm, code, channel=None):
@@ -57,7 +62,7 @@ class HangDoctor:
         self.stop()
         self.exchange = self.comm.size > 1 and self.comm.thread_multiple()
         self.channel = self.comm.duplicate() if self.exchange else None  # a collective
-        self._stop, self._told = threading.Event(), False
+        self._stop, self._told, self._sends = threading.Event(), False, []
         self._thread = threading.Thread(target=self._watch, name="distml-hang-doctor", daemon=True)
         self._thread.start()
 
@@ -80,7 +85,9 @@ class HangDoctor:
             try:
                 if not self.exchange:
                     self._alone()
-                elif self.comm.is_root:
+                    continue
+                self._answer_pings()
+                if self.comm.is_root:
                     self._as_root()
                 else:
                     self._as_peer()
@@ -107,7 +114,36 @@ class HangDoctor:
             self._told = True
         if self.channel.iprobe(source=0, tag=TAG_QUERY):
             self.channel.recv(source=0, tag=TAG_QUERY)
-            self.channel.send(self.status(), dest=0, tag=TAG_STATUS)
+            unreached = self._probe()
+            self.channel.send({**self.status(), "unreachable": unreached}, dest=0, tag=TAG_STATUS)
+
+    def _answer_pings(self):
+        """Answer every ping waiting for this rank (nonblocking: the answer to an unreachable rank never leaves)."""
+        from mpi4py import MPI
+        probe = MPI.Status()
+        while self.channel.iprobe(source=MPI.ANY_SOURCE, tag=TAG_PING, status=probe):
+            source = probe.Get_source()
+            self.channel.recv(source=source, tag=TAG_PING)
+            self._sends.append(self.channel.isend(None, dest=source, tag=TAG_PONG))
+
+    def _probe(self, collect=None):
+        """Ping every other rank; the first-world numbers of those that did not answer within PROBE_S.
+
+        collect(): called while waiting (root gathers the statuses meanwhile)."""
+        from mpi4py import MPI
+        others = [r for r in range(self.comm.size) if r != self.comm.rank]
+        self._sends += [self.channel.isend(None, dest=r, tag=TAG_PING) for r in others]
+        heard, deadline, probe = set(), time.monotonic() + PROBE_S, MPI.Status()
+        while len(heard) < len(others) and time.monotonic() < deadline:
+            self._answer_pings()  # the others ping this rank at the same time
+            if collect:
+                collect()
+            if self.channel.iprobe(source=MPI.ANY_SOURCE, tag=TAG_PONG, status=probe):
+                heard.add(probe.Get_source())
+                self.channel.recv(source=probe.Get_source(), tag=TAG_PONG)
+            else:
+                time.sleep(0.02)
+        return [self.comm.members[r] for r in others if r not in heard]
 
     def _as_root(self):
         from mpi4py import MPI
@@ -119,17 +155,22 @@ class HangDoctor:
               flush=True)
         abort_from_thread(self.comm, EXIT_STALLED, self.channel)
 
-    def _gather(self, wait=5.0):
-        """Every rank's status, asked for over the channel; a rank that does not answer in `wait` s is left out."""
+    def _gather(self, wait=PROBE_S + 3.0):
+        """Every rank's status, asked for over the channel; a rank that does not answer in `wait` s is left out.
+        Root pings the others meanwhile, as each of them does when asked."""
         from mpi4py import MPI
-        for rank in range(1, self.comm.size):
-            self.channel.send(None, dest=rank, tag=TAG_QUERY)
+        self._sends += [self.channel.isend(None, dest=rank, tag=TAG_QUERY) for rank in range(1, self.comm.size)]
         statuses, deadline, probe = {0: self.status()}, time.monotonic() + wait, MPI.Status()
-        while len(statuses) < self.comm.size and time.monotonic() < deadline:
-            if self.channel.iprobe(source=MPI.ANY_SOURCE, tag=TAG_STATUS, status=probe):
+
+        def collect():
+            while self.channel.iprobe(source=MPI.ANY_SOURCE, tag=TAG_STATUS, status=probe):
                 statuses[probe.Get_source()] = self.channel.recv(source=probe.Get_source(), tag=TAG_STATUS)
-            else:
-                time.sleep(0.05)
+
+        statuses[0]["unreachable"] = self._probe(collect)
+        while len(statuses) < self.comm.size and time.monotonic() < deadline:
+            self._answer_pings()
+            collect()
+            time.sleep(0.05)
         return statuses
 
     def _alone(self):
@@ -173,7 +214,11 @@ def format_report(statuses, size, limit, members=None, setting="--watchdog"):
              f"rank is:"]
     lines += [f"  {_position(s)}" for s in answered]
     known = {s["rank"] for s in answered}
-    lines += [f"  rank {r} did not answer (dead, or stuck outside Python)" for r in members if r not in known]
+    lines += [f"  rank {r} did not answer (dead, unreachable, or stuck outside Python)" for r in members
+              if r not in known]
+    lines += [f"  rank {s['rank']} cannot reach rank(s) {', '.join(map(str, s['unreachable']))} (no answer to a "
+              f"ping in {PROBE_S:g} s: a broken link or a network partition between them)"
+              for s in answered if s.get("unreachable")]
     difference = first_difference(answered)
     if difference:
         seq, entries = difference

@@ -153,10 +153,15 @@ def _build(n, rate):
 
 
 # PRRTE calls its launch agent as `AGENT HOST "<command>"` (no ssh options): the command runs in
-# HOST's namespace under HOST's hostname, with the caller's environment.
+# HOST's namespace under HOST's hostname, with the caller's environment. The agent itself stays in
+# the caller's namespace, as ssh stays on the caller's host: when every process of HOST is killed
+# (a node failure), it exits 255, as ssh does when the remote end dies (PRRTE reads the status).
 AGENT = """#!/bin/sh
 host="$1"; shift
-exec ip netns exec "{prefix}$host" unshare --uts sh -c "hostname $host && exec sh -c \\"\\$0\\"" "$*"
+ip netns exec "{prefix}$host" unshare --uts sh -c "hostname $host && exec sh -c \\"\\$0\\"" "$*"
+status=$?
+[ $status -gt 128 ] && exit 255
+exit $status
 """
 
 
@@ -214,20 +219,18 @@ def exec_on_head(command, status, *, env_extra=None, **kwargs):
 
 
 def partition(status, a, b):
-    """Drop every packet between hosts a and b (names), both ways, from now on (bridge-level: ebtables
-    is not here, so each host's own ingress drops the other's address with a tc filter)."""
+    """Drop every packet between hosts a and b (names), both ways, from now on: a blackhole route
+    for the other's address on each (silent, as a broken link: no error reaches the sender; this
+    kernel's tc has no drop action)."""
     hosts = {h["name"]: h for h in status["hosts"]}
     for me, other in ((a, b), (b, a)):
-        ns = hosts[me]["namespace"]
-        sh("tc", "qdisc", "replace", "dev", "eth0", "ingress", ns=ns)
-        sh("tc", "filter", "add", "dev", "eth0", "parent", "ffff:", "protocol", "ip", "prio", "1", "u32",
-           "match", "ip", "src", f"{hosts[other]['address']}/32", "action", "drop", ns=ns)
+        sh("ip", "route", "add", "blackhole", f"{hosts[other]['address']}/32", ns=hosts[me]["namespace"])
 
 
 def heal(status):
-    """Undo every partition: each host's ingress filters go."""
+    """Undo every partition."""
     for host in status["hosts"]:
-        sh("tc", "qdisc", "del", "dev", "eth0", "ingress", ns=host["namespace"], check=False)
+        sh("ip", "route", "flush", "type", "blackhole", ns=host["namespace"], check=False)
 
 
 def kill_host(status, name):

@@ -147,14 +147,16 @@ def _fault(rank, step, mark):
 
 
 def test_a_partition_is_named_by_the_hang_doctor_and_ends_the_job_with_124(cluster, tmp_path):
-    """Traffic between node0 and node2 dropped while rank 2 pauses in a step: rank 0's next
-    allreduce cannot finish; within --watchdog + 10 s the report names rank 2 as not answering
-    and the job exits 124."""
+    """Traffic between node1 and node2 dropped while rank 2 pauses in a step: the next allreduce
+    cannot finish on any rank; within --watchdog + 10 s of the cut the report names the two ranks
+    that cannot reach each other, and the job exits 124. (Not the head's links: cut from node0,
+    a host's daemon no longer hears mpirun, and Open MPI 5.0.11's mpirun waits for it after the
+    abort: docs/hosts.md.)"""
     mark = tmp_path / "mark"
     proc = start(cluster, 3, "train", *SMALL, "--model", MODEL, "--epochs", 5, "--watchdog", 3,
                  env=_fault(2, 5, mark))
     _wait_for(mark, proc)
-    cluster.partition("node0", "node2")
+    cluster.partition("node1", "node2")
     cut = time.monotonic()
     out, err = proc.communicate(timeout=60)
     took = time.monotonic() - cut
@@ -162,40 +164,46 @@ def test_a_partition_is_named_by_the_hang_doctor_and_ends_the_job_with_124(clust
     assert proc.returncode == 124, err
     assert took < 2 + 3 + 10, err  # the pause, the limit, and 10 s
     assert err.count("distml: watchdog: a rank has waited over 3 s") == 1, err
-    assert "rank 2 did not answer" in err, err
+    assert "rank 1 cannot reach rank(s) 2 (no answer to a ping" in err, err
+    assert "rank 2 cannot reach rank(s) 1 (no answer to a ping" in err, err
+    assert "rank 0 cannot reach" not in err, err
 
 
-def test_a_lost_host_under_ulfm_ends_with_the_uninterrupted_weights(cluster, tmp_path):
-    """Every process of node2 killed mid-epoch (its daemon and its rank): the survivors redo the
-    step and end where 1 rank x 48 ends (the global batch is kept)."""
+def test_a_lost_rank_on_another_host_under_ulfm_ends_with_the_uninterrupted_weights(cluster, tmp_path):
+    """Rank 2 (node2) killed at its 5th step: over TCP as on shared memory, the survivors redo
+    the step and end where 1 rank x 48 ends."""
     common = ("--model", MODEL, "--epochs", 2, "--lr-schedule", "constant", "--threads", 1, "--quiet")
-    mark = tmp_path / "mark"
-    proc = start(cluster, 3, "train", *common, "--batch-size", 16, "--on-rank-failure", "continue",
-                 "--save-model", tmp_path / "lost.pt", "--metrics", tmp_path / "m.jsonl",
-                 env=_fault(2, 5, mark), mpirun_args=("--with-ft", "ulfm"))
-    _wait_for(mark, proc)
-    cluster.kill("node2")
-    out, err = proc.communicate(timeout=90)
+    done = mpirun(cluster, 3, "train", *common, "--batch-size", 16, "--on-rank-failure", "continue",
+                  "--save-model", tmp_path / "lost.pt", "--metrics", tmp_path / "m.jsonl",
+                  env={**_fault(2, 5, tmp_path / "mark"), "DISTML_TEST_FAULT": "kill"},
+                  mpirun_args=("--with-ft", "ulfm"))
 
-    assert proc.returncode == 0, err
-    assert err.count("distml: lost rank(s) 2 at epoch 1 step 5") == 1, err
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("distml: lost rank(s) 2 at epoch 1 step 5") == 1, done.stderr
     assert [r["rank"] for r in summary(tmp_path / "m.jsonl")["ranks_lost"]] == [2]
     reference = launch(0, "train", *common, "--batch-size", 48, "--save-model", tmp_path / "one.pt")
     assert reference.returncode == 0, reference.stderr
     assert max_diff(tmp_path / "lost.pt", tmp_path / "one.pt") < 1e-5
 
 
-def test_a_lost_host_without_ulfm_ends_the_job_promptly_naming_the_host(cluster, tmp_path):
+@pytest.mark.parametrize("mpirun_args", [(), ("--with-ft", "ulfm")], ids=["plain", "ulfm"])
+def test_a_lost_host_ends_the_job_promptly_naming_the_host(cluster, tmp_path, mpirun_args):
+    """Every process of node2 killed (its daemon and its rank: a node failure). Open MPI 5.0.11's
+    runtime cannot go on without a daemon, also under ULFM: it names the host and ends the job at
+    once, and nothing is saved. (It exits 0 then: measured, docs/hosts.md; PRRTE learnt to
+    tolerate lost daemons after the runtime this Open MPI bundles.)"""
     mark = tmp_path / "mark"
-    proc = start(cluster, 3, "train", *SMALL, "--model", MODEL, "--epochs", 5, env=_fault(2, 5, mark))
+    proc = start(cluster, 3, "train", *SMALL, "--model", MODEL, "--epochs", 5, "--save-model", tmp_path / "m.pt",
+                 env=_fault(2, 5, mark), mpirun_args=mpirun_args)
     _wait_for(mark, proc)
     cluster.kill("node2")
     killed = time.monotonic()
     out, err = proc.communicate(timeout=60)
 
-    assert proc.returncode != 0
-    assert time.monotonic() - killed < 30
-    assert "node2" in err, err
+    assert time.monotonic() - killed < 10
+    assert "PRTE has lost communication with a remote daemon" in err, err
+    assert "Remote daemon: [" in err and "] on node node2" in err, err
+    assert not (tmp_path / "m.pt").exists()
 
 
 def test_down_leaves_nothing_after_a_failing_run(three_hosts):

@@ -45,7 +45,19 @@ def test_report_names_every_rank_and_who_did_not_answer():
     assert lines[1] == "  rank 0 has waited 31 s in allreduce #57 (epoch 1 step 12, bucket 3 of 4)"
     assert lines[2] == ("  rank 1 is in no MPI call: busy in epoch 1 step 12 for 32 s; its last call was "
                         "allreduce #56 (epoch 1 step 11, bucket 3 of 4)")
-    assert lines[3] == "  rank 2 did not answer (dead, or stuck outside Python)"
+    assert lines[3] == "  rank 2 did not answer (dead, unreachable, or stuck outside Python)"
     assert lines[4] == ("distml: watchdog: the ranks' calls first differ at #57: rank 0 entered allreduce "
                         "(epoch 1 step 12, bucket 3 of 4); rank 1 has not entered it")
     assert lines[-1] == "distml: watchdog: aborting all ranks (exit 124)"
+
+
+def test_report_names_the_ranks_each_rank_cannot_reach():
+    call = [(40, "allreduce", 4, "epoch 1 step 5, bucket 1 of 1")]
+    statuses = {0: {**_status(0, call, True), "unreachable": []},
+                1: {**_status(1, call, True), "unreachable": [2]},
+                2: {**_status(2, call, True), "unreachable": [1]}}
+    lines = format_report(statuses, 3, 3).splitlines()
+    assert lines[4] == ("  rank 1 cannot reach rank(s) 2 (no answer to a ping in 2 s: a broken link or a network "
+                        "partition between them)")
+    assert lines[5].startswith("  rank 2 cannot reach rank(s) 1 (")
+    assert not any("rank 0 cannot" in line for line in lines)
