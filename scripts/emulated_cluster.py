@@ -155,12 +155,13 @@ def _build(n, rate):
 # PRRTE calls its launch agent as `AGENT HOST "<command>"` (no ssh options): the command runs in
 # HOST's namespace under HOST's hostname, with the caller's environment. The agent itself stays in
 # the caller's namespace, as ssh stays on the caller's host: when every process of HOST is killed
-# (a node failure), it exits 255, as ssh does when the remote end dies (PRRTE reads the status).
+# (a node failure), it exits 255, as ssh does when the remote end dies (PRRTE reads the status), a
+# second later: had it exited first, mpirun would end the job without naming the host.
 AGENT = """#!/bin/sh
 host="$1"; shift
 ip netns exec "{prefix}$host" unshare --uts sh -c "hostname $host && exec sh -c \\"\\$0\\"" "$*"
 status=$?
-[ $status -gt 128 ] && exit 255
+[ $status -gt 128 ] && sleep 1 && exit 255  # ssh notices a dead host after its connection does
 exit $status
 """
 

@@ -95,7 +95,7 @@ def test_no_packet_can_leave_the_namespaces(cluster):
 
 
 MODES = {
-    "sync": ("--epochs", 2),
+    "sync": ("--epochs", 1),
     "async": ("--mode", "async", "--epochs", 1, "--staleness", 0),
     "federated": ("--mode", "federated", "--clients", 5, "--clients-per-round", 4, "--rounds", 2,
                   "--local-steps", 3),
@@ -114,12 +114,12 @@ def test_every_mode_gives_the_weights_of_shared_memory_at_2_and_3_hosts(cluster,
 
 
 def test_a_preemption_signal_stops_every_host_and_the_resume_equals_the_uninterrupted_run(cluster, tmp_path):
-    args = ("train", *SMALL, "--model", MODEL, "--epochs", 3, "--lr-schedule", "constant")
+    args = ("train", *SMALL, "--model", MODEL, "--epochs", 2, "--lr-schedule", "constant")
     full = mpirun(cluster, 3, *args, "--save-model", tmp_path / "full.pt")
     assert full.returncode == 0, full.stderr
     ckpt, mark = tmp_path / "ckpt", tmp_path / "mark"
     proc = start(cluster, 3, *args, "--checkpoint-dir", ckpt, "--save-model", tmp_path / "part.pt",
-                 env={"DISTML_TEST_FAULT": "pause", "DISTML_TEST_FAULT_RANK": "2", "DISTML_TEST_FAULT_STEP": "40",
+                 env={"DISTML_TEST_FAULT": "pause", "DISTML_TEST_FAULT_RANK": "2", "DISTML_TEST_FAULT_STEP": "35",
                       "DISTML_TEST_FAULT_MARK": str(mark)})
     _wait_for(mark, proc)
     os.kill(proc.pid, signal.SIGUSR1)  # to mpirun on node0, which forwards it to every host's rank
