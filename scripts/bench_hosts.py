@@ -6,14 +6,16 @@
 Not under mpirun. For each link setting it makes an emulated cluster (scripts/emulated_cluster.py:
 one network namespace per host, MPI over TCP; `none` leaves veth unshaped, otherwise each host's
 egress is limited by tbf), then on that cluster:
-1. the link: alpha and beta from a float32 Allreduce of 8 B and 8 MiB at 2 hosts (the ring's
-   2 alpha + m / beta; scripts/bench_scaling.py's ping);
+1. the link: alpha (latency) and beta (bandwidth) from MPI ping-pongs of 8 B and 8 MiB between
+   2 hosts (alpha = half the small round trip; beta = 8 MiB / (half the large one - alpha));
 2. for each model and host count: `distml train --dataset digits --epochs 1 --threads 1
    --batch-size B --lr-schedule constant` with one rank a host; ms per step = train time / steps
    (the median over --repeats);
 3. the projection: one step's compute (the same training on one rank, no MPI, median of
    --repeats) + a ring Allreduce of the model's gradient bytes in distml's pieces (--chunk-mb),
-   with the link's alpha and beta. error = (measured - projected) / projected.
+   with the link's alpha and beta. error = measured / projected - 1. "projected from shm": the
+   same rank count's step measured on shared memory, less its projected communication, plus the
+   link's (it keeps what oversubscribed cores cost and projects only the communication).
 Shared memory (mpirun on this host) runs the same rows as a reference. Two cores are shared by
 all hosts: at 3 hosts the ranks are oversubscribed, so compute is slower than the 1-rank figure;
 the table says so where it happens. Writes OUT.csv and OUT.png.
@@ -25,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import emulated_cluster
@@ -62,10 +65,36 @@ def run_hosts(cluster, ranks, args, timeout=600):
 
 
 def link(launch):
-    """(alpha s, beta bytes/s) from the ping: Allreduce of 8 B and 8 MiB at 2 ranks."""
-    small, big = map(float, launch([str(HERE / "bench_scaling.py"), "--ping"]).split()[-2:])
+    """(alpha s, beta bytes/s) of the link between two ranks: half the round trip of an 8-byte
+    ping-pong, and 8 MiB over half the round trip of an 8 MiB ping-pong minus alpha."""
+    small, big = map(float, launch([__file__, "--pingpong"]).split()[-2:])
     alpha = small / 2
-    return alpha, 8 * 2**20 / max(big - 2 * alpha, 1e-9)
+    return alpha, 8 * 2**20 / max(big / 2 - alpha, 1e-9)
+
+
+def pingpong_worker():
+    """Under mpirun -n 2: median round trips of 8 B and 8 MiB (MPI Send/Recv), printed by rank 0."""
+    import numpy as np
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    times = []
+    for size, repeats in ((8, 200), (8 * 2**20, 10)):
+        buf = np.zeros(size, dtype=np.uint8)
+        rounds = []
+        for i in range(repeats + 3):
+            comm.Barrier()
+            start = time.perf_counter()
+            if comm.rank == 0:
+                comm.Send(buf, dest=1)
+                comm.Recv(buf, source=1)
+            else:
+                comm.Recv(buf, source=0)
+                comm.Send(buf, dest=0)
+            if i >= 3:
+                rounds.append(time.perf_counter() - start)
+        times.append(statistics.median(rounds))
+    if comm.rank == 0:
+        print(*times)
 
 
 def gradient_bytes(model):
@@ -150,25 +179,57 @@ def main():
     ap.add_argument("--chunk-mb", type=float, default=4.0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="results/bench_hosts")
+    ap.add_argument("--table-from", help="print the table of an earlier run's CSV instead of measuring")
+    ap.add_argument("--pingpong", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.pingpong:
+        return pingpong_worker()
     args.rates, args.models = args.rates.split(","), args.models.split(",")
     args.hosts = [int(h) for h in args.hosts.split(",")]
     reason = emulated_cluster.why_unavailable()
-    if reason and args.rates != ["shm"]:
+    if reason and args.rates != ["shm"] and not args.table_from:
         sys.exit(f"bench_hosts: no emulated cluster here: {reason}")
-    rows = measure(args)
+    rows = measure(args) if not args.table_from else _read_csv(args.table_from)
+    with_shared_memory(rows)
     print(f"# sync on digits, batch {args.batch_size}/rank, 1 thread a rank, 1 epoch, median of {args.repeats}; "
           f"{os.cpu_count()} cores shared by all hosts")
     print("| link | alpha us | beta Mbit/s | model | grad MB | hosts | compute ms | projected ms | measured ms "
-          "(min-max) | error |\n|---|---|---|---|---|---|---|---|---|---|")
+          "(min-max) | error | projected from shm | error |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['link']} | {r['alpha_us']:.1f} | {r['beta_mbit_s']:,.0f} | {r['model']} | {r['gradient_mb']:.2f} | "
               f"{r['hosts']}{' (oversubscribed)' if r['oversubscribed'] else ''} | {r['compute_ms']:.2f} | "
               f"{r['projected_ms']:.2f} | {r['measured_ms']:.2f} ({r['measured_min_ms']:.2f}-{r['measured_max_ms']:.2f}) "
-              f"| {r['error']:+.0%} |")
-    write_csv(rows, args.out + ".csv")
-    write_png(rows, args.out + ".png")
-    print(f"# wrote {args.out}.csv and {args.out}.png")
+              f"| {r['error']:+.0%} | {r['from_shm_ms']:.2f} | {r['from_shm_error']:+.0%} |")
+    if not args.table_from:
+        write_csv(rows, args.out + ".csv")
+        write_png(rows, args.out + ".png")
+        print(f"# wrote {args.out}.csv and {args.out}.png")
+
+
+def with_shared_memory(rows):
+    """Add the projection from shared memory: the same rank count's measured step on shm, less the
+    model's shm communication, plus the link's. It keeps whatever the ranks' compute costs at that
+    count (oversubscribed cores included) and projects only the communication."""
+    shm = {(r["model"], r["hosts"]): r for r in rows if r["link"] == "shm"}
+    for r in rows:
+        base = shm.get((r["model"], r["hosts"]))
+        if base is None:
+            r["from_shm_ms"], r["from_shm_error"] = float("nan"), float("nan")
+            continue
+        r["from_shm_ms"] = base["measured_ms"] - base["projected_comm_ms"] + r["projected_comm_ms"]
+        r["from_shm_error"] = r["measured_ms"] / r["from_shm_ms"] - 1
+
+
+def _read_csv(path):
+    import csv
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for key, value in r.items():
+            if key not in ("link", "model", "oversubscribed"):
+                r[key] = float(value) if "." in value or "e" in value else int(value)
+        r["oversubscribed"] = r["oversubscribed"] == "True"
+    return rows
 
 
 if __name__ == "__main__":

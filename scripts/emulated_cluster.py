@@ -3,26 +3,27 @@
     python scripts/emulated_cluster.py up N [--rate 100mbit]
     python scripts/emulated_cluster.py status
     python scripts/emulated_cluster.py exec -- mpirun -n 3 --hostfile '$DISTML_HOSTFILE' distml train ...
-    python scripts/emulated_cluster.py partition node0 node1    # drop traffic between two hosts
-    python scripts/emulated_cluster.py heal                     # undo partitions
-    python scripts/emulated_cluster.py kill node2               # every process of a host: a node failure
+    python scripts/emulated_cluster.py partition node02 node03   # drop traffic between two hosts
+    python scripts/emulated_cluster.py heal                      # undo partitions
+    python scripts/emulated_cluster.py kill node03               # every process of a host: a node failure
     python scripts/emulated_cluster.py down
 
-Root only (it makes namespaces). Host i is namespace `distml-node<i>` with hostname `node<i>` and
-address 10.77.0.<10+i>/24 on its `eth0`; the other end of each link is a port of a bridge in
-namespace `distml-switch`. Nothing joins the root namespace and no namespace has a route out, so
-no packet leaves them whatever the addresses. `exec` runs a command on the head, node0, with
-Open MPI told to use TCP on that subnet, to launch remote daemons through `ip netns exec` (an
-agent script instead of ssh; each host gets its own hostname, as one shared name hangs mpirun),
-not to bind ranks to cores (each "host" would bind its rank to core 0), and `DISTML_HOSTFILE`
-naming a hostfile with one slot per host.
+Root only (it makes namespaces). Host i (from 0) is namespace `distml-nodeNN` with hostname
+`nodeNN` (NN = i + 1 in two digits, the names in hostfile.example) and address 10.77.0.<10+i>/24
+on its `eth0`; the other end of each link is a port of a bridge in namespace `distml-switch`.
+Nothing joins the root namespace and no namespace has a route out, so no packet leaves them
+whatever the addresses. `exec` runs a command on the head, node01, with Open MPI told to use TCP
+on that subnet, to launch remote daemons through `ip netns exec` (an agent script instead of
+ssh; each host gets its own hostname, as one shared name hangs mpirun), not to bind ranks to
+cores (each "host" would bind its rank to core 0), and `DISTML_HOSTFILE` naming a hostfile with
+one slot per host.
 
 Links are shaped on each host's egress with the kernel's tbf qdisc (--rate). Added delay is not
 offered: this kernel has no netem qdisc, and delaying on the sender's egress collapses TCP's
 throughput (a delay needs a packet queue on the receiver, netfilter's, and a program holding
-packets); the links keep veth's own latency, measured by scripts/bench_links.py.
+packets); the links keep veth's own latency, measured by scripts/bench_hosts.py.
 
-Everything `up` makes (namespaces, links, qdiscs, filters, the files under /etc/netns and the
+Everything `up` makes (namespaces, links, qdiscs, blackhole routes, the files under /etc/netns and the
 state directory, processes in the namespaces) carries our names and goes with `down`, also
 when `up` fails or is interrupted; `up` first clears whatever a killed earlier run left.
 """
@@ -61,7 +62,7 @@ def sh(*args, check=True, timeout=30, ns=None, **kwargs):
 
 
 def host_name(i):
-    return f"node{i}"
+    return f"node{i + 1:02d}"  # hostfile.example's names
 
 
 def address(i):

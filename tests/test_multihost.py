@@ -45,7 +45,7 @@ def cluster(three_hosts):
 
 
 def mpirun(cluster, n, *args, timeout=120, env=None, mpirun_args=()):
-    """`mpirun -n n --hostfile HOSTS python -m distml args` on the head: rank i on node i."""
+    """`mpirun -n n --hostfile HOSTS python -m distml args` on the head: rank i on host i + 1."""
     command = ["mpirun", *mpirun_args, "-n", str(n), "--hostfile", "$DISTML_HOSTFILE", sys.executable, "-m", "distml",
                *map(str, args)]
     extra = {"PYTHONPATH": str(ROOT), **(env or {})}
@@ -71,9 +71,9 @@ def max_diff(a, b):
 def test_status_names_each_host_and_info_shows_each_ranks_host(cluster):
     status = json.loads(subprocess.run([sys.executable, ROOT / "scripts" / "emulated_cluster.py", "status"],
                                        capture_output=True, text=True, check=True).stdout)
-    assert [h["name"] for h in status["hosts"]] == ["node0", "node1", "node2"]
-    assert [h["namespace"] for h in status["hosts"]] == [f"distml-node{i}" for i in range(3)]
-    assert Path(status["hostfile"]).read_text().split("\n")[:3] == [f"node{i} slots=1" for i in range(3)]
+    assert [h["name"] for h in status["hosts"]] == ["node01", "node02", "node03"]
+    assert [h["namespace"] for h in status["hosts"]] == ["distml-node01", "distml-node02", "distml-node03"]
+    assert Path(status["hostfile"]).read_text().splitlines() == [f"node0{i} slots=1" for i in (1, 2, 3)]
 
     done = mpirun(cluster, 3, "info")
 
@@ -81,8 +81,25 @@ def test_status_names_each_host_and_info_shows_each_ranks_host(cluster):
     table = done.stdout.split("launch, as each rank sees it:")[1].splitlines()
     for rank in range(3):
         row = next(line.split() for line in table if line.split()[:1] == [str(rank)])
-        assert f"node{rank}" in row, done.stdout
+        assert f"node0{rank + 1}" in row, done.stdout
     assert "1 rank(s) on this node" in done.stdout
+
+
+def test_hostfile_example_and_the_docs_several_hosts_command_run_as_written(cluster, tmp_path):
+    """docs/clusters.md's command with hostfile.example (node01 and node02, 4 slots each): 8 ranks,
+    4 on each of two hosts; only the paths are this machine's."""
+    section = (ROOT / "docs" / "clusters.md").read_text().split("## Several hosts")[1]
+    line = next(line for line in section.splitlines() if line.startswith("mpirun --hostfile hostfile"))
+    (tmp_path / "hostfile").write_text((ROOT / "hostfile.example").read_text())
+    distml = str(Path(sys.executable).parent / "distml")
+    command = [distml if word == "/path/to/.venv/bin/distml" else word for word in line.split()]
+
+    done = cluster.exec(command, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                        env_extra={"PYTHONPATH": str(ROOT)})
+
+    assert done.returncode == 0, done.stderr
+    assert "distml: sync on 8 rank(s), digits" in done.stdout, done.stdout
+    assert "done: sync, 8 rank(s), 3 epochs" in done.stdout, done.stdout
 
 
 def test_no_packet_can_leave_the_namespaces(cluster):
@@ -122,7 +139,7 @@ def test_a_preemption_signal_stops_every_host_and_the_resume_equals_the_uninterr
                  env={"DISTML_TEST_FAULT": "pause", "DISTML_TEST_FAULT_RANK": "2", "DISTML_TEST_FAULT_STEP": "35",
                       "DISTML_TEST_FAULT_MARK": str(mark)})
     _wait_for(mark, proc)
-    os.kill(proc.pid, signal.SIGUSR1)  # to mpirun on node0, which forwards it to every host's rank
+    os.kill(proc.pid, signal.SIGUSR1)  # to mpirun on node01, which forwards it to every host's rank
     out, err = proc.communicate(timeout=60)
 
     assert proc.returncode == 75, err
@@ -147,16 +164,16 @@ def _fault(rank, step, mark):
 
 
 def test_a_partition_is_named_by_the_hang_doctor_and_ends_the_job_with_124(cluster, tmp_path):
-    """Traffic between node1 and node2 dropped while rank 2 pauses in a step: the next allreduce
+    """Traffic between node02 and node03 dropped while rank 2 pauses in a step: the next allreduce
     cannot finish on any rank; within --watchdog + 10 s of the cut the report names the two ranks
-    that cannot reach each other, and the job exits 124. (Not the head's links: cut from node0,
+    that cannot reach each other, and the job exits 124. (Not the head's links: cut from node01,
     a host's daemon no longer hears mpirun, and Open MPI 5.0.11's mpirun waits for it after the
     abort: docs/hosts.md.)"""
     mark = tmp_path / "mark"
     proc = start(cluster, 3, "train", *SMALL, "--model", MODEL, "--epochs", 5, "--watchdog", 3,
                  env=_fault(2, 5, mark))
     _wait_for(mark, proc)
-    cluster.partition("node1", "node2")
+    cluster.partition("node02", "node03")
     cut = time.monotonic()
     out, err = proc.communicate(timeout=60)
     took = time.monotonic() - cut
@@ -170,7 +187,7 @@ def test_a_partition_is_named_by_the_hang_doctor_and_ends_the_job_with_124(clust
 
 
 def test_a_lost_rank_on_another_host_under_ulfm_ends_with_the_uninterrupted_weights(cluster, tmp_path):
-    """Rank 2 (node2) killed at its 5th step: over TCP as on shared memory, the survivors redo
+    """Rank 2 (node03) killed at its 5th step: over TCP as on shared memory, the survivors redo
     the step and end where 1 rank x 48 ends."""
     common = ("--model", MODEL, "--epochs", 2, "--lr-schedule", "constant", "--threads", 1, "--quiet")
     done = mpirun(cluster, 3, "train", *common, "--batch-size", 16, "--on-rank-failure", "continue",
@@ -188,7 +205,7 @@ def test_a_lost_rank_on_another_host_under_ulfm_ends_with_the_uninterrupted_weig
 
 @pytest.mark.parametrize("mpirun_args", [(), ("--with-ft", "ulfm")], ids=["plain", "ulfm"])
 def test_a_lost_host_ends_the_job_promptly_naming_the_host(cluster, tmp_path, mpirun_args):
-    """Every process of node2 killed (its daemon and its rank: a node failure). Open MPI 5.0.11's
+    """Every process of node03 killed (its daemon and its rank: a node failure). Open MPI 5.0.11's
     runtime cannot go on without a daemon, also under ULFM: it names the host and ends the job at
     once, and nothing is saved. (It exits 0 then: measured, docs/hosts.md; PRRTE learnt to
     tolerate lost daemons after the runtime this Open MPI bundles.)"""
@@ -196,13 +213,13 @@ def test_a_lost_host_ends_the_job_promptly_naming_the_host(cluster, tmp_path, mp
     proc = start(cluster, 3, "train", *SMALL, "--model", MODEL, "--epochs", 5, "--save-model", tmp_path / "m.pt",
                  env=_fault(2, 5, mark), mpirun_args=mpirun_args)
     _wait_for(mark, proc)
-    cluster.kill("node2")
+    cluster.kill("node03")
     killed = time.monotonic()
     out, err = proc.communicate(timeout=60)
 
     assert time.monotonic() - killed < 10
     assert "PRTE has lost communication with a remote daemon" in err, err
-    assert "Remote daemon: [" in err and "] on node node2" in err, err
+    assert "Remote daemon: [" in err and "] on node node03" in err, err
     assert not (tmp_path / "m.pt").exists()
 
 
