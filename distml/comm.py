@@ -182,6 +182,8 @@ class Comm:
         (scripts/bench_reduce_scatter.py). The parts keep their values.
         """
         r, n = self.rank, self.size
+        if not out.is_contiguous():
+            raise ValueError("reduce_scatter_parts_ writes into a contiguous `out`")
         if n == 1:
             return out.copy_(parts[0].reshape(out.shape))
         nbytes = sum(p.numel() for p in parts) * out.element_size()
@@ -493,7 +495,7 @@ _HALVES = (torch.float16, torch.bfloat16)
 _HALF_OPS = {}  # (dtype, op) -> MPI.Op, made on first use
 
 
-_RING_TAG = 0x7A5  # reduce_scatter_parts_'s messages: apart from async mode's gradients and parameters
+_RING_TAG = 0x7A5  # reduce_scatter_parts_'s messages (sync mode only: async's tags never share its communicator)
 
 
 def _reduction(MPI, tensor, op):

@@ -118,13 +118,19 @@ class HangDoctor:
             self.channel.send({**self.status(), "unreachable": unreached}, dest=0, tag=TAG_STATUS)
 
     def _answer_pings(self):
-        """Answer every ping waiting for this rank (nonblocking: the answer to an unreachable rank never leaves)."""
+        """Answer every ping waiting for this rank (nonblocking: the answer to an unreachable rank never
+        leaves), and let go of the sends that completed. Under ULFM a probe from any source raises
+        once a rank has died: that is the main thread's to report, so this only stops answering."""
         from mpi4py import MPI
         probe = MPI.Status()
-        while self.channel.iprobe(source=MPI.ANY_SOURCE, tag=TAG_PING, status=probe):
-            source = probe.Get_source()
-            self.channel.recv(source=source, tag=TAG_PING)
-            self._sends.append(self.channel.isend(None, dest=source, tag=TAG_PONG))
+        try:
+            self._sends = [request for request in self._sends if not request.Test()]
+            while self.channel.iprobe(source=MPI.ANY_SOURCE, tag=TAG_PING, status=probe):
+                source = probe.Get_source()
+                self.channel.recv(source=source, tag=TAG_PING)
+                self._sends.append(self.channel.isend(None, dest=source, tag=TAG_PONG))
+        except MPI.Exception:
+            return
 
     def _probe(self, collect=None):
         """Ping every other rank; the first-world numbers of those that did not answer within PROBE_S.
@@ -132,17 +138,20 @@ class HangDoctor:
         collect(): called while waiting (root gathers the statuses meanwhile)."""
         from mpi4py import MPI
         others = [r for r in range(self.comm.size) if r != self.comm.rank]
-        self._sends += [self.channel.isend(None, dest=r, tag=TAG_PING) for r in others]
         heard, deadline, probe = set(), time.monotonic() + PROBE_S, MPI.Status()
-        while len(heard) < len(others) and time.monotonic() < deadline:
-            self._answer_pings()  # the others ping this rank at the same time
-            if collect:
-                collect()
-            if self.channel.iprobe(source=MPI.ANY_SOURCE, tag=TAG_PONG, status=probe):
-                heard.add(probe.Get_source())
-                self.channel.recv(source=probe.Get_source(), tag=TAG_PONG)
-            else:
-                time.sleep(0.02)
+        try:
+            self._sends += [self.channel.isend(None, dest=r, tag=TAG_PING) for r in others]
+            while len(heard) < len(others) and time.monotonic() < deadline:
+                self._answer_pings()  # the others ping this rank at the same time
+                if collect:
+                    collect()
+                if self.channel.iprobe(source=MPI.ANY_SOURCE, tag=TAG_PONG, status=probe):
+                    heard.add(probe.Get_source())
+                    self.channel.recv(source=probe.Get_source(), tag=TAG_PONG)
+                else:
+                    time.sleep(0.02)
+        except MPI.Exception:  # a dead rank (ULFM): those not heard from are named
+            pass
         return [self.comm.members[r] for r in others if r not in heard]
 
     def _as_root(self):

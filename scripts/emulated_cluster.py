@@ -101,8 +101,8 @@ def down():
         sh("ip", "netns", "del", ns, check=False)
     for path in NETNS_ETC.glob(PREFIX + "*") if NETNS_ETC.exists() else []:
         shutil.rmtree(path, ignore_errors=True)
-    if NETNS_ETC.exists() and not any(NETNS_ETC.iterdir()):
-        NETNS_ETC.rmdir()
+    if (STATE / "made-etc-netns").exists() and NETNS_ETC.exists() and not any(NETNS_ETC.iterdir()):
+        NETNS_ETC.rmdir()  # only if `up` made it
     shutil.rmtree(STATE, ignore_errors=True)
 
 
@@ -123,6 +123,8 @@ def up(n, rate=None):
 
 def _build(n, rate):
     STATE.mkdir(parents=True)
+    if not NETNS_ETC.exists():
+        (STATE / "made-etc-netns").touch()
     sh("ip", "netns", "add", SWITCH)
     sh("ip", "link", "add", "br0", "type", "bridge", ns=SWITCH)
     sh("ip", "link", "set", "br0", "up", ns=SWITCH)
@@ -184,6 +186,7 @@ def _wait_reachable(status, timeout=10):
             return
         if time.monotonic() > deadline:
             raise RuntimeError(f"a host does not answer the head: {done.stderr.strip()}")
+        time.sleep(0.1)
 
 
 def status():
