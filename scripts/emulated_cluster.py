@@ -290,6 +290,16 @@ class Cluster:
             _kill_in(host["namespace"])
 
 
+def _run_forwarding_signals(argv, env):
+    """Run argv; SIGINT or SIGTERM to this process goes on to it (mpirun passes it to every host's
+    ranks), and this waits for it to end, so no daemon is left running on a host."""
+    proc = subprocess.Popen(argv, env=env)
+    forward = lambda signum, _frame: proc.send_signal(signum)  # noqa: E731
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, forward)
+    return proc.wait()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="action", required=True)
@@ -329,7 +339,7 @@ def main(argv=None):
         if not command:
             print("emulated_cluster: exec needs a command after --", file=sys.stderr)
             return 2
-        return exec_on_head(command, current).returncode
+        return _run_forwarding_signals(*on_head(command, current))
     elif args.action == "partition":
         partition(current, args.a, args.b)
     elif args.action == "heal":
