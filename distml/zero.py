@@ -277,23 +277,22 @@ class ShardedOptimizer:
             b = min(hi, a + self.chunk)
             start, stop = flat.mine(a, b)
             self._reduce_parts(g, list(source(a, b).split(flat.counts(a, b))),
-                               flat.shard.grad[max(start, 0):max(stop, start, 0)],
-                               label + (f", piece {i + 1} of {len(pieces)}" if len(pieces) > 1 else ""))
+                               flat.shard.grad[max(start, 0):max(stop, start, 0)], label, i, len(pieces))
 
     def _reduce_slices(self, g, buffer):
         """Stage 1: reduce-scatter the whole flat gradient `buffer`, in pieces that take the same
         part of every rank's slice, so that every rank receives and adds in each call."""
         flat, n = self.groups[g], self.comm.size
-        step = max(1, self.chunk // n)
-        pieces = range(0, flat.slice_len, step)
+        L, step = flat.slice_len, max(1, self.chunk // n)
+        pieces = range(0, L, step)
         for i, a in enumerate(pieces):
-            b = min(flat.slice_len, a + step)
-            L = flat.slice_len
+            b = min(L, a + step)
             self._reduce_parts(g, [buffer[r * L + a:r * L + b] for r in range(n)], flat.shard.grad[a:b],
-                               "the flat gradient" + (f", piece {i + 1} of {len(pieces)}" if len(pieces) > 1 else ""))
+                               "the flat gradient", i, len(pieces))
 
-    def _reduce_parts(self, g, parts, out, label):
-        """One reduce-scatter: parts[r] summed over ranks into rank r's `out` (through the wire dtype if any)."""
+    def _reduce_parts(self, g, parts, out, label, piece, pieces):
+        """One reduce-scatter: parts[r] summed over ranks into rank r's `out` (through the wire dtype if any);
+        piece of pieces names it in the call record."""
         recv = out
         if self.wire is not None:  # half precision on the wire: divided first for an average
             wire, offset = [], 0
@@ -302,7 +301,8 @@ class ShardedOptimizer:
                 wire.append(w.copy_(part if self.op == "sum" else part / self.comm.size))
                 offset += part.numel()
             parts, recv = wire, torch.empty(out.numel(), dtype=self.wire)
-        what = f"the sharded optimizer's gradient slices (group {g + 1}, {label})"
+        where = label + (f", piece {piece + 1} of {pieces}" if pieces > 1 else "")
+        what = f"the sharded optimizer's gradient slices (group {g + 1}, {where})"
         self.comm.reduce_scatter_parts_(parts, recv, what=what)
         if recv is not out:
             out.copy_(recv)

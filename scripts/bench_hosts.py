@@ -106,20 +106,17 @@ def gradient_bytes(model):
 
 
 def measure(args):
-    rows, tmp = [], tempfile.mkdtemp()
-    metrics = os.path.join(tmp, "m.jsonl")
-    compute = {m: statistics.median(_timed(lambda: run_here(0, train_flags(m, args.batch_size, metrics)), metrics)
-                                    for _ in range(args.repeats)) for m in args.models}
-    for rate in args.rates:
-        if rate == "shm":
-            launch = run_here
-            alpha, beta = link(lambda flags: run_here(2, flags))
-            rows += _rows(rate, launch, alpha, beta, compute, metrics, args)
-            continue
-        with emulated_cluster.Cluster(max(args.hosts), rate=None if rate == "none" else rate) as cluster:
-            launch = lambda ranks, flags: run_hosts(cluster, ranks, flags)  # noqa: E731
-            alpha, beta = link(lambda flags: launch(2, flags))
-            rows += _rows(rate, launch, alpha, beta, compute, metrics, args)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = os.path.join(tmp, "m.jsonl")
+        compute = {m: statistics.median(_timed(lambda: run_here(0, train_flags(m, args.batch_size, metrics)), metrics)
+                                        for _ in range(args.repeats)) for m in args.models}
+        for rate in args.rates:
+            if rate == "shm":
+                rows += _rows(rate, run_here, compute, metrics, args)
+                continue
+            with emulated_cluster.Cluster(max(args.hosts), rate=None if rate == "none" else rate) as cluster:
+                rows += _rows(rate, lambda ranks, flags: run_hosts(cluster, ranks, flags), compute, metrics, args)
     return rows
 
 
@@ -128,7 +125,9 @@ def _timed(fn, metrics):
     return step_ms(metrics)
 
 
-def _rows(rate, launch, alpha, beta, compute, metrics, args):
+def _rows(rate, launch, compute, metrics, args):
+    """The link's figures, then each model and host count on it; launch(ranks, python args)."""
+    alpha, beta = link(lambda flags: launch(2, flags))
     rows = []
     for model in args.models:
         grads = gradient_bytes(model)
