@@ -1,6 +1,6 @@
 """Several hosts on one machine: network namespaces joined by a switch, MPI over TCP between them.
 
-    python scripts/emulated_cluster.py up N [--rate 100mbit]
+    python scripts/emulated_cluster.py up N [--rate 100mbit] [--delay-us 1000]
     python scripts/emulated_cluster.py status
     python scripts/emulated_cluster.py exec -- mpirun -n 3 --hostfile '$DISTML_HOSTFILE' distml train ...
     python scripts/emulated_cluster.py partition node02 node03   # drop traffic between two hosts
@@ -18,13 +18,13 @@ ssh; each host gets its own hostname, as one shared name hangs mpirun), not to b
 cores (each "host" would bind its rank to core 0), and `DISTML_HOSTFILE` naming a hostfile with
 one slot per host.
 
-Links are shaped on each host's egress with the kernel's tbf qdisc (--rate). Added delay is not
-offered: this kernel has no netem qdisc, and delaying on the sender's egress collapses TCP's
-throughput (a delay needs a packet queue on the receiver, netfilter's, and a program holding
-packets); the links keep veth's own latency, measured by scripts/bench_hosts.py.
+Links are shaped on each host's egress with the kernel's tbf qdisc (--rate). Delay (--delay-us, each
+way) is added on each host's ingress by scripts/link_delay.py holding the packets that an iptables
+NFQUEUE rule queues: this kernel has no netem qdisc, and delaying on the sender's egress collapses
+TCP's throughput. Without it the links keep veth's own latency, measured by scripts/bench_hosts.py.
 
-Everything `up` makes (namespaces, links, qdiscs, blackhole routes, the files under /etc/netns and the
-state directory, processes in the namespaces) carries our names and goes with `down`, also
+Everything `up` makes (namespaces, links, qdiscs, iptables rules, blackhole routes, the files under
+/etc/netns and the state directory, processes in the namespaces) carries our names and goes with `down`, also
 when `up` fails or is interrupted; `up` first clears whatever a killed earlier run left.
 """
 import argparse
@@ -46,6 +46,7 @@ SUBNET = "10.77.0"
 STATE = Path("/run/distml-emulated-cluster")  # status, the hostfile and the launch agent
 NETNS_ETC = Path("/etc/netns")  # `ip netns exec NS` mounts /etc/netns/NS/hosts over /etc/hosts
 VENV_BIN = Path(sys.executable).parent
+LINK_DELAY = Path(__file__).resolve().parent / "link_delay.py"
 
 
 class Unavailable(Exception):
@@ -106,22 +107,26 @@ def down():
     shutil.rmtree(STATE, ignore_errors=True)
 
 
-def up(n, rate=None):
+def up(n, rate=None, delay_us=None):
     """Make n hosts and the switch; returns the status. On any failure or interrupt, removes it all."""
     if not 1 <= n <= 200:
         raise ValueError(f"hosts must be 1 to 200, got {n}")
+    if delay_us is not None and not 0 < delay_us <= 10_000_000:
+        raise ValueError(f"--delay-us must be 1 to 10000000, got {delay_us}")
     reason = why_unavailable()
+    if not reason and delay_us and not shutil.which("iptables"):
+        reason = "--delay-us needs iptables (apt-get install iptables)"
     if reason:
         raise Unavailable(reason)
     down()  # what a killed earlier run left
     try:
-        return _build(n, rate)
+        return _build(n, rate, delay_us)
     except BaseException:
         down()
         raise
 
 
-def _build(n, rate):
+def _build(n, rate, delay_us):
     STATE.mkdir(parents=True)
     if not NETNS_ETC.exists():
         (STATE / "made-etc-netns").touch()
@@ -149,8 +154,9 @@ def _build(n, rate):
     status = {"hosts": [{"name": host_name(i), "namespace": PREFIX + host_name(i), "address": address(i)}
                         for i in range(n)],
               "head": PREFIX + host_name(0), "hostfile": str(STATE / "hostfile"), "agent": str(agent),
-              "rate": rate}
+              "rate": rate, "delay_us": delay_us}
     (STATE / "status.json").write_text(json.dumps(status, indent=1))
+    set_delay(status, delay_us)
     _wait_reachable(status)
     return status
 
@@ -167,6 +173,36 @@ status=$?
 [ $status -gt 128 ] && sleep 1 && exit 255  # ssh notices a dead host after its connection does
 exit $status
 """
+
+
+def set_delay(status, delay_us):
+    """Every packet a host receives is held delay_us (None: not held), replacing any earlier delay:
+    scripts/link_delay.py on each host, bound to netfilter queue 0 before the rule feeding it exists."""
+    for host in status["hosts"]:
+        ns = host["namespace"]
+        if shutil.which("iptables"):
+            sh("iptables", "-t", "raw", "-F", "PREROUTING", ns=ns)
+        pid = STATE / f"delay-{ns}.pid"
+        if pid.exists():
+            _kill(int(pid.read_text()))
+            pid.unlink()
+        if delay_us:
+            _start_delay(ns, delay_us, pid)
+            sh("iptables", "-t", "raw", "-A", "PREROUTING", "-i", "eth0", "-j", "NFQUEUE", "--queue-num", "0",
+               ns=ns)
+
+
+def _start_delay(ns, delay_us, pid, timeout=10):
+    log = STATE / f"delay-{ns}.log"
+    with open(log, "w") as out:  # `ip netns exec` execs: its pid is the program's
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, LINK_DELAY, "--delay-us", str(delay_us)],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    pid.write_text(str(proc.pid))
+    deadline = time.monotonic() + timeout
+    while "ready" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"link_delay did not start in {ns}: {log.read_text().strip() or 'no output'}")
+        time.sleep(0.05)
 
 
 def _wait_reachable(status, timeout=10):
@@ -239,7 +275,8 @@ def heal(status):
 
 
 def kill_host(status, name):
-    """SIGKILL every process of host `name` (its namespace): what a node failure looks like to MPI."""
+    """SIGKILL every process of host `name` (its namespace): what a node failure looks like to MPI.
+    With a link delay, its program goes too, and the host's queued packets are dropped."""
     ns = next(h["namespace"] for h in status["hosts"] if h["name"] == name)
     return _kill_in(ns)
 
@@ -247,21 +284,25 @@ def kill_host(status, name):
 def _kill_in(ns):
     pids = [int(p) for p in sh("ip", "netns", "pids", ns, check=False).stdout.split()]
     for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill(pid)
     return pids
+
+
+def _kill(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 class Cluster:
     """`with Cluster(3, rate="100mbit") as c: c.exec([...])`: up on entry, down on exit (also on errors)."""
 
-    def __init__(self, n, rate=None):
-        self.n, self.rate, self.status = n, rate, None
+    def __init__(self, n, rate=None, delay_us=None):
+        self.n, self.rate, self.delay_us, self.status = n, rate, delay_us, None
 
     def __enter__(self):
-        self.status = up(self.n, self.rate)
+        self.status = up(self.n, self.rate, self.delay_us)
         return self
 
     def __exit__(self, *exc):
@@ -284,10 +325,15 @@ class Cluster:
         return kill_host(self.status, name)
 
     def reset(self):
-        """Links whole again and no process left on any host (between tests)."""
+        """Links whole again, with up's delay, and no process left on any host (between tests)."""
         heal(self.status)
         for host in self.status["hosts"]:
             _kill_in(host["namespace"])
+        set_delay(self.status, self.status["delay_us"])
+
+    def delay(self, delay_us):
+        """Hold every received packet delay_us from now on (until reset)."""
+        set_delay(self.status, delay_us)
 
 
 def _run_forwarding_signals(argv, env):
@@ -306,6 +352,7 @@ def main(argv=None):
     make = sub.add_parser("up", help="make N hosts (clearing any earlier cluster)")
     make.add_argument("n", type=int)
     make.add_argument("--rate", help="each host's egress rate, in tc's units (1gbit, 100mbit)")
+    make.add_argument("--delay-us", type=int, help="delay added to every packet, each way, in microseconds")
     sub.add_parser("status", help="the running cluster, as JSON")
     run = sub.add_parser("exec", help="run a command on the head node (after --)")
     run.add_argument("command", nargs=argparse.REMAINDER)
@@ -320,7 +367,7 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds `up` through its cleanup
     if args.action == "up":
         try:
-            print(json.dumps(up(args.n, args.rate), indent=1))
+            print(json.dumps(up(args.n, args.rate, args.delay_us), indent=1))
         except (Unavailable, ValueError) as e:
             print(f"emulated_cluster: {e}", file=sys.stderr)
             return 2

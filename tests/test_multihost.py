@@ -7,6 +7,7 @@ the reason where namespaces cannot be made (not root, no `ip netns`).
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -223,11 +224,46 @@ def test_a_lost_host_ends_the_job_promptly_naming_the_host(cluster, tmp_path, mp
     assert not (tmp_path / "m.pt").exists()
 
 
+CONNECT_RTT = """
+import socket, statistics, sys, time
+times = []
+for _ in range(7):
+    s = socket.socket()
+    start = time.perf_counter()
+    try:
+        s.connect((sys.argv[1], 9))  # refused: one round trip, SYN out and RST back
+    except ConnectionRefusedError:
+        times.append(time.perf_counter() - start)
+    s.close()
+print(statistics.median(times) * 1e3)
+"""
+
+
+def _round_trip_ms(cluster):
+    done = cluster.exec([sys.executable, "-c", CONNECT_RTT, cluster.status["hosts"][1]["address"]],
+                        capture_output=True, text=True, check=True)
+    return float(done.stdout)
+
+
+@pytest.mark.skipif(not shutil.which("iptables"), reason="a link delay needs iptables (apt-get install iptables)")
+def test_a_link_delay_adds_to_each_way_of_every_round_trip_until_reset(cluster):
+    cluster.delay(3000)
+    delayed = _round_trip_ms(cluster)
+    cluster.reset()
+    plain = _round_trip_ms(cluster)
+
+    assert 6.0 <= delayed < 6.0 + 3.0, delayed  # 3 ms on node02's ingress, 3 ms on node01's
+    assert plain < 1.0, plain
+
+
 def test_down_leaves_nothing_after_a_failing_run(three_hosts):
     """Last in this file: it replaces the module's cluster (up clears an earlier one) and removes it."""
+    delay = 1000 if shutil.which("iptables") else None
     with pytest.raises(subprocess.CalledProcessError):
-        with emulated_cluster.Cluster(2, rate="100mbit") as cluster:
+        with emulated_cluster.Cluster(2, rate="100mbit", delay_us=delay) as cluster:
             cluster.exec(["sh", "-c", "exit 3"], check=True)
     assert emulated_cluster.leftovers() == []
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "distml-" not in left
+    programs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "link_delay.py" not in programs
