@@ -56,7 +56,7 @@ def init(*, watchdog=DEFAULT_WATCHDOG_S, threads=None):
     `watchdog`: seconds a rank may wait in one MPI call before the hang doctor
     reports where every rank is and ends the job with exit 124 (0: off).
     `threads`: torch threads per rank; by default the cores of the node over the
-    ranks on it (SLURM_CPUS_PER_TASK under SLURM), as `distml train`.
+    ranks on it (SLURM_CPUS_PER_TASK under SLURM, else OMP_NUM_THREADS where set), as `distml train`.
     """
     world = _comm.world()
     if _State.loop is not None:

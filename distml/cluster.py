@@ -22,7 +22,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["LaunchInfo", "launch_info", "cpus_per_task", "default_threads", "requeue_job", "format_launch_table"]
+__all__ = ["LaunchInfo", "launch_info", "cpus_per_task", "omp_num_threads", "default_threads", "requeue_job", "format_launch_table"]
 
 # (launcher, rank, size, local rank, required marker): the first whose rank variable is set wins.
 SOURCES = (
@@ -119,13 +119,20 @@ def _int(env, name):
         return None
 
 
+def omp_num_threads(env=os.environ):
+    """OMP_NUM_THREADS as an int (its first value where it lists one per nesting level), else None."""
+    value = env.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def default_threads(comm):
-    """SLURM_CPUS_PER_TASK where SLURM set it, else the cores of this node divided by the ranks
-    on it; within this rank's CPU set (>= 1).
+    """SLURM_CPUS_PER_TASK where SLURM set it, else OMP_NUM_THREADS where the user set it (as HPC
+    job scripts do for hybrid runs, and as the emulated cluster does for hosts sharing a machine's
+    cores), else the cores of this node divided by the ranks on it; within this rank's CPU set (>= 1).
 
     A collective (it counts the ranks on the node): call it on every rank.
     """
     on_node = comm.node_size()  # called on every rank, also where SLURM's answer makes it moot
-    per_rank = cpus_per_task() or (os.cpu_count() or 1) // on_node
+    per_rank = cpus_per_task() or omp_num_threads() or (os.cpu_count() or 1) // on_node
     affinity = getattr(os, "sched_getaffinity", None)  # Linux only
     return max(1, min(per_rank, len(affinity(0)) if affinity else per_rank))

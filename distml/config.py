@@ -77,8 +77,8 @@ class Config:
                                              "rounds), and after the last")
     eval_every_steps: int = setting("training", 0, "sync: also evaluate after every this many optimizer steps, "
                                                    "one metrics record each (0: off)")
-    threads: int = setting("training", 0, "torch threads per rank (0: SLURM_CPUS_PER_TASK, or cores on the "
-                                          "node / ranks on the node)")
+    threads: int = setting("training", 0, "torch threads per rank (0: SLURM_CPUS_PER_TASK, else "
+                                          "OMP_NUM_THREADS, else cores on the node / ranks on the node)")
     # -- data -------------------------------------------------------------------
     dataset: str = setting("data", "digits", "digits, diabetes, synthetic, a .npz / .csv file, text "
                                              "(the Python standard library's sources) or text:PATH, or "

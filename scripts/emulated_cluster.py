@@ -232,7 +232,8 @@ def status():
 
 
 def environment(status):
-    """What `exec` adds to the environment: Open MPI over TCP on our subnet, our launcher, no binding."""
+    """What `exec` adds to the environment: Open MPI over TCP on our subnet, our launcher, no binding,
+    and each host's share of the cores as OMP_NUM_THREADS (unless set)."""
     net = f"{SUBNET}.0/24"
     return {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
             "PRTE_MCA_plm_ssh_agent": status["agent"], "PRTE_MCA_oob_tcp_if_include": net,
@@ -241,6 +242,10 @@ def environment(status):
             # by slot, one a host: `:oversubscribe` (which `make test` exports) maps by core and ignores
             # the hostfile's slots, starting every rank on the head
             "PRTE_MCA_rmaps_default_mapping_policy": "slot", "OMPI_MCA_rmaps_base_oversubscribe": "0",
+            # the machine's cores shared out over the hosts: distml (and OpenMP) would otherwise take
+            # every core of the machine as its host's (3 hosts x 2 threads on 2 cores: 10x slower)
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")
+            or str(max(1, (os.cpu_count() or 1) // len(status["hosts"]))),
             "DISTML_HOSTFILE": status["hostfile"],
             "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
 

@@ -144,22 +144,30 @@ def test_cluster_module_does_not_import_mpi4py():
     assert "mpi4py" not in source.replace("No mpi4py here", "")
 
 
-# -- default_threads: SLURM_CPUS_PER_TASK first ---------------------------------------------------
+# -- default_threads: SLURM_CPUS_PER_TASK, then OMP_NUM_THREADS ---------------------------------
 class _FourRanksOnTheNode:
     def node_size(self):
         return 4
 
 
-@pytest.mark.parametrize("slurm,cores,affinity,expected", [
-    (None, 8, 8, 2),   # no SLURM: 8 cores shared by 4 ranks
-    ("3", 8, 8, 3),    # --cpus-per-task=3 wins over the share
-    ("3", 8, 2, 2),    # never more threads than the CPUs this rank may run on (mpirun binds to cores)
-    ("", 8, 8, 2),     # set but empty: as if unset
-], ids=["no-slurm", "cpus-per-task", "within-cpu-set", "empty"])
-def test_default_threads_is_slurm_cpus_per_task_when_set(monkeypatch, slurm, cores, affinity, expected):
-    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
-    if slurm is not None:
-        monkeypatch.setenv("SLURM_CPUS_PER_TASK", slurm)
+@pytest.mark.parametrize("slurm,omp,cores,affinity,expected", [
+    (None, None, 8, 8, 2),   # neither: 8 cores shared by 4 ranks
+    ("3", None, 8, 8, 3),    # --cpus-per-task=3 wins over the share
+    ("3", None, 8, 2, 2),    # never more threads than the CPUs this rank may run on (mpirun binds to cores)
+    ("", None, 8, 8, 2),     # set but empty: as if unset
+    (None, "1", 8, 8, 1),    # OMP_NUM_THREADS wins over the share
+    (None, "3,2", 8, 8, 3),  # one value per nesting level: the first
+    ("4", "1", 8, 8, 4),     # SLURM's answer first
+    (None, "0", 8, 8, 2),    # not a thread count: as if unset
+    (None, "x", 8, 8, 2),
+], ids=["neither", "cpus-per-task", "within-cpu-set", "empty", "omp", "omp-levels", "slurm-first", "omp-zero",
+        "omp-junk"])
+def test_default_threads_is_slurm_cpus_per_task_else_omp_num_threads(monkeypatch, slurm, omp, cores, affinity,
+                                                                     expected):
+    for name, value in (("SLURM_CPUS_PER_TASK", slurm), ("OMP_NUM_THREADS", omp)):
+        monkeypatch.delenv(name, raising=False)
+        if value is not None:
+            monkeypatch.setenv(name, value)
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
 
