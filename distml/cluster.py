@@ -22,7 +22,8 @@ import subprocess
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["LaunchInfo", "launch_info", "cpus_per_task", "omp_num_threads", "default_threads", "requeue_job", "format_launch_table"]
+__all__ = ["LaunchInfo", "launch_info", "cpus_per_task", "omp_num_threads", "default_threads", "requeue_job",
+           "format_launch_table"]
 
 # (launcher, rank, size, local rank, required marker): the first whose rank variable is set wins.
 SOURCES = (

@@ -125,8 +125,10 @@ def parse_link(setting):
     """'100mbit+5ms' -> ('100mbit', 5000): the tbf rate (None for unshaped `none`) and the delay in µs."""
     rate, _, delay = setting.partition("+")
     units = {"ms": 1000, "us": 1}
-    if delay and (delay[-2:] not in units or not delay[:-2].replace(".", "", 1).isdigit()):
-        raise ValueError(f"a link's delay is a number of ms or us (100mbit+5ms), got {setting!r}")
+    if rate == "shm" or delay and (delay[-2:] not in units or not delay[:-2].replace(".", "", 1).isdigit()
+                                   or float(delay[:-2]) * units[delay[-2:]] < 1):
+        raise ValueError(f"a link is none or a tbf rate, with a delay of at least 1 us if any "
+                         f"(100mbit+5ms), got {setting!r}")
     delay_us = round(float(delay[:-2]) * units[delay[-2:]]) if delay else None
     return (None if rate == "none" else rate), delay_us
 
@@ -148,7 +150,8 @@ def _rows(rate, launch, compute, metrics, args):
             row = project({"link": rate, "model": model, "hosts": hosts, "gradient_mb": grads / 1e6,
                            "alpha_us": alpha * 1e6, "beta_mbit_s": beta * 8 / 1e6, "compute_ms": compute[model],
                            "measured_ms": statistics.median(measured), "measured_min_ms": min(measured),
-                           "measured_max_ms": max(measured), "oversubscribed": hosts > (os.cpu_count() or 1)},
+                           "measured_max_ms": max(measured), "oversubscribed": hosts > (os.cpu_count() or 1),
+                           "chunk_mb": args.chunk_mb},
                           args.chunk_mb)
             rows.append(row)
             print(f"  {rate} {model} {hosts} hosts: {row['measured_ms']:.2f} ms/step measured, "
@@ -165,7 +168,7 @@ def project(row, chunk_mb):
     of ob1's rendezvous (the sender announces it, the receiver answers, then the rest goes): measured
     on 100mbit+5ms, raising the eager limit to 1 MiB took the cnn step from 71.3 to 38.8 ms."""
     alpha, beta, hosts = row["alpha_us"] / 1e6, row["beta_mbit_s"] * 1e6 / 8, row["hosts"]
-    messages = messages_of(row["gradient_mb"] * 1e6, 25.0, chunk_mb)
+    messages = messages_of(row["gradient_mb"] * 1e6, 25.0, row.get("chunk_mb", chunk_mb))
     comm = allreduce_s("ring", hosts, messages, alpha, beta)
     if row["link"] != "shm":
         comm += sum(2 * (hosts - 1) * 2 * alpha for m in messages if m / hosts > EAGER_LIMIT)
@@ -205,7 +208,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--chunk-mb", type=float, default=4.0)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default="results/bench_hosts")
+    ap.add_argument("--out", help="write OUT.csv and OUT.png (default: results/bench_hosts when measuring; "
+                                   "with --table-from, nothing unless given)")
     ap.add_argument("--table-from", help="print the table of earlier runs' CSVs (comma-separated), projected "
                                          "again, instead of measuring")
     ap.add_argument("--pingpong", action="store_true", help=argparse.SUPPRESS)
@@ -218,13 +222,17 @@ def main():
         [parse_link(r) for r in args.rates if r != "shm"]
     except ValueError as e:
         ap.error(str(e))
+    if args.table_from and args.out and args.out + ".csv" in args.table_from.split(","):
+        ap.error(f"--out {args.out} would overwrite an input of --table-from")
+    args.out = args.out or (None if args.table_from else "results/bench_hosts")
     reason = emulated_cluster.why_unavailable()
     if reason and args.rates != ["shm"] and not args.table_from:
         sys.exit(f"bench_hosts: no emulated cluster here: {reason}")
     runs = [measure(args)] if not args.table_from else \
         [[project(r, args.chunk_mb) for r in _read_csv(path)] for path in args.table_from.split(",")]
     rows = [r for run in runs for r in with_shared_memory(run)]  # each run against its own shm rows
-    print(f"# sync on digits, batch {args.batch_size}/rank, 1 thread a rank, 1 epoch, median of {args.repeats}; "
+    print(f"# from {args.table_from}" if args.table_from else
+          f"# sync on digits, batch {args.batch_size}/rank, 1 thread a rank, 1 epoch, median of {args.repeats}; "
           f"{os.cpu_count()} cores shared by all hosts")
     print("| link | alpha us | beta Mbit/s | model | grad MB | hosts | compute ms | projected ms | measured ms "
           "(min-max) | error | projected from shm | error |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -233,9 +241,10 @@ def main():
               f"{r['hosts']}{' (oversubscribed)' if r['oversubscribed'] else ''} | {r['compute_ms']:.2f} | "
               f"{r['projected_ms']:.2f} | {r['measured_ms']:.2f} ({r['measured_min_ms']:.2f}-{r['measured_max_ms']:.2f}) "
               f"| {r['error']:+.0%} | {r['from_shm_ms']:.2f} | {r['from_shm_error']:+.0%} |")
-    write_csv(rows, args.out + ".csv")
-    write_png(rows, args.out + ".png")
-    print(f"# wrote {args.out}.csv and {args.out}.png")
+    if args.out:
+        write_csv(rows, args.out + ".csv")
+        write_png(rows, args.out + ".png")
+        print(f"# wrote {args.out}.csv and {args.out}.png")
 
 
 def with_shared_memory(rows):
@@ -260,7 +269,7 @@ def _read_csv(path):
     for r in rows:
         for key, value in r.items():
             if key not in ("link", "model", "oversubscribed"):
-                r[key] = float(value) if "." in value or "e" in value else int(value)
+                r[key] = int(value) if value.lstrip("-").isdigit() else float(value)  # float reads nan
         r["oversubscribed"] = r["oversubscribed"] == "True"
     return rows
 

@@ -113,9 +113,7 @@ def up(n, rate=None, delay_us=None):
         raise ValueError(f"hosts must be 1 to 200, got {n}")
     if delay_us is not None and not 0 < delay_us <= 10_000_000:
         raise ValueError(f"--delay-us must be 1 to 10000000, got {delay_us}")
-    reason = why_unavailable()
-    if not reason and delay_us and not shutil.which("iptables"):
-        reason = "--delay-us needs iptables (apt-get install iptables)"
+    reason = why_unavailable() or (why_no_delay() if delay_us else None)
     if reason:
         raise Unavailable(reason)
     down()  # what a killed earlier run left
@@ -180,16 +178,33 @@ def set_delay(status, delay_us):
     scripts/link_delay.py on each host, bound to netfilter queue 0 before the rule feeding it exists."""
     for host in status["hosts"]:
         ns = host["namespace"]
-        if shutil.which("iptables"):
-            sh("iptables", "-t", "raw", "-F", "PREROUTING", ns=ns)
         pid = STATE / f"delay-{ns}.pid"
-        if pid.exists():
-            _kill(int(pid.read_text()))
+        if pid.exists():  # an earlier delay: its rule first (no packet queued for a dead program), then it
+            sh("iptables", "-t", "raw", "-F", "PREROUTING", ns=ns)
+            _kill_link_delay(int(pid.read_text()))
             pid.unlink()
         if delay_us:
             _start_delay(ns, delay_us, pid)
             sh("iptables", "-t", "raw", "-A", "PREROUTING", "-i", "eth0", "-j", "NFQUEUE", "--queue-num", "0",
                ns=ns)
+
+
+def why_no_delay():
+    """None if --delay-us can work here, else the reason."""
+    if not shutil.which("iptables"):
+        return "a link delay needs iptables (apt-get install iptables)"
+    if not Path("/proc/net/netfilter/nfnetlink_queue").exists():
+        return "a link delay needs the kernel's nfnetlink_queue (modprobe nfnetlink_queue)"
+    return None
+
+
+def _kill_link_delay(pid):
+    """SIGKILL pid if it still is a link_delay.py (a reaped one's pid may have been reused)."""
+    try:
+        if b"link_delay.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            _kill(pid)
+    except OSError:
+        pass
 
 
 def _start_delay(ns, delay_us, pid, timeout=10):
@@ -243,9 +258,9 @@ def environment(status):
             # the hostfile's slots, starting every rank on the head
             "PRTE_MCA_rmaps_default_mapping_policy": "slot", "OMPI_MCA_rmaps_base_oversubscribe": "0",
             # the machine's cores shared out over the hosts: distml (and OpenMP) would otherwise take
-            # every core of the machine as its host's (3 hosts x 2 threads on 2 cores: 10x slower)
+            # every core of the machine as its host's (3 hosts x 2 threads on 2 cores: distml compare 6-12x slower)
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")
-            or str(max(1, (os.cpu_count() or 1) // len(status["hosts"]))),
+            or str(max(1, len(os.sched_getaffinity(0)) // len(status["hosts"]))),
             "DISTML_HOSTFILE": status["hostfile"],
             "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
 
@@ -332,9 +347,10 @@ class Cluster:
     def reset(self):
         """Links whole again, with up's delay, and no process left on any host (between tests)."""
         heal(self.status)
+        set_delay(self.status, None)
         for host in self.status["hosts"]:
             _kill_in(host["namespace"])
-        set_delay(self.status, self.status["delay_us"])
+        set_delay(self.status, self.status.get("delay_us"))
 
     def delay(self, delay_us):
         """Hold every received packet delay_us from now on (until reset)."""

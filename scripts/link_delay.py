@@ -78,6 +78,26 @@ def last_packet_id(data, size):
     return last
 
 
+def receive(sock, buffer, held, delay_s, most=256):
+    """Take up to `most` waiting packets, each due delay_s after it was read (packets read within
+    50 µs of each other share one entry); stop early once the oldest held packet is due."""
+    for _ in range(most):
+        try:
+            size = sock.recv_into(buffer, len(buffer), socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        found = last_packet_id(buffer, size)
+        if found is None:
+            continue
+        due = time.monotonic() + delay_s
+        if held and due - held[-1][0] < 50e-6:
+            held[-1] = (held[-1][0], found)
+        else:
+            held.append((due, found))
+        if held[0][0] <= time.monotonic():
+            return
+
+
 def run(delay_s, queue):
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     sock.bind((0, 0))
@@ -90,16 +110,7 @@ def run(delay_s, queue):
     while True:
         timeout = max(0.0, held[0][0] - time.monotonic()) if held else None
         if select.select([sock], [], [], timeout)[0]:
-            newest = None
-            while True:  # drain what is waiting; it all arrived by now
-                try:
-                    size = sock.recv_into(buffer, len(buffer), socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    break
-                found = last_packet_id(buffer, size)
-                newest = newest if found is None else found
-            if newest is not None:
-                held.append((time.monotonic() + delay_s, newest))
+            receive(sock, buffer, held, delay_s)
         now, release = time.monotonic(), None
         while held and held[0][0] <= now:
             release = held.popleft()[1]

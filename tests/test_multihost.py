@@ -7,7 +7,6 @@ the reason where namespaces cannot be made (not root, no `ip netns`).
 """
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -248,7 +247,7 @@ def _round_trip_ms(cluster):
     return float(done.stdout)
 
 
-@pytest.mark.skipif(not shutil.which("iptables"), reason="a link delay needs iptables (apt-get install iptables)")
+@pytest.mark.skipif(bool(emulated_cluster.why_no_delay()), reason=str(emulated_cluster.why_no_delay()))
 def test_a_link_delay_adds_to_each_way_of_every_round_trip_until_reset(cluster):
     cluster.delay(3000)
     delayed = _round_trip_ms(cluster)
@@ -261,7 +260,7 @@ def test_a_link_delay_adds_to_each_way_of_every_round_trip_until_reset(cluster):
 
 def test_down_leaves_nothing_after_a_failing_run(three_hosts):
     """Last in this file: it replaces the module's cluster (up clears an earlier one) and removes it."""
-    delay = 1000 if shutil.which("iptables") else None
+    delay = None if emulated_cluster.why_no_delay() else 1000
     with pytest.raises(subprocess.CalledProcessError):
         with emulated_cluster.Cluster(2, rate="100mbit", delay_us=delay) as cluster:
             cluster.exec(["sh", "-c", "exit 3"], check=True)
